@@ -1,0 +1,151 @@
+"""The command-line flags: one table, one parser, the help text made from the table.
+
+Hand-written rather than argparse: it keeps start-up fast, accepts Go-style forms
+rootlesskit users type (`-net=host`, `--pidns=true`, `--publish=SPEC`), and gives
+one-line errors.
+"""
+from typing import NamedTuple
+
+from .errors import UsageError
+
+BOOL, STR, INT, LIST = "bool", "str", "int", "list"
+
+
+class Flag(NamedTuple):
+    names: tuple[str, ...]
+    field: str
+    kind: str
+    help: str
+    choices: tuple[str, ...] = ()
+    metavar: str = "VALUE"
+
+
+FLAGS: tuple[Flag, ...] = (
+    Flag(("--debug",), "debug", BOOL, "verbose log to stderr"),
+    Flag(("--state-dir",), "state_dir", STR, "state directory (default: a temp dir removed on exit)",
+         metavar="DIR"),
+    Flag(("--net",), "net", STR, "network driver", ("host", "none", "slirp4netns", "pasta",
+                                                    "vpnkit", "lxc-user-nic", "gvisor-tap-vsock")),
+    Flag(("--slirp4netns-binary",), "slirp4netns_binary", STR, "path of slirp4netns", metavar="PATH"),
+    Flag(("--pasta-binary",), "pasta_binary", STR, "path of pasta", metavar="PATH"),
+    Flag(("--slirp4netns-sandbox",), "slirp4netns_sandbox", STR, "slirp4netns --enable-sandbox",
+         ("auto", "true", "false")),
+    Flag(("--slirp4netns-seccomp",), "slirp4netns_seccomp", STR, "slirp4netns --enable-seccomp",
+         ("auto", "true", "false")),
+    Flag(("--mtu",), "mtu", INT, "MTU of the child interface (0: 65520 for slirp4netns/pasta, "
+         "1500 otherwise)", metavar="N"),
+    Flag(("--cidr",), "cidr", STR, "child network (gateway .2, DNS .3, child .100)", metavar="CIDR"),
+    Flag(("--ifname",), "ifname", STR, "interface name in the child netns", metavar="NAME"),
+    Flag(("--disable-host-loopback",), "disable_host_loopback", BOOL,
+         "the child cannot reach the host's 127.0.0.1 through the gateway"),
+    Flag(("--ipv6",), "ipv6", BOOL, "IPv6 routing (slirp4netns, pasta)"),
+    Flag(("--copy-up",), "copy_up", LIST, "make DIR writable in the child (repeatable)", metavar="DIR"),
+    Flag(("--copy-up-mode",), "copy_up_mode", STR, "copy-up mode", ("tmpfs+symlink",)),
+    Flag(("--propagation",), "propagation", STR, "propagation of / in the child mount namespace",
+         ("rprivate", "rslave")),
+    Flag(("--port-driver",), "port_driver", STR, "how published ports reach the child",
+         ("none", "builtin", "slirp4netns", "implicit")),
+    Flag(("-p", "--publish"), "publish", LIST,
+         "publish a port: [PARENT_IP:]PARENT_PORT:[CHILD_IP:]CHILD_PORT/PROTO (repeatable)",
+         metavar="SPEC"),
+    Flag(("--source-ip-transparent",), "source_ip_transparent", BOOL,
+         "builtin port driver: the child sees the client's address"),
+    Flag(("--pidns",), "pidns", BOOL, "new pid namespace (fresh /proc)"),
+    Flag(("--cgroupns",), "cgroupns", BOOL, "new cgroup namespace"),
+    Flag(("--utsns",), "utsns", BOOL, "new UTS namespace"),
+    Flag(("--ipcns",), "ipcns", BOOL, "new IPC namespace"),
+    Flag(("--detach-netns",), "detach_netns", BOOL,
+         "keep the new netns at STATE/netns; the command keeps the host network"),
+    Flag(("--reaper",), "reaper", STR, "reap orphaned processes as pid 1 (needs --pidns)",
+         ("auto", "true", "false")),
+    Flag(("--evacuate-cgroup2",), "evacuate_cgroup2", STR,
+         "move the processes of our cgroup v2 into sub-group NAME (needs --pidns --cgroupns)",
+         metavar="NAME"),
+    Flag(("--subid-source",), "subid_source", STR, "where subordinate ids come from",
+         ("auto", "dynamic", "static")),
+)
+
+_BY_NAME = {name: flag for flag in FLAGS for name in flag.names}
+_TRUE = {"true", "1", "t", "yes"}
+_FALSE = {"false", "0", "f", "no"}
+
+
+def _bool(name: str, text: str) -> bool:
+    low = text.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise UsageError(f"{name}={text}: expected true or false")
+
+
+def _convert(flag: Flag, name: str, text: str):
+    if flag.kind == INT:
+        try:
+            return int(text)
+        except ValueError:
+            raise UsageError(f"{name}={text}: expected a whole number") from None
+    if flag.choices and text not in flag.choices:
+        raise UsageError(f"{name}={text}: expected one of {', '.join(flag.choices)}")
+    return text
+
+
+def parse(argv: list[str]) -> tuple[dict, str | None]:
+    """Parse flags up to the command. Returns (field values, action) where action is
+    "help", "version" or None. Values hold only what the user gave."""
+    values: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            i += 1
+            break
+        if not arg.startswith("-") or arg == "-":
+            break
+        if arg in ("-h", "--help", "-help"):
+            return values, "help"
+        if arg in ("-v", "--version", "-version"):
+            return values, "version"
+        name, eq, inline = arg.partition("=")
+        flag = _BY_NAME.get(name) or (_BY_NAME.get("-" + name) if not name.startswith("--") else None)
+        if flag is None:
+            raise UsageError(f"unknown flag {name} (see --help for the list)")
+        name = flag.names[-1]
+        if flag.kind == BOOL:
+            values[flag.field] = _bool(name, inline) if eq else True
+            i += 1
+            continue
+        if eq:
+            text = inline
+            i += 1
+        elif i + 1 < len(argv):
+            text = argv[i + 1]
+            i += 2
+        else:
+            raise UsageError(f"{name} needs a value ({flag.metavar})")
+        value = _convert(flag, name, text)
+        if flag.kind == LIST:
+            values.setdefault(flag.field, []).append(value)
+        else:
+            values[flag.field] = value
+    values["command"] = argv[i:]
+    return values, None
+
+
+def help_text(program: str, defaults: dict) -> str:
+    lines = [f"Usage: {program} [flags] [--] COMMAND [ARGS...]",
+             "",
+             "Run COMMAND as root in new user, mount and network namespaces, as an",
+             "unprivileged user (a drop-in for rootlesskit). Without COMMAND: $SHELL.",
+             "",
+             "Flags:"]
+    for flag in FLAGS:
+        names = ", ".join(flag.names)
+        if flag.kind != BOOL:
+            names += " " + (("{" + "|".join(flag.choices) + "}") if flag.choices else flag.metavar)
+        default = defaults.get(flag.field)
+        extra = f" (default: {default})" if default not in (None, "", (), False) else ""
+        lines.append(f"  {names}")
+        lines.append(f"      {flag.help}{extra}")
+    lines += ["  -h, --help", "      show this help", "  -v, --version", "      show the version"]
+    return "\n".join(lines) + "\n"

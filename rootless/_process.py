@@ -1,0 +1,48 @@
+"""Signal forwarding and waiting, shared by the parent, the child and the pid-ns shim."""
+import os
+import signal
+
+# What a supervisor passes on to the process it runs. Not SIGCHLD (ours), SIGPIPE,
+# nor the job-control stops, which the terminal sends to the whole process group.
+FORWARDED_SIGNALS = (
+    signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+    signal.SIGALRM, signal.SIGTERM, signal.SIGWINCH, signal.SIGCONT, signal.SIGPWR,
+)
+
+# Python ignores these at start-up; an exec'd command must get the defaults back.
+_PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
+
+
+def exit_code(status: int) -> int:
+    """The shell's convention: the exit status, or 128+N for death by signal N."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def forward_signals(pid: int) -> None:
+    def forward(signum, _frame):
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+
+
+def restore_default_signals() -> None:
+    """In a forked process about to exec: no Python handler nor ignore survives."""
+    for sig in FORWARDED_SIGNALS + _PYTHON_IGNORED:
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def wait_for(pid: int, reap_all: bool = False) -> int:
+    """Wait until `pid` ends and return its exit code; with `reap_all`, also reap
+    every other child meanwhile (pid 1's duty). Signal handlers run during the wait."""
+    while True:
+        try:
+            done, status = os.waitpid(-1 if reap_all else pid, 0)
+        except ChildProcessError:
+            return 1  # already reaped elsewhere: cannot happen in our process tree
+        if done == pid:
+            return exit_code(status)

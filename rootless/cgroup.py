@@ -1,0 +1,59 @@
+"""--evacuate-cgroup2: move our cgroup's processes into a sub-group, so the cgroup
+itself holds none and controllers can be delegated to the child's cgroup namespace."""
+import os
+
+from .errors import RootlessError
+
+_ROOT = "/sys/fs/cgroup"
+
+
+def _own_cgroup() -> str:
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            if line.startswith("0::"):
+                return line[3:].strip()
+    return ""
+
+
+def _is_cgroup2(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            if fields[4] == path and fields[sep + 1] == "cgroup2":
+                return True
+    return False
+
+
+def evacuate(name: str) -> str:
+    """Returns the path of the cgroup the processes now live in."""
+    if not _is_cgroup2(_ROOT):
+        raise RootlessError(f"--evacuate-cgroup2={name} needs cgroup v2 mounted at {_ROOT}, "
+                            f"but this host uses cgroup v1 there: drop the flag, or boot with "
+                            f"systemd.unified_cgroup_hierarchy=1")
+    own = _own_cgroup()
+    if not own:
+        raise RootlessError(f"--evacuate-cgroup2={name}: this process is in no cgroup v2 group "
+                            f"(/proc/self/cgroup has no 0:: line)")
+    base = os.path.join(_ROOT, own.lstrip("/"))
+    target = os.path.join(base, name)
+    try:
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(base, "cgroup.procs")) as f:
+            pids = f.read().split()
+        for pid in pids:
+            try:
+                with open(os.path.join(target, "cgroup.procs"), "w") as f:
+                    f.write(pid)
+            except ProcessLookupError:
+                pass  # exited meanwhile
+        with open(os.path.join(base, "cgroup.controllers")) as f:
+            controllers = f.read().split()
+        if controllers:
+            with open(os.path.join(base, "cgroup.subtree_control"), "w") as f:
+                f.write(" ".join("+" + c for c in controllers))
+    except OSError as exc:
+        raise RootlessError(f"--evacuate-cgroup2={name}: cannot move processes into {target}: "
+                            f"{exc.strerror} (is the cgroup delegated to you? systemd user "
+                            f"units need Delegate=yes)") from None
+    return target

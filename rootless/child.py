@@ -1,0 +1,203 @@
+"""The child: runs in the forked process, creates the namespaces, completes the
+handshake, prepares mounts and network, then runs and supervises the command.
+
+No trio, ever: unshare(CLONE_NEWUSER) is refused in a multi-threaded process.
+"""
+import errno
+import os
+import signal
+
+from . import _log
+from ._process import forward_signals, restore_default_signals, wait_for
+from .config import Config
+from .drivers import network
+from .errors import ChildSetupError, ProtocolError, RootlessError
+from .linux import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID,
+                    CLONE_NEWUSER, CLONE_NEWUTS, set_parent_death_signal, unshare)
+from .messages import (Channel, ChildCommandStarted, ChildFailed, ChildHello,
+                       ChildInitUserNSCompleted, ParentHello, ParentInitIdmapCompleted,
+                       ParentInitNetworkDriverCompleted, ParentInitPortDriverCompleted)
+from . import mounts
+
+# The parent answers in milliseconds; this only bounds a wedged parent.
+_PARENT_TIMEOUT = 60.0
+
+
+def namespace_flags(config: Config) -> int:
+    flags = CLONE_NEWUSER | CLONE_NEWNS
+    for enabled, flag in ((config.new_netns, CLONE_NEWNET), (config.pidns, CLONE_NEWPID),
+                          (config.cgroupns, CLONE_NEWCGROUP), (config.utsns, CLONE_NEWUTS),
+                          (config.ipcns, CLONE_NEWIPC)):
+        if enabled:
+            flags |= flag
+    return flags
+
+
+def main(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> None:
+    """Entry point after fork; never returns."""
+    _log.set_role("child")
+    code = 1
+    try:
+        code = _run(config, state_dir, channel, parent_pid)
+    except RootlessError as exc:
+        code = exc.exit_code
+        _report(channel, str(exc), code)
+    except BaseException as exc:  # the parent must hear of it, never a silent hang
+        _report(channel, f"internal error in the child: {type(exc).__name__}: {exc}", 1)
+    finally:
+        os._exit(code)
+
+
+def _report(channel: Channel, message: str, code: int) -> None:
+    try:
+        channel.send(ChildFailed(message=message, exit_code=code))
+    except OSError:
+        _log.error(message)  # the parent is gone; stderr is all that is left
+
+
+def _arm_parent_death_signal(parent_pid: int | None) -> None:
+    set_parent_death_signal(signal.SIGKILL)
+    # The parent may have died before the prctl: then nobody will signal us.
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _expect(channel: Channel, kind: type):
+    message = channel.recv(timeout=_PARENT_TIMEOUT)
+    if message is None:
+        os._exit(1)  # the parent closed the pipe: it has given up, and will reap us
+    if not isinstance(message, kind):
+        raise ProtocolError(f"expected {kind.__name__} from the parent, got "
+                            f"{type(message).__name__}")
+    return message
+
+
+def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> int:
+    _arm_parent_death_signal(parent_pid)
+    env = command_environment(state_dir, (os.geteuid(), os.getegid()))  # ids before unshare
+    try:
+        unshare(namespace_flags(config))
+    except OSError as exc:
+        raise ChildSetupError(diagnose_unshare(exc)) from None
+    watcher = parent_pid
+    anchor = os.getpid()
+    if config.pidns:
+        anchor = _split_pid_namespace(channel)  # returns only in pid 1 of the new pidns
+        watcher = None  # our parent (the shim) is outside the pidns: getppid() says 0
+
+    _expect(channel, ParentHello)
+    channel.send(ChildHello(pid=anchor))
+    _expect(channel, ParentInitIdmapCompleted)
+    # newuidmap is setuid: after it ran on us, our parent-death signal is gone.
+    _arm_parent_death_signal(watcher)
+
+    mounts.set_propagation(config.propagation)
+    if config.new_netns:
+        mounts.mount_sysfs(state_dir)
+    for directory in config.copy_up:
+        mounts.copy_up(directory, state_dir)
+    channel.send(ChildInitUserNSCompleted())
+
+    net = _expect(channel, ParentInitNetworkDriverCompleted).network
+    try:
+        network.get(config.net).configure_child(net)
+    except OSError as exc:
+        raise ChildSetupError(f"cannot configure the {config.net} network in the child: "
+                              f"{exc}") from None
+    _expect(channel, ParentInitPortDriverCompleted)
+    if config.pidns:
+        mounts.mount_proc()
+
+    pid = _start_command(config, env)
+    channel.send(ChildCommandStarted())
+    channel.close()
+    forward_signals(pid)
+    return wait_for(pid, reap_all=config.reap or not config.pidns)
+
+
+def _split_pid_namespace(channel: Channel) -> int:
+    """After unshare(CLONE_NEWPID) only our children enter the new pid namespace: fork
+    its pid 1, which goes on with the set-up. We stay outside as a shim that forwards
+    signals to it and exits with its status. Returns (in pid 1) its pid on the host."""
+    rfd, wfd = os.pipe()
+    init = os.fork()
+    if init:
+        os.write(wfd, str(init).encode())
+        os.close(wfd)
+        os.close(rfd)
+        channel.close()
+        forward_signals(init)
+        os._exit(wait_for(init))
+    os.close(wfd)
+    host_pid = int(os.read(rfd, 32))
+    os.close(rfd)
+    set_parent_death_signal(signal.SIGKILL)  # when the shim dies, the whole pidns goes
+    return host_pid
+
+
+def command_environment(state_dir: str, parent_ids: tuple[int, int]) -> dict[str, str]:
+    env = dict(os.environ)
+    env["ROOTLESSKIT_STATE_DIR"] = state_dir
+    env["ROOTLESSKIT_PARENT_EUID"] = str(parent_ids[0])
+    env["ROOTLESSKIT_PARENT_EGID"] = str(parent_ids[1])
+    return env
+
+
+def _start_command(config: Config, env: dict[str, str]) -> int:
+    """fork + exec, with exec failures reported back over a close-on-exec pipe."""
+    argv = list(config.command)
+    rfd, wfd = os.pipe()
+    me = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(rfd)
+            restore_default_signals()
+            set_parent_death_signal(signal.SIGKILL)
+            if os.getppid() != me:
+                os._exit(1)
+            os.execvpe(argv[0], argv, env)
+        except OSError as exc:
+            os.write(wfd, str(exc.errno).encode())
+        finally:
+            os._exit(127)
+    os.close(wfd)
+    data = os.read(rfd, 32)
+    os.close(rfd)
+    if data:
+        os.waitpid(pid, 0)
+        err = int(data)
+        raise ChildSetupError(f"cannot run {argv[0]!r}: {os.strerror(err)}",
+                              exit_code=127 if err == errno.ENOENT else 126)
+    return pid
+
+
+def diagnose_unshare(exc: OSError) -> str:
+    """Why unshare failed, and what to do about it, from the knobs that cause it."""
+    checks = (
+        ("/proc/sys/kernel/unprivileged_userns_clone", "0",
+         "unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone=0): "
+         "enable with sudo sysctl -w kernel.unprivileged_userns_clone=1"),
+        ("/proc/sys/user/max_user_namespaces", "0",
+         "user namespaces are disabled (user.max_user_namespaces=0): enable with "
+         "sudo sysctl -w user.max_user_namespaces=28633"),
+        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+         "AppArmor restricts unprivileged user namespaces "
+         "(kernel.apparmor_restrict_unprivileged_userns=1): add an AppArmor profile for "
+         "rootless-run that allows userns, or sudo sysctl -w "
+         "kernel.apparmor_restrict_unprivileged_userns=0"),
+    )
+    for path, bad, message in checks:
+        try:
+            with open(path) as f:
+                if f.read().strip() == bad:
+                    return message
+        except OSError:
+            pass
+    if exc.errno == errno.ENOSPC:
+        return ("cannot create a namespace: a namespace limit is reached "
+                "(/proc/sys/user/max_*_namespaces)")
+    if exc.errno == errno.EINVAL:
+        return ("cannot create a user namespace: the process is multi-threaded or the kernel "
+                "lacks CONFIG_USER_NS")
+    return f"cannot create namespaces: {exc.strerror}"

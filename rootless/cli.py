@@ -1,0 +1,84 @@
+"""`rootless-run` (also invoked as `rootlesskit` / `docker-rootlesskit`): arguments in,
+Config out, errors mapped to one line on stderr and exit status 1."""
+import os
+import sys
+
+from . import __version__, _flags, _log
+from .config import Config
+from .errors import RootlessError, UsageError
+
+ROOTLESSKIT_NAMES = ("rootlesskit", "docker-rootlesskit")
+
+# rootlesskit's defaults are Config's; rootless-run may differ where the contract allows.
+RUN_DEFAULTS: dict = {}
+
+
+def defaults_for(program: str) -> dict:
+    return {} if program in ROOTLESSKIT_NAMES else dict(RUN_DEFAULTS)
+
+
+def build_config(program: str, argv: list[str]) -> Config | str:
+    """A Config, or the text to print for --help/--version."""
+    values, action = _flags.parse(argv)
+    defaults = defaults_for(program)
+    if action == "help":
+        shown = {f: getattr(Config(), f) for f in Config.__struct_fields__}
+        return _flags.help_text(program, {**shown, **defaults})
+    if action == "version":
+        return f"{program} version {__version__} (rootlesskit API 1.1.1)\n"
+    merged = {**defaults, **values}
+    for field in ("copy_up", "publish", "command"):
+        if field in merged:
+            merged[field] = tuple(merged[field])
+    if not merged.get("command"):
+        merged["command"] = (os.environ.get("SHELL") or "/bin/sh",)
+    config = Config(program=program, **merged)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    """Checks across flags; each names the flag and the fix."""
+    if config.reaper == "true" and not config.pidns:
+        raise UsageError("--reaper=true needs --pidns (only pid 1 of a pid namespace reaps "
+                         "orphans): add --pidns, or use --reaper=auto")
+    if config.evacuate_cgroup2 and not (config.pidns and config.cgroupns):
+        raise UsageError("--evacuate-cgroup2 needs --pidns and --cgroupns: add both")
+    if config.detach_netns:
+        if not config.new_netns:
+            raise UsageError("--detach-netns needs a network namespace: use it with --net "
+                             "other than host")
+        raise UsageError("--detach-netns is not supported yet (it comes with the network "
+                         "drivers); drop it for now")
+    if config.mtu and not 68 <= config.mtu <= 65521:
+        raise UsageError(f"--mtu={config.mtu} is out of range: use 68..65521, or 0 for the "
+                         f"driver's default")
+    if config.mtu and config.ipv6 and config.mtu < 1280:
+        raise UsageError(f"--mtu={config.mtu} is too small for --ipv6: IPv6 needs at least 1280")
+    for directory in config.copy_up:
+        if not directory.startswith("/"):
+            raise UsageError(f"--copy-up={directory}: needs an absolute path, e.g. /etc")
+
+
+def main(argv: list[str] | None = None) -> int:
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "rootless-run"
+    if program not in ROOTLESSKIT_NAMES:
+        program = "rootless-run"
+    _log.configure(debug=False, program=program)
+    try:
+        config = build_config(program, sys.argv[1:] if argv is None else argv)
+        if isinstance(config, str):
+            sys.stdout.write(config)
+            return 0
+        _log.configure(debug=config.debug, program=program)
+        from .parent import run
+        return run(config)
+    except RootlessError as exc:
+        _log.error(str(exc))
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Name -> driver class, imported lazily so that only the chosen driver is loaded."""
+import importlib
+
+from ..errors import NotSupportedYet, UsageError
+
+
+class Registry:
+    def __init__(self, flag: str, entry_point_group: str, builtin: dict[str, str],
+                 planned: dict[str, str]):
+        self.flag = flag
+        self.group = entry_point_group
+        self.builtin = builtin    # name -> "module:Class"
+        self.planned = planned    # name -> why it is not available (yet)
+
+    def get(self, name: str):
+        target = self.builtin.get(name)
+        if target is None:
+            target = self._from_entry_points(name)
+        if target is None:
+            if name in self.planned:
+                raise NotSupportedYet(f"{self.flag}={name} {self.planned[name]}")
+            raise UsageError(f"{self.flag}={name}: no such driver; choose one of "
+                             f"{', '.join(sorted(self.builtin))}")
+        module, _, cls = target.partition(":")
+        return getattr(importlib.import_module(module), cls)
+
+    def _from_entry_points(self, name: str) -> str | None:
+        # importlib.metadata is slow to import: consulted only for unknown names.
+        from importlib.metadata import entry_points
+        for ep in entry_points(group=self.group):
+            if ep.name == name:
+                return ep.value
+        return None

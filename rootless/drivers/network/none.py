@@ -1,0 +1,13 @@
+from ...messages import NetworkInfo
+from .base import NetworkDriver
+
+
+class NoneDriver(NetworkDriver):
+    """A new network namespace with only the loopback interface, up."""
+
+    name = "none"
+
+    @staticmethod
+    def configure_child(info: NetworkInfo) -> None:
+        from ...netlink import set_link_up
+        set_link_up("lo")

@@ -1,0 +1,19 @@
+"""Port drivers: how published ports reach the child."""
+from .._registry import Registry
+from .base import PortDriver
+
+registry = Registry(
+    "--port-driver", "rootless.port_drivers",
+    builtin={"none": "rootless.drivers.port.none:NoPortDriver"},
+    planned={
+        name: "is not supported yet (port forwarding is being built); use --port-driver=none"
+        for name in ("builtin", "slirp4netns", "implicit")
+    },
+)
+
+
+def get(name: str) -> type[PortDriver]:
+    return registry.get(name)
+
+
+__all__ = ["PortDriver", "get", "registry"]

@@ -1,0 +1,19 @@
+"""What a port driver provides (parent side; the child side comes with the drivers)."""
+from typing import ClassVar
+
+from ...config import Config
+
+
+class PortDriver:
+    name: ClassVar[str] = ""
+    has_helpers: ClassVar[bool] = False
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def preflight(self) -> None:
+        """Check the driver can work with this network driver and these specs."""
+
+    def opaque(self) -> dict[str, str]:
+        """Driver data for the child, sent in ParentInitPortDriverCompleted."""
+        return {}

@@ -1,0 +1,48 @@
+"""The errors rootless-run reports to its user.
+
+Each is raised at the edge where the cause is known, with a message that names the
+cause and, where there is one, the fix. The CLI prints the message on one line and
+exits 1; nothing else reaches the user as a traceback.
+"""
+
+
+class RootlessError(Exception):
+    """Base of every error with a message meant for the user."""
+
+    exit_code = 1
+
+
+class UsageError(RootlessError):
+    """Bad command line: unknown flag, bad value, conflicting flags."""
+
+
+class NotSupportedYet(UsageError):
+    """A flag value the contract names but this version does not implement."""
+
+
+class SubidError(RootlessError):
+    """/etc/subuid, /etc/subgid or getsubids gave something we cannot use."""
+
+
+class IdmapError(RootlessError):
+    """newuidmap/newgidmap (or the single-id map) failed."""
+
+
+class StateDirError(RootlessError):
+    """The state dir cannot be created, locked or cleaned."""
+
+
+class ProtocolError(RootlessError):
+    """A malformed, oversized or unexpected frame on the parent/child pipes."""
+
+
+class ChildSetupError(RootlessError):
+    """The child reported a failure, or died, before the command started."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class DriverError(RootlessError):
+    """A network or port driver cannot start or has failed."""

@@ -1,0 +1,85 @@
+"""Mount set-up inside the child's mount namespace (sync; runs before the command)."""
+import os
+
+from .errors import ChildSetupError
+from .linux import (MNT_DETACH, MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE,
+                    MS_REC, MS_SLAVE, mount, umount)
+
+_PROPAGATION = {"rprivate": MS_REC | MS_PRIVATE, "rslave": MS_REC | MS_SLAVE}
+
+
+def set_propagation(mode: str) -> None:
+    try:
+        mount(None, "/", None, _PROPAGATION[mode])
+    except OSError as exc:
+        raise ChildSetupError(f"cannot make / {mode} in the child: {exc.strerror}") from None
+
+
+def _scratch_dir(state_dir: str, tag: str) -> str:
+    path = os.path.join(state_dir, f".{tag}-{os.urandom(4).hex()}")
+    os.mkdir(path, 0o700)
+    return path
+
+
+def mount_sysfs(state_dir: str) -> None:
+    """A fresh sysfs on /sys, so /sys/class/net shows the new netns' interfaces.
+
+    The cgroup tree below /sys/fs/cgroup is moved over, as rootlesskit does, or
+    tools looking for cgroups would find an empty directory.
+    """
+    cgroup = "/sys/fs/cgroup"
+    keep = os.path.ismount(cgroup)
+    saved = None
+    try:
+        if keep:
+            saved = _scratch_dir(state_dir, "cgroup")
+            mount(cgroup, saved, None, MS_BIND | MS_REC)
+        # nosuid/nodev/noexec: a new sysfs may not be less restricted than the visible one.
+        mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        if saved:
+            mount(saved, cgroup, None, MS_MOVE)
+    except OSError as exc:
+        raise ChildSetupError(f"cannot mount a fresh sysfs on /sys in the child: {exc.strerror}"
+                              ) from None
+    finally:
+        if saved:
+            if os.path.ismount(saved):
+                umount(saved, MNT_DETACH)
+            os.rmdir(saved)
+
+
+def mount_proc() -> None:
+    """A fresh /proc for the new pid namespace (called by its pid 1)."""
+    try:
+        mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    except OSError as exc:
+        raise ChildSetupError(
+            f"cannot mount a fresh /proc for --pidns: {exc.strerror} (the kernel refuses when "
+            f"the host's /proc has parts hidden by other mounts, as in some containers)") from None
+
+
+def copy_up(directory: str, state_dir: str) -> None:
+    """tmpfs+symlink: DIR becomes a writable tmpfs whose entries are symlinks into the
+    original DIR, kept (bind-mounted) at DIR/.ro<random>, as rootlesskit does."""
+    try:
+        st = os.stat(directory)
+    except OSError as exc:
+        raise ChildSetupError(f"--copy-up={directory}: {exc.strerror}") from None
+    if not os.path.isdir(directory):
+        raise ChildSetupError(f"--copy-up={directory}: not a directory")
+    saved = _scratch_dir(state_dir, "copyup")
+    try:
+        mount(directory, saved, None, MS_BIND | MS_REC)
+        mount("tmpfs", directory, "tmpfs", 0, f"mode={st.st_mode & 0o7777:o}")
+        hidden = ".ro" + os.urandom(5).hex()
+        target = os.path.join(directory, hidden)
+        os.mkdir(target, 0o755)
+        mount(saved, target, None, MS_MOVE)
+        for name in os.listdir(target):
+            os.symlink(os.path.join(hidden, name), os.path.join(directory, name))
+    except OSError as exc:
+        raise ChildSetupError(f"--copy-up={directory} failed: {exc.strerror}") from None
+    finally:
+        if os.path.ismount(saved):
+            umount(saved, MNT_DETACH)
+        os.rmdir(saved)

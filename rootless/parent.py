@@ -1,0 +1,127 @@
+"""The parent: prepares, forks the child, drives the handshake and the drivers, and
+supervises the child until the command ends.
+
+The path to the user's command stays free of heavy imports: trio is started only
+when a driver runs helper processes to supervise; a run with nothing to supervise
+but the child waits for it directly.
+"""
+import os
+import signal
+
+from . import _log
+from ._process import exit_code, forward_signals, wait_for
+from .config import Config
+from .drivers import network, port
+from .errors import ChildSetupError, ProtocolError, RootlessError
+from .idmap import write_maps
+from .messages import (Channel, ChildCommandStarted, ChildFailed, ChildHello,
+                       ChildInitUserNSCompleted, ParentHello, ParentInitIdmapCompleted,
+                       ParentInitNetworkDriverCompleted, ParentInitPortDriverCompleted)
+from .statedir import StateDir
+from .subid import current_user, lookup
+
+# Set-up in the child takes milliseconds (pyroute2's import is the slowest part);
+# this only turns a wedged child into an error instead of a hang.
+_CHILD_TIMEOUT = 60.0
+
+
+class Child:
+    """The forked child and our ends of its two pipes."""
+
+    def __init__(self, pid: int, channel: Channel):
+        self.pid = pid
+        self.channel = channel
+        self.status: int | None = None
+
+    @classmethod
+    def spawn(cls, config: Config, state: StateDir) -> "Child":
+        to_child_r, to_child_w = os.pipe()
+        to_parent_r, to_parent_w = os.pipe()
+        parent_pid = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            from . import child
+            os.close(to_child_w)
+            os.close(to_parent_r)
+            state.close_lock_in_child()
+            child.main(config, state.path, Channel(to_child_r, to_parent_w), parent_pid)
+        os.close(to_child_r)
+        os.close(to_parent_w)
+        return cls(pid, Channel(to_parent_r, to_child_w))
+
+    def expect(self, kind: type, waiting_for: str):
+        try:
+            message = self.channel.recv(timeout=_CHILD_TIMEOUT)
+        except TimeoutError:
+            raise ChildSetupError(f"the child did not answer within {_CHILD_TIMEOUT:.0f} s "
+                                  f"({waiting_for})") from None
+        if message is None:
+            code = self.wait()
+            raise ChildSetupError(f"the child exited during set-up ({waiting_for}) with "
+                                  f"status {code}", exit_code=code or 1)
+        if isinstance(message, ChildFailed):
+            self.wait()
+            raise ChildSetupError(message.message, message.exit_code)
+        if not isinstance(message, kind):
+            raise ProtocolError(f"expected {kind.__name__} from the child, got "
+                                f"{type(message).__name__}")
+        return message
+
+    def wait(self) -> int:
+        if self.status is None:
+            self.status = wait_for(self.pid)
+        return self.status
+
+    def kill(self) -> None:
+        """Make sure the child is gone (on errors); idempotent."""
+        if self.status is None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.wait()
+        self.channel.close()
+
+
+def run(config: Config) -> int:
+    uid, gid = os.getuid(), os.getgid()
+    user = current_user()
+    net = network.get(config.net)(config)
+    ports = port.get(config.port_driver)(config)
+    net.preflight()
+    ports.preflight()
+    subids = lookup(user, uid, config.subid_source)
+    if config.evacuate_cgroup2:
+        from .cgroup import evacuate
+        evacuate(config.evacuate_cgroup2)
+
+    state = StateDir.open(config.state_dir)
+    try:
+        child = Child.spawn(config, state)
+        try:
+            forward_signals(child.pid)
+            _handshake(config, state, child, net, ports, uid, gid, user, subids)
+            child.channel.close()
+            return child.wait()
+        finally:
+            child.kill()
+    finally:
+        state.close()
+
+
+def _handshake(config, state, child, net, ports, uid, gid, user, subids) -> None:
+    child.channel.send(ParentHello())
+    hello = child.expect(ChildHello, "creating namespaces")
+    state.write("child_pid", str(hello.pid))
+    write_maps(hello.pid, uid, gid, subids, user)
+    child.channel.send(ParentInitIdmapCompleted())
+    child.expect(ChildInitUserNSCompleted, "setting up mounts")
+    if net.has_helpers or ports.has_helpers:
+        raise RootlessError("internal: drivers with helper processes need the async parent")
+    child.channel.send(ParentInitNetworkDriverCompleted(network=net.info(hello.pid, state.path)))
+    child.channel.send(ParentInitPortDriverCompleted(opaque=ports.opaque()))
+    child.expect(ChildCommandStarted, "starting the command")
+    _log.debug(f"command started; child pid {hello.pid}")
+
+
+__all__ = ["run", "Child", "exit_code"]

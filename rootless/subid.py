@@ -1,0 +1,130 @@
+"""Subordinate id ranges of the invoking user: /etc/subuid + /etc/subgid, or getsubids."""
+import os
+import shutil
+import subprocess
+from typing import NamedTuple
+
+from .errors import SubidError
+
+
+class Range(NamedTuple):
+    start: int
+    count: int
+
+
+SUBUID_FILE = "/etc/subuid"
+SUBGID_FILE = "/etc/subgid"
+
+
+def parse_subid_file(text: str, user: str, uid: int, path: str = SUBUID_FILE) -> list[Range]:
+    """Ranges of `user` (by name or numeric id) in subuid/subgid `text`, in file order.
+
+    Lines of other users are not ours to judge (newuidmap skips what it cannot parse);
+    a malformed line of ours is an error, so a typo is not silently a missing range.
+    """
+    keys = {user, str(uid)}
+    ranges = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split(":")
+        if fields[0].strip() not in keys:
+            continue
+        where = f"{path} line {lineno} ({line!r})"
+        fix = f"write it as {user}:START:COUNT, e.g. {user}:100000:65536"
+        if len(fields) != 3:
+            raise SubidError(f"{where}: expected 3 colon-separated fields; {fix}")
+        try:
+            start, count = int(fields[1]), int(fields[2])
+        except ValueError:
+            raise SubidError(f"{where}: START and COUNT must be numbers; {fix}") from None
+        if start < 0 or count <= 0 or start + count > 2**32 - 1:
+            raise SubidError(f"{where}: range out of bounds; {fix}")
+        ranges.append(Range(start, count))
+    return ranges
+
+
+def read_subid_file(path: str, user: str, uid: int) -> list[Range]:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    except OSError as exc:
+        raise SubidError(f"cannot read {path}: {exc.strerror}") from None
+    return parse_subid_file(text, user, uid, path)
+
+
+def parse_getsubids(text: str) -> list[Range]:
+    """getsubids prints one range a line: 'N: USER START COUNT'."""
+    ranges = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 4 and fields[0].endswith(":"):
+            try:
+                ranges.append(Range(int(fields[2]), int(fields[3])))
+                continue
+            except ValueError:
+                pass
+        if line.strip():
+            raise SubidError(f"getsubids printed a line we cannot read: {line!r}")
+    return ranges
+
+
+def run_getsubids(user: str, group: bool) -> list[Range]:
+    exe = shutil.which("getsubids")
+    if exe is None:
+        raise SubidError("--subid-source=dynamic needs getsubids: install the uidmap package "
+                         "(apt-get install uidmap) or use --subid-source=static")
+    args = [exe] + (["-g"] if group else []) + [user]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        # getsubids exits 1 with "Error fetching ranges" when the user has none.
+        if "Error fetching ranges" in proc.stderr:
+            return []
+        raise SubidError(f"{' '.join(args)} failed: {proc.stderr.strip() or proc.returncode}")
+    return parse_getsubids(proc.stdout)
+
+
+class Subids(NamedTuple):
+    uids: list[Range]
+    gids: list[Range]
+    source: str
+
+
+def lookup(user: str, uid: int, source: str) -> Subids:
+    """The user's ranges from `source` ('static', 'dynamic' or 'auto').
+
+    auto: getsubids when nsswitch.conf names a `subid` source other than files
+    (only then can it differ from the files), else the files, read directly: the
+    answer is the same and no process is spawned on the way to the command.
+    """
+    if source == "dynamic" or (source == "auto" and _nsswitch_has_subid_service()):
+        try:
+            return Subids(run_getsubids(user, False), run_getsubids(user, True), "getsubids")
+        except SubidError:
+            if source == "dynamic":
+                raise
+    return Subids(read_subid_file(SUBUID_FILE, user, uid),
+                  read_subid_file(SUBGID_FILE, user, uid), "static")
+
+
+def _nsswitch_has_subid_service(path: str = "/etc/nsswitch.conf") -> bool:
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, services = line.partition("#")[0].partition(":")
+                if key.strip() == "subid":
+                    return services.split() not in ([], ["files"])
+    except OSError:
+        pass
+    return False
+
+
+def current_user() -> str:
+    import pwd
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
