@@ -4,20 +4,18 @@ Hand-written rather than argparse: it keeps start-up fast, accepts Go-style form
 rootlesskit users type (`-net=host`, `--pidns=true`, `--publish=SPEC`), and gives
 one-line errors.
 """
-from typing import NamedTuple
-
 from .errors import UsageError
 
 BOOL, STR, INT, LIST = "bool", "str", "int", "list"
 
 
-class Flag(NamedTuple):
-    names: tuple[str, ...]
-    field: str
-    kind: str
-    help: str
-    choices: tuple[str, ...] = ()
-    metavar: str = "VALUE"
+class Flag:
+    __slots__ = ("names", "field", "kind", "help", "choices", "metavar")
+
+    def __init__(self, names: tuple[str, ...], field: str, kind: str, help: str,
+                 choices: tuple[str, ...] = (), metavar: str = "VALUE"):
+        self.names, self.field, self.kind, self.help = names, field, kind, help
+        self.choices, self.metavar = choices, metavar
 
 
 FLAGS: tuple[Flag, ...] = (

@@ -8,15 +8,14 @@ import os
 import signal
 
 from . import _log
+from ._paths import which
 from ._process import forward_signals, restore_default_signals, wait_for
 from .config import Config
 from .drivers import network
 from .errors import ChildSetupError, ProtocolError, RootlessError
 from .linux import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID,
                     CLONE_NEWUSER, CLONE_NEWUTS, set_parent_death_signal, unshare)
-from .messages import (Channel, ChildCommandStarted, ChildFailed, ChildHello,
-                       ChildInitUserNSCompleted, ParentHello, ParentInitIdmapCompleted,
-                       ParentInitNetworkDriverCompleted, ParentInitPortDriverCompleted)
+from ._framing import Channel
 from . import mounts
 
 # The parent answers in milliseconds; this only bounds a wedged parent.
@@ -50,6 +49,7 @@ def main(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> N
 
 def _report(channel: Channel, message: str, code: int) -> None:
     try:
+        from .messages import ChildFailed
         channel.send(ChildFailed(message=message, exit_code=code))
     except OSError:
         _log.error(message)  # the parent is gone; stderr is all that is left
@@ -62,13 +62,14 @@ def _arm_parent_death_signal(parent_pid: int | None) -> None:
         os._exit(1)
 
 
-def _expect(channel: Channel, kind: type):
-    message = channel.recv(timeout=_PARENT_TIMEOUT)
-    if message is None:
+def _expect(channel: Channel, kind: str):
+    """The next message, which must be of type `kind` (None if it carried no data)."""
+    received = channel.recv(timeout=_PARENT_TIMEOUT)
+    if received is None:
         os._exit(1)  # the parent closed the pipe: it has given up, and will reap us
-    if not isinstance(message, kind):
-        raise ProtocolError(f"expected {kind.__name__} from the parent, got "
-                            f"{type(message).__name__}")
+    name, message = received
+    if name != kind:
+        raise ProtocolError(f"expected {kind} from the parent, got {name}")
     return message
 
 
@@ -80,14 +81,16 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
     except OSError as exc:
         raise ChildSetupError(diagnose_unshare(exc)) from None
     watcher = parent_pid
-    anchor = os.getpid()
+    hello = "ChildHello"
     if config.pidns:
-        anchor = _split_pid_namespace(channel)  # returns only in pid 1 of the new pidns
+        from .messages import ChildHello
+        # returns only in pid 1 of the new pidns, which anchors the namespaces
+        hello = ChildHello(pid=_split_pid_namespace(channel))
         watcher = None  # our parent (the shim) is outside the pidns: getppid() says 0
 
-    _expect(channel, ParentHello)
-    channel.send(ChildHello(pid=anchor))
-    _expect(channel, ParentInitIdmapCompleted)
+    _expect(channel, "ParentHello")
+    channel.send(hello)
+    _expect(channel, "ParentInitIdmapCompleted")
     # newuidmap is setuid: after it ran on us, our parent-death signal is gone.
     _arm_parent_death_signal(watcher)
 
@@ -96,20 +99,20 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
         mounts.mount_sysfs(state_dir)
     for directory in config.copy_up:
         mounts.copy_up(directory, state_dir)
-    channel.send(ChildInitUserNSCompleted())
+    channel.send("ChildInitUserNSCompleted")
 
-    net = _expect(channel, ParentInitNetworkDriverCompleted).network
+    net = _expect(channel, "ParentInitNetworkDriverCompleted")
     try:
-        network.get(config.net).configure_child(net)
+        network.get(config.net).configure_child(net.network if net else None)
     except OSError as exc:
         raise ChildSetupError(f"cannot configure the {config.net} network in the child: "
                               f"{exc}") from None
-    _expect(channel, ParentInitPortDriverCompleted)
+    _expect(channel, "ParentInitPortDriverCompleted")
     if config.pidns:
         mounts.mount_proc()
 
     pid = _start_command(config, env)
-    channel.send(ChildCommandStarted())
+    channel.send("ChildCommandStarted")
     channel.close()
     forward_signals(pid)
     return wait_for(pid, reap_all=config.reap or not config.pidns)
@@ -156,7 +159,10 @@ def _start_command(config: Config, env: dict[str, str]) -> int:
             set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != me:
                 os._exit(1)
-            os.execvpe(argv[0], argv, env)
+            exe = argv[0] if "/" in argv[0] else which(argv[0], env.get("PATH", os.defpath))
+            if exe is None:
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+            os.execve(exe, argv, env)
         except OSError as exc:
             os.write(wfd, str(exc.errno).encode())
         finally:
@@ -167,7 +173,8 @@ def _start_command(config: Config, env: dict[str, str]) -> int:
     if data:
         os.waitpid(pid, 0)
         err = int(data)
-        raise ChildSetupError(f"cannot run {argv[0]!r}: {os.strerror(err)}",
+        what = "command not found" if err == errno.ENOENT else os.strerror(err)
+        raise ChildSetupError(f"cannot run {argv[0]!r}: {what}",
                               exit_code=127 if err == errno.ENOENT else 126)
     return pid
 

@@ -4,7 +4,7 @@ import os
 import sys
 
 from . import __version__, _flags, _log
-from .config import Config
+from .config import FIELDS, Config
 from .errors import RootlessError, UsageError
 
 ROOTLESSKIT_NAMES = ("rootlesskit", "docker-rootlesskit")
@@ -22,8 +22,7 @@ def build_config(program: str, argv: list[str]) -> Config | str:
     values, action = _flags.parse(argv)
     defaults = defaults_for(program)
     if action == "help":
-        shown = {f: getattr(Config(), f) for f in Config.__struct_fields__}
-        return _flags.help_text(program, {**shown, **defaults})
+        return _flags.help_text(program, {**FIELDS, **defaults})
     if action == "version":
         return f"{program} version {__version__} (rootlesskit API 1.1.1)\n"
     merged = {**defaults, **values}

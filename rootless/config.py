@@ -1,36 +1,57 @@
-"""The run's configuration: a frozen value built by the CLI, no I/O here."""
-import msgspec
+"""The run's configuration: a frozen value built by the CLI, no I/O here.
+
+A plain class, not a msgspec Struct or a dataclass: their imports (typing,
+inspect) would sit on the path to the user's command.
+"""
+
+# field -> default (rootlesskit's defaults; rootless-run's own differ in cli.py)
+FIELDS: dict[str, object] = {
+    "program": "rootless-run",
+    "debug": False,
+    "state_dir": "",  # "" = a private temp dir removed on exit
+    "net": "host",
+    "slirp4netns_binary": "slirp4netns",
+    "pasta_binary": "pasta",
+    "slirp4netns_sandbox": "false",
+    "slirp4netns_seccomp": "false",
+    "mtu": 0,
+    "cidr": "10.0.2.0/24",
+    "ifname": "tap0",
+    "disable_host_loopback": False,
+    "ipv6": False,
+    "copy_up": (),
+    "copy_up_mode": "tmpfs+symlink",
+    "propagation": "rprivate",
+    "port_driver": "none",
+    "publish": (),
+    "source_ip_transparent": True,
+    "pidns": False,
+    "cgroupns": False,
+    "utsns": False,
+    "ipcns": False,
+    "detach_netns": False,
+    "reaper": "auto",
+    "evacuate_cgroup2": "",
+    "subid_source": "auto",
+    "command": (),
+}
 
 
-class Config(msgspec.Struct, frozen=True, kw_only=True):
-    program: str = "rootless-run"
-    debug: bool = False
-    state_dir: str = ""  # "" = a private temp dir removed on exit
-    net: str = "host"
-    slirp4netns_binary: str = "slirp4netns"
-    pasta_binary: str = "pasta"
-    slirp4netns_sandbox: str = "false"
-    slirp4netns_seccomp: str = "false"
-    mtu: int = 0
-    cidr: str = "10.0.2.0/24"
-    ifname: str = "tap0"
-    disable_host_loopback: bool = False
-    ipv6: bool = False
-    copy_up: tuple[str, ...] = ()
-    copy_up_mode: str = "tmpfs+symlink"
-    propagation: str = "rprivate"
-    port_driver: str = "none"
-    publish: tuple[str, ...] = ()
-    source_ip_transparent: bool = True
-    pidns: bool = False
-    cgroupns: bool = False
-    utsns: bool = False
-    ipcns: bool = False
-    detach_netns: bool = False
-    reaper: str = "auto"
-    evacuate_cgroup2: str = ""
-    subid_source: str = "auto"
-    command: tuple[str, ...] = ()
+class Config:
+    __slots__ = tuple(FIELDS)
+
+    def __init__(self, **values):
+        unknown = set(values) - set(FIELDS)
+        if unknown:
+            raise TypeError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        for name, default in FIELDS.items():
+            object.__setattr__(self, name, values.get(name, default))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Config is frozen")
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in FIELDS) + ")"
 
     @property
     def new_netns(self) -> bool:

@@ -1,9 +1,9 @@
 """Write the child's uid/gid maps: newuidmap/newgidmap with the user's subordinate
 ranges, or, for a user without any, a single-id map written directly."""
 import os
-import shutil
 
 from . import _log
+from ._paths import which
 from .errors import IdmapError
 from .subid import Range, Subids
 
@@ -23,7 +23,7 @@ def map_args(host_id: int, ranges: list[Range]) -> list[str]:
 
 def _spawn(helper: str, pid: int, args: list[str]) -> tuple[int, int]:
     """Start a setuid map helper with stderr on a pipe; returns (pid, read fd)."""
-    exe = shutil.which(helper)
+    exe = which(helper)
     if exe is None:
         raise IdmapError(f"{helper} not found in PATH: install the uidmap package "
                          f"(sudo apt-get install uidmap)")
@@ -49,7 +49,7 @@ def _finish(helper: str, child: int, rfd: int) -> None:
     if code != 0:
         text = b"".join(chunks).decode(errors="replace").strip().replace("\n", "; ")
         hint = ""
-        if not os.stat(shutil.which(helper)).st_mode & 0o4000 and "Operation not permitted" in text:
+        if not os.stat(which(helper)).st_mode & 0o4000 and "Operation not permitted" in text:
             hint = f"; {helper} must be setuid root (sudo chmod u+s $(command -v {helper}))"
         raise IdmapError(f"{helper} failed (exit {code}): {text or 'no message'}{hint}")
 

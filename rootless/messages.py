@@ -1,22 +1,14 @@
-"""Parent/child handshake messages and their framing.
+"""Parent/child handshake messages: one tagged union of msgspec Structs, msgpack-encoded.
 
-A frame is a 4-byte big-endian length followed by a msgpack-encoded message from the
-tagged union below. `FrameDecoder` is sans-io: it is fed bytes and returns whole
-messages, so the blocking reader here and an async reader share one decoder.
-No trio import: the child uses this module before its namespaces exist.
+Framing and the pipes are in `_framing` (no msgspec there): the payload-free messages
+travel as pre-encoded frames, so a run with nothing to configure never imports msgspec
+before its command starts. No trio import: the child uses this module.
 """
-import os
-import select
-import struct
-import time
-
 import msgspec
 
 from .errors import ProtocolError
 
 PROTOCOL_VERSION = 1
-MAX_FRAME = 1 << 20  # a handshake message is tiny; anything near this is garbage
-_HEADER = struct.Struct(">I")
 
 
 class Message(msgspec.Struct, tag=True, frozen=True):
@@ -28,7 +20,9 @@ class ParentHello(Message):
 
 
 class ChildHello(Message):
-    pid: int  # the child's pid as seen from the parent: the namespaces' anchor
+    # The host pid of the process anchoring the namespaces, when it is not the forked
+    # child itself (with --pidns: the new namespace's pid 1); 0 = the forked child.
+    pid: int = 0
     version: int = PROTOCOL_VERSION
 
 
@@ -41,9 +35,8 @@ class ChildInitUserNSCompleted(Message):
 
 
 class NetworkInfo(msgspec.Struct, frozen=True):
-    """What the network driver tells the child about its interface (issue: net drivers)."""
+    """What the network driver tells the child to configure on its interface."""
 
-    driver: str
     ifname: str = ""
     ip: str = ""
     netmask: int = 0
@@ -54,7 +47,7 @@ class NetworkInfo(msgspec.Struct, frozen=True):
 
 
 class ParentInitNetworkDriverCompleted(Message):
-    network: NetworkInfo
+    network: NetworkInfo | None = None  # None: nothing to configure (host, none)
 
 
 class ParentInitPortDriverCompleted(Message):
@@ -76,79 +69,21 @@ AnyMessage = (ParentHello | ChildHello | ParentInitIdmapCompleted | ChildInitUse
               | ParentInitNetworkDriverCompleted | ParentInitPortDriverCompleted
               | ChildCommandStarted | ChildFailed)
 
+#: Messages whose default instance is sent as a constant frame (see _framing).
+CONSTANT = (ParentHello, ChildHello, ParentInitIdmapCompleted, ChildInitUserNSCompleted,
+            ParentInitNetworkDriverCompleted, ParentInitPortDriverCompleted, ChildCommandStarted)
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(AnyMessage)
 
 
 def encode(message: Message) -> bytes:
-    payload = _encoder.encode(message)
-    return _HEADER.pack(len(payload)) + payload
+    """The payload of a frame (without the length header)."""
+    return _encoder.encode(message)
 
 
-class FrameDecoder:
-    """Accumulates bytes and yields complete messages; raises ProtocolError on garbage."""
-
-    def __init__(self, max_frame: int = MAX_FRAME):
-        self._buf = bytearray()
-        self._max = max_frame
-
-    def feed(self, data: bytes) -> list[Message]:
-        self._buf += data
-        out = []
-        while len(self._buf) >= _HEADER.size:
-            (length,) = _HEADER.unpack_from(self._buf)
-            if length > self._max:
-                raise ProtocolError(f"frame of {length} bytes exceeds the {self._max}-byte limit")
-            end = _HEADER.size + length
-            if len(self._buf) < end:
-                break
-            payload = bytes(self._buf[_HEADER.size:end])
-            del self._buf[:end]
-            try:
-                out.append(_decoder.decode(payload))
-            except msgspec.DecodeError as exc:
-                raise ProtocolError(f"undecodable handshake message: {exc}") from None
-        return out
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete frame still buffered."""
-        return len(self._buf)
-
-
-class Channel:
-    """Blocking message channel over a pair of pipe fds (used by both sides of the fork)."""
-
-    def __init__(self, rfd: int, wfd: int):
-        self.rfd = rfd
-        self.wfd = wfd
-        self._decoder = FrameDecoder()
-        self._queue: list[Message] = []
-
-    def send(self, message: Message) -> None:
-        data = encode(message)
-        while data:
-            data = data[os.write(self.wfd, data):]
-
-    def recv(self, timeout: float | None = None) -> Message | None:
-        """The next message, or None at EOF. Raises TimeoutError after `timeout` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._queue:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.rfd], [], [], left)[0]:
-                    raise TimeoutError
-            data = os.read(self.rfd, 65536)
-            if not data:
-                if self._decoder.pending:
-                    raise ProtocolError("pipe closed in the middle of a frame")
-                return None
-            self._queue.extend(self._decoder.feed(data))
-        return self._queue.pop(0)
-
-    def close(self) -> None:
-        for fd in (self.rfd, self.wfd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+def decode(payload: bytes) -> Message:
+    try:
+        return _decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"undecodable handshake message: {exc}") from None

@@ -14,9 +14,7 @@ from .config import Config
 from .drivers import network, port
 from .errors import ChildSetupError, ProtocolError, RootlessError
 from .idmap import write_maps
-from .messages import (Channel, ChildCommandStarted, ChildFailed, ChildHello,
-                       ChildInitUserNSCompleted, ParentHello, ParentInitIdmapCompleted,
-                       ParentInitNetworkDriverCompleted, ParentInitPortDriverCompleted)
+from ._framing import Channel
 from .statedir import StateDir
 from .subid import current_user, lookup
 
@@ -49,22 +47,23 @@ class Child:
         os.close(to_parent_w)
         return cls(pid, Channel(to_parent_r, to_child_w))
 
-    def expect(self, kind: type, waiting_for: str):
+    def expect(self, kind: str, waiting_for: str):
+        """The child's next message, of type `kind` (None if it carried no data)."""
         try:
-            message = self.channel.recv(timeout=_CHILD_TIMEOUT)
+            received = self.channel.recv(timeout=_CHILD_TIMEOUT)
         except TimeoutError:
             raise ChildSetupError(f"the child did not answer within {_CHILD_TIMEOUT:.0f} s "
                                   f"({waiting_for})") from None
-        if message is None:
+        if received is None:
             code = self.wait()
             raise ChildSetupError(f"the child exited during set-up ({waiting_for}) with "
                                   f"status {code}", exit_code=code or 1)
-        if isinstance(message, ChildFailed):
+        name, message = received
+        if name == "ChildFailed":
             self.wait()
             raise ChildSetupError(message.message, message.exit_code)
-        if not isinstance(message, kind):
-            raise ProtocolError(f"expected {kind.__name__} from the child, got "
-                                f"{type(message).__name__}")
+        if name != kind:
+            raise ProtocolError(f"expected {kind} from the child, got {name}")
         return message
 
     def wait(self) -> int:
@@ -110,18 +109,29 @@ def run(config: Config) -> int:
 
 
 def _handshake(config, state, child, net, ports, uid, gid, user, subids) -> None:
-    child.channel.send(ParentHello())
-    hello = child.expect(ChildHello, "creating namespaces")
-    state.write("child_pid", str(hello.pid))
-    write_maps(hello.pid, uid, gid, subids, user)
-    child.channel.send(ParentInitIdmapCompleted())
-    child.expect(ChildInitUserNSCompleted, "setting up mounts")
+    child.channel.send("ParentHello")
+    hello = child.expect("ChildHello", "creating namespaces")
+    anchor = hello.pid if hello and hello.pid else child.pid
+    state.write("child_pid", str(anchor))
+    write_maps(anchor, uid, gid, subids, user)
+    child.channel.send("ParentInitIdmapCompleted")
+    child.expect("ChildInitUserNSCompleted", "setting up mounts")
     if net.has_helpers or ports.has_helpers:
         raise RootlessError("internal: drivers with helper processes need the async parent")
-    child.channel.send(ParentInitNetworkDriverCompleted(network=net.info(hello.pid, state.path)))
-    child.channel.send(ParentInitPortDriverCompleted(opaque=ports.opaque()))
-    child.expect(ChildCommandStarted, "starting the command")
-    _log.debug(f"command started; child pid {hello.pid}")
+    info = net.info(anchor, state.path)
+    if info is None:
+        child.channel.send("ParentInitNetworkDriverCompleted")
+    else:
+        from .messages import ParentInitNetworkDriverCompleted
+        child.channel.send(ParentInitNetworkDriverCompleted(network=info))
+    opaque = ports.opaque()
+    if opaque:
+        from .messages import ParentInitPortDriverCompleted
+        child.channel.send(ParentInitPortDriverCompleted(opaque=opaque))
+    else:
+        child.channel.send("ParentInitPortDriverCompleted")
+    child.expect("ChildCommandStarted", "starting the command")
+    _log.debug(f"command started; child pid {anchor}")
 
 
 __all__ = ["run", "Child", "exit_code"]

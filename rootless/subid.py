@@ -1,15 +1,20 @@
 """Subordinate id ranges of the invoking user: /etc/subuid + /etc/subgid, or getsubids."""
 import os
-import shutil
-import subprocess
-from typing import NamedTuple
 
+from ._paths import which
 from .errors import SubidError
 
 
-class Range(NamedTuple):
-    start: int
-    count: int
+class Range(tuple):
+    """(start, count) of a subordinate id range."""
+
+    __slots__ = ()
+
+    def __new__(cls, start: int, count: int):
+        return super().__new__(cls, (start, count))
+
+    start = property(lambda self: self[0])
+    count = property(lambda self: self[1])
 
 
 SUBUID_FILE = "/etc/subuid"
@@ -73,7 +78,9 @@ def parse_getsubids(text: str) -> list[Range]:
 
 
 def run_getsubids(user: str, group: bool) -> list[Range]:
-    exe = shutil.which("getsubids")
+    import subprocess
+
+    exe = which("getsubids")
     if exe is None:
         raise SubidError("--subid-source=dynamic needs getsubids: install the uidmap package "
                          "(apt-get install uidmap) or use --subid-source=static")
@@ -87,10 +94,11 @@ def run_getsubids(user: str, group: bool) -> list[Range]:
     return parse_getsubids(proc.stdout)
 
 
-class Subids(NamedTuple):
-    uids: list[Range]
-    gids: list[Range]
-    source: str
+class Subids:
+    __slots__ = ("uids", "gids", "source")
+
+    def __init__(self, uids: list[Range], gids: list[Range], source: str):
+        self.uids, self.gids, self.source = uids, gids, source
 
 
 def lookup(user: str, uid: int, source: str) -> Subids:

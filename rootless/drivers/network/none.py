@@ -1,4 +1,3 @@
-from ...messages import NetworkInfo
 from .base import NetworkDriver
 
 
@@ -8,6 +7,6 @@ class NoneDriver(NetworkDriver):
     name = "none"
 
     @staticmethod
-    def configure_child(info: NetworkInfo) -> None:
+    def configure_child(info) -> None:
         from ...netlink import set_link_up
         set_link_up("lo")

@@ -1,12 +1,10 @@
 """What a port driver provides (parent side; the child side comes with the drivers)."""
-from typing import ClassVar
-
 from ...config import Config
 
 
 class PortDriver:
-    name: ClassVar[str] = ""
-    has_helpers: ClassVar[bool] = False
+    name: str = ""
+    has_helpers: bool = False
 
     def __init__(self, config: Config):
         self.config = config
