@@ -1,0 +1,118 @@
+"""Benchmark: rootless-run against Debian's rootlesskit, side by side in one run.
+
+Each scenario runs both implementations with the same flags, alternating A/B over
+several rounds (the machine is noisy), and reports medians and their ratio
+(ours / rootlesskit: below 1.0 is faster for times). Run as root it runs the
+commands as an unprivileged user (default rlt-test, made by contrib/test.sh);
+run as a normal user it runs them as that user.
+
+    python3 -m contrib.bench [--rounds N] [--quick] [--json FILE] [--only NAME]
+"""
+import argparse
+import json
+import os
+import platform
+import pwd
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+VENV = os.environ.get("ROOTLESS_VENV", "/opt/rootless/venv")
+
+
+class Runner:
+    """Runs commands as the benchmark user."""
+
+    def __init__(self, user: str):
+        self.as_root = os.getuid() == 0
+        pw = pwd.getpwnam(user) if self.as_root else pwd.getpwuid(os.getuid())
+        self.env = {
+            "HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name,
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "XDG_RUNTIME_DIR": f"/run/user/{pw.pw_uid}",
+        }
+        self.prefix = (["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
+                        "--init-groups", "--"] if self.as_root else [])
+
+    def time_once(self, argv: list[str]) -> float:
+        """Wall time of one run, from exec to exit (setpriv's own exec is measured
+        by the same amount for both implementations)."""
+        start = time.perf_counter()
+        subprocess.run(self.prefix + argv, env=self.env, cwd="/tmp", check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+
+def alternate(runner: Runner, ours: list[str], theirs: list[str], rounds: int):
+    a, b = [], []
+    runner.time_once(ours)  # warm the page cache for both
+    runner.time_once(theirs)
+    for _ in range(rounds):
+        a.append(runner.time_once(ours))
+        b.append(runner.time_once(theirs))
+    return a, b
+
+
+def scenario_startup_host(runner, rounds, ours_bin, theirs_bin):
+    flags = ["--net=host"]
+    return alternate(runner, [ours_bin, *flags, "true"], [theirs_bin, *flags, "true"], rounds)
+
+
+# name -> (function, unit, which way is better)
+SCENARIOS = {
+    "startup: X --net=host true": (scenario_startup_host, "ms", "lower is better"),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m contrib.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=40, help="A/B rounds a scenario")
+    parser.add_argument("--quick", action="store_true", help="few rounds, for a smoke check")
+    parser.add_argument("--user", default="rlt-test", help="user to run as, when run as root")
+    parser.add_argument("--json", default="", help="write every sample to this file")
+    parser.add_argument("--only", default="", help="run scenarios whose name contains this")
+    args = parser.parse_args(argv)
+    rounds = 5 if args.quick else args.rounds
+
+    ours = shutil.which("rootless-run") or os.path.join(VENV, "bin", "rootless-run")
+    theirs = shutil.which("rootlesskit")
+    if not os.path.exists(ours):
+        print("bench: rootless-run is not installed: run contrib/setup.sh", file=sys.stderr)
+        return 1
+    if theirs is None:
+        print("bench: Debian's rootlesskit is not installed (apt-get install rootlesskit): "
+              "nothing to compare with", file=sys.stderr)
+        return 1
+    try:
+        runner = Runner(args.user)
+    except KeyError:
+        print(f"bench: no user {args.user}: run contrib/test.sh once, or pass --user",
+              file=sys.stderr)
+        return 1
+
+    results = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
+                           "python": platform.python_version()},
+               "rounds": rounds, "scenarios": {}}
+    print(f"{'scenario':34} {'ours':>10} {'rootlesskit':>12} {'ratio':>7}")
+    for name, (func, unit, sense) in SCENARIOS.items():
+        if args.only and args.only not in name:
+            continue
+        try:
+            a, b = func(runner, rounds, ours, theirs)
+        except subprocess.CalledProcessError as exc:
+            print(f"{name:34} skipped: {' '.join(exc.cmd[-3:])} failed ({exc.returncode})")
+            continue
+        scale = 1000 if unit == "ms" else 1
+        ma, mb = statistics.median(a) * scale, statistics.median(b) * scale
+        ratio = ma / mb
+        print(f"{name:34} {ma:8.1f}{unit} {mb:10.1f}{unit} {ratio:6.2f}x  ({sense})")
+        results["scenarios"][name] = {"unit": unit, "ours": a, "rootlesskit": b,
+                                      "median_ours": ma, "median_rootlesskit": mb,
+                                      "ratio": ratio}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0

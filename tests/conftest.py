@@ -1,0 +1,120 @@
+"""Harness: pytest runs as root (to set things up); every namespace test runs
+rootless-run as an unprivileged user through setpriv, as a real user would.
+
+contrib/test.sh prepares the users: rlt-test (uid 1001, subordinate ids
+100000:65536) and rlt-nosub (uid 1002, none).
+"""
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+VENV_BIN = os.path.dirname(sys.executable)
+RUN = os.path.join(VENV_BIN, "rootless-run")
+
+
+class User:
+    def __init__(self, name: str):
+        pw = pwd.getpwnam(name)
+        self.name, self.uid, self.gid, self.home = pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir
+        self.runtime_dir = f"/run/user/{self.uid}"
+
+    def env(self, extra: dict | None = None) -> dict:
+        env = {
+            "HOME": self.home, "USER": self.name, "LOGNAME": self.name, "SHELL": "/bin/sh",
+            "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "XDG_RUNTIME_DIR": self.runtime_dir, "LANG": "C.UTF-8",
+        }
+        env.update(extra or {})
+        return env
+
+    def argv(self, args: list[str]) -> list[str]:
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
+                "--", *args]
+
+    def run(self, args: list[str], *, env: dict | None = None, timeout: float = 60,
+            input: str | None = None, cwd: str = "/tmp") -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(args), env=self.env(env), cwd=cwd, input=input,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def popen(self, args: list[str], *, env: dict | None = None, **kw) -> subprocess.Popen:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        return subprocess.Popen(self.argv(args), env=self.env(env), cwd="/tmp", text=True,
+                                start_new_session=True, **kw)
+
+    def processes(self) -> list[tuple[int, str, str]]:
+        """Live (non-zombie) processes of this user: (pid, state, cmdline)."""
+        out = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    status = dict(line.split(":", 1) for line in f if ":" in line)
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            real_uid = int(status["Uid"].split()[0])
+            state = status["State"].split()[0]
+            if real_uid == self.uid and state != "Z":
+                out.append((int(entry), state, cmd))
+        return out
+
+
+@pytest.fixture(scope="session")
+def user() -> User:
+    return User("rlt-test")
+
+
+@pytest.fixture(scope="session")
+def nosub_user() -> User:
+    return User("rlt-nosub")
+
+
+def _kill_all(u: User) -> list:
+    left = u.processes()
+    for pid, _, _ in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind(request):
+    """Each test must leave no process of the test users running."""
+    users = [User("rlt-test"), User("rlt-nosub")]
+    for u in users:
+        _kill_all(u)
+    yield
+    deadline = time.monotonic() + 3
+    left = []
+    while time.monotonic() < deadline:
+        left = [p for u in users for p in u.processes()]
+        if not left:
+            break
+        time.sleep(0.05)
+    for u in users:
+        _kill_all(u)
+    assert not left, f"processes left running: {left}"
+
+
+@pytest.fixture
+def state_dir(user):
+    """A path (not yet created) for --state-dir, under the user's runtime dir."""
+    path = os.path.join(user.runtime_dir, "state-" + uuid.uuid4().hex[:8])
+    yield path
+    subprocess.run(["rm", "-rf", path], check=False)
+
+
+@pytest.fixture
+def rootless_run():
+    return RUN
