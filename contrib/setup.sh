@@ -17,6 +17,7 @@ apt-get install -y -q --no-install-recommends \
 if [ ! -x "$venv/bin/python" ]; then
     /usr/bin/python3 -m venv "$venv"
 fi
+rm -rf "$here/build"
 "$venv/bin/pip" install -q --disable-pip-version-check "$here[test]"
 chmod -R a+rX "$(dirname "$venv")"
 for cmd in rootless-run docker-rootlesskit; do

@@ -22,8 +22,10 @@ for f in /etc/subuid /etc/subgid; do
 done
 chmod 666 /dev/net/tun 2>/dev/null || true
 
-# Test the code of this checkout, not what was installed before.
-"$venv/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$here" 
+# Test the code of this checkout, not what was installed before (a stale build/ dir
+# would make pip reuse files older than their copies there).
+rm -rf "$here/build"
+"$venv/bin/pip" install -q --disable-pip-version-check --no-deps --force-reinstall "$here"
 chmod -R a+rX "$(dirname "$venv")"
 
 cd "$here"

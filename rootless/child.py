@@ -9,17 +9,22 @@ import signal
 
 from . import _log
 from ._paths import which
-from ._process import forward_signals, restore_default_signals, wait_for
+from ._process import FORWARDED_SIGNALS, forward_signals, restore_default_signals, wait_for
 from .config import Config
 from .drivers import network
 from .errors import ChildSetupError, ProtocolError, RootlessError
 from .linux import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID,
-                    CLONE_NEWUSER, CLONE_NEWUTS, set_parent_death_signal, unshare)
+                    CLONE_NEWUSER, CLONE_NEWUTS, set_child_subreaper, set_parent_death_signal,
+                    unshare)
 from ._framing import Channel
 from . import mounts
 
 # The parent answers in milliseconds; this only bounds a wedged parent.
 _PARENT_TIMEOUT = 60.0
+
+# Without --pidns, the parent's death reaches us as this catchable signal rather than
+# SIGKILL: we must live long enough to kill the command's whole tree.
+_PARENT_DIED = signal.SIGRTMIN
 
 
 def namespace_flags(config: Config) -> int:
@@ -111,11 +116,66 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
     if config.pidns:
         mounts.mount_proc()
 
-    pid = _start_command(config, env)
+    if not config.pidns:
+        # Armed before the command exists: it may fork as soon as it starts.
+        _kill_all_on_parent_death(parent_pid)
+    # The command may be signalled as soon as it runs, before we could install the
+    # forwarder: hold the signals meanwhile (unhandled, they would kill us or be lost).
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+    pid = _start_command(config, env, mask)
+    forward_signals(pid)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     channel.send("ChildCommandStarted")
     channel.close()
-    forward_signals(pid)
     return wait_for(pid, reap_all=config.reap or not config.pidns)
+
+
+def _kill_all_on_parent_death(parent_pid: int) -> None:
+    """Without a pid namespace, whose end would kill them all, the command's children
+    outlive it. So we adopt the command's orphans (its whole tree stays below us) and,
+    when the parent dies, kill every process below us, then exit."""
+    set_child_subreaper()
+
+    def on_parent_death(_signum=None, _frame=None):
+        if os.getppid() != parent_pid:  # else a stray signal from the user: ignore it
+            _kill_descendants()
+            os._exit(1)
+
+    signal.signal(_PARENT_DIED, on_parent_death)
+    set_parent_death_signal(_PARENT_DIED)
+    on_parent_death()  # the parent may have died before the prctl
+
+
+def _kill_descendants() -> None:
+    """SIGKILL our children until none is left. As a subreaper we inherit the orphans
+    of each process we kill before we can reap it, so every level is reached."""
+    me = str(os.getpid())
+    while True:
+        for pid in _children(me):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def _children(ppid: str) -> list[int]:
+    # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces and parentheses.
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if fields and fields[1] == ppid:
+            found.append(int(entry))
+    return found
 
 
 def _split_pid_namespace(channel: Channel) -> int:
@@ -146,7 +206,7 @@ def command_environment(state_dir: str, parent_ids: tuple[int, int]) -> dict[str
     return env
 
 
-def _start_command(config: Config, env: dict[str, str]) -> int:
+def _start_command(config: Config, env: dict[str, str], mask: set) -> int:
     """fork + exec, with exec failures reported back over a close-on-exec pipe."""
     argv = list(config.command)
     rfd, wfd = os.pipe()
@@ -156,6 +216,8 @@ def _start_command(config: Config, env: dict[str, str]) -> int:
         try:
             os.close(rfd)
             restore_default_signals()
+            signal.signal(_PARENT_DIED, signal.SIG_DFL)  # that handler is ours, not the command's
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # the mask we were started with
             set_parent_death_signal(signal.SIGKILL)
             if os.getppid() != me:
                 os._exit(1)

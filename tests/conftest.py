@@ -118,3 +118,59 @@ def state_dir(user):
 @pytest.fixture
 def rootless_run():
     return RUN
+
+
+@pytest.fixture
+def user_tmp(user):
+    """A private dir of the test user, for TMPDIR: whatever a run leaves there shows."""
+    path = f"/tmp/rlt-tmp-{uuid.uuid4().hex[:8]}"
+    os.mkdir(path, 0o700)
+    os.chown(path, user.uid, user.gid)
+    yield path
+    subprocess.run(["rm", "-rf", path], check=False)
+
+
+@pytest.fixture
+def subid_files():
+    """Rewrite /etc/subuid and /etc/subgid for one test: `write(text)` puts `text` in
+    both. The original content (or absence) is restored whatever happens."""
+    paths = ("/etc/subuid", "/etc/subgid")
+    saved = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                saved[path] = f.read()
+        except FileNotFoundError:
+            saved[path] = None
+
+    def write(text: str) -> None:
+        for path in paths:
+            with open(path, "w") as f:
+                f.write(text)
+
+    try:
+        yield write
+    finally:
+        for path, text in saved.items():
+            if text is None:
+                if os.path.exists(path):
+                    os.unlink(path)
+            else:
+                with open(path, "w") as f:
+                    f.write(text)
+
+
+@pytest.fixture
+def spawned():
+    """Popen objects a test starts: killed (whole session) and reaped at teardown."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # the session may outlive its leader
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=10)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream:
+                stream.close()

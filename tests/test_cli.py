@@ -1,0 +1,182 @@
+"""The command line: help, version, program names, import hygiene, and every kind of
+bad input ending in exit status 1 with one line on stderr and nothing left behind."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+# Every flag of the contract (COMPAT.md, "Command line").
+COMPAT_FLAGS = [
+    "--debug", "--state-dir", "--net", "--slirp4netns-binary", "--pasta-binary",
+    "--slirp4netns-sandbox", "--slirp4netns-seccomp", "--mtu", "--cidr", "--ifname",
+    "--disable-host-loopback", "--ipv6", "--copy-up", "--copy-up-mode", "--propagation",
+    "--port-driver", "-p", "--publish", "--source-ip-transparent", "--pidns", "--cgroupns",
+    "--utsns", "--ipcns", "--detach-netns", "--reaper", "--evacuate-cgroup2",
+    "--subid-source", "-v", "--version", "-h", "--help",
+]
+
+
+def has_flag(text: str, flag: str) -> bool:
+    # whole flag only: --net must not be found inside --detach-netns
+    return re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text) is not None
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert r.stdout == ""
+    return lines[0]
+
+
+# -- help, version, names -------------------------------------------------------------
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_lists_every_flag(user, rootless_run, flag):
+    r = user.run([rootless_run, flag])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Usage: rootless-run ")
+    missing = [f for f in COMPAT_FLAGS if not has_flag(r.stdout, f)]
+    assert not missing, f"--help does not mention {missing}"
+
+
+def test_version(user, rootless_run):
+    r = user.run([rootless_run, "--version"])
+    assert r.returncode == 0, r.stderr
+    assert re.match(r"rootless-run version \d+\.\d+", r.stdout), r.stdout
+
+
+@pytest.fixture
+def rootlesskit_link(rootless_run):
+    """A symlink named rootlesskit to the venv's rootless-run, where the user can run it."""
+    directory = tempfile.mkdtemp(prefix="rlt-names-")
+    os.chmod(directory, 0o755)
+    link = os.path.join(directory, "rootlesskit")
+    os.symlink(rootless_run, link)
+    yield link
+    shutil.rmtree(directory)
+
+
+def test_invoked_as_rootlesskit_runs(user, rootlesskit_link):
+    r = user.run([rootlesskit_link, "--", "id", "-u"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "0\n"
+
+
+def test_invoked_as_rootlesskit_help(user, rootlesskit_link):
+    r = user.run([rootlesskit_link, "--help"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Usage: rootlesskit ")
+
+
+def test_docker_rootlesskit_script(user):
+    script = os.path.join(os.path.dirname(sys.executable), "docker-rootlesskit")
+    r = user.run([script, "--help"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("Usage: docker-rootlesskit ")
+
+
+# -- import hygiene -------------------------------------------------------------------
+
+@pytest.mark.parametrize("modules,absent", [
+    ("rootless.child, rootless.cli, rootless.parent, rootless.messages", ["trio"]),
+    ("rootless.cli, rootless.parent, rootless.child", ["trio", "msgspec"]),
+], ids=["no-trio", "fast-path"])
+def test_import_hygiene(modules, absent):
+    code = f"import sys, {modules}; print(' '.join(m for m in {absent!r} if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"imported by {modules}: {r.stdout.strip()}"
+
+
+# -- bad input ------------------------------------------------------------------------
+
+BAD_INPUT = [  # (arguments, what the error line must name)
+    (["--bogus"], ["--bogus"]),
+    (["--net=slirp4netns"], ["--net=slirp4netns", "not supported yet"]),
+    (["--net=pasta"], ["--net=pasta", "not supported yet"]),
+    (["--port-driver=builtin"], ["--port-driver=builtin", "not supported yet"]),
+    (["-p", "8080:80/tcp"], ["publish", "not supported yet"]),
+    (["--mtu=99999"], ["--mtu=99999"]),
+    (["--propagation=bogus"], ["--propagation=bogus", "rslave"]),
+    (["--state-dir=/root/x"], ["/root/x"]),
+    (["--reaper=true"], ["--reaper=true", "--pidns"]),
+    (["--evacuate-cgroup2=x"], ["--evacuate-cgroup2", "--pidns", "--cgroupns"]),
+]
+
+
+@pytest.mark.parametrize("args,needles", [pytest.param(a, n, id=" ".join(a)) for a, n in BAD_INPUT])
+def test_bad_input_one_line(user, rootless_run, user_tmp, args, needles):
+    r = user.run([rootless_run, *args, "--", "echo", "ran"], env={"TMPDIR": user_tmp})
+    assert_one_line_error(r, *needles)
+    assert os.listdir(user_tmp) == [], "a temp state dir was left behind"
+
+
+def test_evacuate_cgroup2_needs_cgroup_v2(user, rootless_run, user_tmp):
+    with open("/proc/self/mountinfo") as f:
+        if any(line.split()[4] == "/sys/fs/cgroup" and " - cgroup2 " in line for line in f):
+            pytest.skip("cgroup v2 is mounted at /sys/fs/cgroup: the v1 error cannot happen")
+    r = user.run([rootless_run, "--evacuate-cgroup2=x", "--pidns", "--cgroupns", "--",
+                  "echo", "ran"], env={"TMPDIR": user_tmp})
+    assert_one_line_error(r, "cgroup v2")
+    assert os.listdir(user_tmp) == []
+
+
+def test_malformed_subuid_line(user, rootless_run, user_tmp, subid_files):
+    subid_files("other:1:x:y\nrlt-test:100000:abc\n")
+    r = user.run([rootless_run, "--", "echo", "ran"], env={"TMPDIR": user_tmp})
+    assert_one_line_error(r, "/etc/subuid", "line 2", "rlt-test:100000:abc")
+    assert os.listdir(user_tmp) == []
+
+
+@pytest.fixture
+def path_without(user):
+    """`make(*missing)`: a PATH of the venv plus a dir of symlinks to the usual tools,
+    minus the `missing` ones."""
+    directory = tempfile.mkdtemp(prefix="rlt-fakebin-")
+    os.chmod(directory, 0o755)
+    # setpriv too: the harness runs it from the same PATH
+    tools = ["setpriv", "sh", "id", "cat", "echo", "true", "newuidmap", "newgidmap", "getsubids"]
+
+    def make(*missing: str) -> str:
+        for tool in tools:
+            if tool not in missing:
+                os.symlink(shutil.which(tool), os.path.join(directory, tool))
+        return f"{os.path.dirname(sys.executable)}:{directory}"
+
+    yield make
+    shutil.rmtree(directory)
+
+
+def test_missing_newuidmap(user, rootless_run, user_tmp, path_without):
+    r = user.run([rootless_run, "--", "echo", "ran"],
+                 env={"PATH": path_without("newuidmap"), "TMPDIR": user_tmp})
+    assert_one_line_error(r, "newuidmap", "uidmap package")
+    assert os.listdir(user_tmp) == []
+
+
+def test_dynamic_subids_need_getsubids(user, rootless_run, user_tmp, path_without):
+    path = path_without("getsubids")
+    ok = user.run([rootless_run, "--subid-source=static", "--", "id", "-u"],
+                  env={"PATH": path, "TMPDIR": user_tmp})
+    assert (ok.returncode, ok.stdout) == (0, "0\n"), ok.stderr
+    r = user.run([rootless_run, "--subid-source=dynamic", "--", "echo", "ran"],
+                 env={"PATH": path, "TMPDIR": user_tmp})
+    assert_one_line_error(r, "getsubids", "uidmap")
+    assert os.listdir(user_tmp) == []
+
+
+def test_command_not_found(user, rootless_run, user_tmp):
+    r = user.run([rootless_run, "--", "rlt-no-such-command"], env={"TMPDIR": user_tmp})
+    assert r.returncode == 127, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "rlt-no-such-command" in lines[0], r.stderr
+    assert os.listdir(user_tmp) == []
