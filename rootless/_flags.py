@@ -22,7 +22,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--debug",), "debug", BOOL, "verbose log to stderr"),
     Flag(("--state-dir",), "state_dir", STR, "state directory (default: a temp dir removed on exit)",
          metavar="DIR"),
-    Flag(("--net",), "net", STR, "network driver", ("host", "none", "slirp4netns", "pasta",
+    Flag(("--net",), "net", STR, "network driver (auto: slirp4netns, else pasta, else none)",
+         ("auto", "host", "none", "slirp4netns", "pasta",
                                                     "vpnkit", "lxc-user-nic", "gvisor-tap-vsock")),
     Flag(("--slirp4netns-binary",), "slirp4netns_binary", STR, "path of slirp4netns", metavar="PATH"),
     Flag(("--pasta-binary",), "pasta_binary", STR, "path of pasta", metavar="PATH"),
@@ -35,9 +36,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--cidr",), "cidr", STR, "child network (gateway .2, DNS .3, child .100)", metavar="CIDR"),
     Flag(("--ifname",), "ifname", STR, "interface name in the child netns", metavar="NAME"),
     Flag(("--disable-host-loopback",), "disable_host_loopback", BOOL,
-         "the child cannot reach the host's 127.0.0.1 through the gateway"),
+         "the child cannot reach the host's 127.0.0.1 through the gateway "
+         "(=false to allow it)"),
     Flag(("--ipv6",), "ipv6", BOOL, "IPv6 routing (slirp4netns, pasta)"),
-    Flag(("--copy-up",), "copy_up", LIST, "make DIR writable in the child (repeatable)", metavar="DIR"),
+    Flag(("--copy-up",), "copy_up", LIST, "make DIR writable in the child (repeatable; the "
+         "given list replaces the default one; none: no copy-up)", metavar="DIR"),
     Flag(("--copy-up-mode",), "copy_up_mode", STR, "copy-up mode", ("tmpfs+symlink",)),
     Flag(("--propagation",), "propagation", STR, "propagation of / in the child mount namespace",
          ("rprivate", "rslave")),

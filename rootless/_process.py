@@ -9,8 +9,9 @@ FORWARDED_SIGNALS = (
     signal.SIGALRM, signal.SIGTERM, signal.SIGWINCH, signal.SIGCONT, signal.SIGPWR,
 )
 
-# Python ignores these at start-up; an exec'd command must get the defaults back.
-_PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
+# Python ignores these at start-up; anything we exec must get the defaults back (Debian
+# 12's pasta even refuses to start when it inherits SIGPIPE ignored).
+PYTHON_IGNORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 def exit_code(status: int) -> int:
@@ -32,7 +33,7 @@ def forward_signals(pid: int) -> None:
 
 def restore_default_signals() -> None:
     """In a forked process about to exec: no Python handler nor ignore survives."""
-    for sig in FORWARDED_SIGNALS + _PYTHON_IGNORED:
+    for sig in FORWARDED_SIGNALS + PYTHON_IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
 
 

@@ -15,7 +15,7 @@ from .drivers import network
 from .errors import ChildSetupError, ProtocolError, RootlessError
 from .linux import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID,
                     CLONE_NEWUSER, CLONE_NEWUTS, set_child_subreaper, set_parent_death_signal,
-                    unshare)
+                    setns, unshare)
 from ._framing import Channel
 from . import mounts
 
@@ -29,7 +29,7 @@ _PARENT_DIED = signal.SIGRTMIN
 
 def namespace_flags(config: Config) -> int:
     flags = CLONE_NEWUSER | CLONE_NEWNS
-    for enabled, flag in ((config.new_netns, CLONE_NEWNET), (config.pidns, CLONE_NEWPID),
+    for enabled, flag in ((config.child_netns, CLONE_NEWNET), (config.pidns, CLONE_NEWPID),
                           (config.cgroupns, CLONE_NEWCGROUP), (config.utsns, CLONE_NEWUTS),
                           (config.ipcns, CLONE_NEWIPC)):
         if enabled:
@@ -100,18 +100,26 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
     _arm_parent_death_signal(watcher)
 
     mounts.set_propagation(config.propagation)
-    if config.new_netns:
+    if config.child_netns:
         mounts.mount_sysfs(state_dir)
     for directory in config.copy_up:
         mounts.copy_up(directory, state_dir)
+    netns = os.path.join(state_dir, "netns")
+    if config.detach_netns:
+        _in_subprocess(mounts.create_detached_netns, netns)
     channel.send("ChildInitUserNSCompleted")
 
-    net = _expect(channel, "ParentInitNetworkDriverCompleted")
-    try:
-        network.get(config.net).configure_child(net.network if net else None)
-    except OSError as exc:
-        raise ChildSetupError(f"cannot configure the {config.net} network in the child: "
-                              f"{exc}") from None
+    completed = _expect(channel, "ParentInitNetworkDriverCompleted")
+    info = completed.network if completed else None
+    configure = network.get(config.net).configure_child
+    if config.detach_netns:
+        # The detached netns is ours to configure, but not to live in: setns back to
+        # the host's netns would be refused. A subprocess enters it instead.
+        _in_subprocess(_configure_in, netns, configure, info)
+    else:
+        _configure(configure, info, config.net)
+        if info is not None and info.dns:
+            mounts.install_resolver_files(state_dir, info.dns)
     _expect(channel, "ParentInitPortDriverCompleted")
     if config.pidns:
         mounts.mount_proc()
@@ -128,6 +136,45 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
     channel.send("ChildCommandStarted")
     channel.close()
     return wait_for(pid, reap_all=config.reap or not config.pidns)
+
+
+def _configure(configure, info, driver: str) -> None:
+    try:
+        configure(info)
+    except OSError as exc:
+        raise ChildSetupError(f"cannot configure the {driver} network in the child: "
+                              f"{exc}") from None
+
+
+def _configure_in(netns: str, configure, info) -> None:
+    fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    setns(fd, CLONE_NEWNET)
+    os.close(fd)
+    _configure(configure, info, "detached")
+
+
+def _in_subprocess(function, *args) -> None:
+    """Run function(*args) in a forked process; its RootlessError or OSError is ours."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        code = 0
+        try:
+            function(*args)
+        except BaseException as exc:  # reported to our parent, which raises it
+            os.write(wfd, str(exc).encode(errors="replace")[:4000])
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(wfd)
+    message = b""
+    while chunk := os.read(rfd, 4096):
+        message += chunk
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    if message:
+        raise ChildSetupError(message.decode(errors="replace"))
 
 
 def _kill_all_on_parent_death(parent_pid: int) -> None:

@@ -9,8 +9,10 @@ from .errors import RootlessError, UsageError
 
 ROOTLESSKIT_NAMES = ("rootlesskit", "docker-rootlesskit")
 
-# rootlesskit's defaults are Config's; rootless-run may differ where the contract allows.
-RUN_DEFAULTS: dict = {}
+# rootlesskit's defaults are Config's. rootless-run's own are safer and need no flags:
+# the best network that works here, /etc writable (so resolv.conf can be replaced
+# without touching the host's), and no way to the host's loopback services.
+RUN_DEFAULTS: dict = {"net": "auto", "copy_up": ("/etc",), "disable_host_loopback": True}
 
 
 def defaults_for(program: str) -> dict:
@@ -29,6 +31,8 @@ def build_config(program: str, argv: list[str]) -> Config | str:
     for field in ("copy_up", "publish", "command"):
         if field in merged:
             merged[field] = tuple(merged[field])
+    if "none" in merged.get("copy_up", ()):
+        merged["copy_up"] = tuple(d for d in merged["copy_up"] if d != "none")
     if not merged.get("command"):
         merged["command"] = (os.environ.get("SHELL") or "/bin/sh",)
     config = Config(program=program, **merged)
@@ -43,12 +47,9 @@ def validate(config: Config) -> None:
                          "orphans): add --pidns, or use --reaper=auto")
     if config.evacuate_cgroup2 and not (config.pidns and config.cgroupns):
         raise UsageError("--evacuate-cgroup2 needs --pidns and --cgroupns: add both")
-    if config.detach_netns:
-        if not config.new_netns:
-            raise UsageError("--detach-netns needs a network namespace: use it with --net "
-                             "other than host")
-        raise UsageError("--detach-netns is not supported yet (it comes with the network "
-                         "drivers); drop it for now")
+    if config.detach_netns and config.net == "host":
+        raise UsageError("--detach-netns needs a network namespace: use it with --net "
+                         "other than host")
     if config.mtu and not 68 <= config.mtu <= 65521:
         raise UsageError(f"--mtu={config.mtu} is out of range: use 68..65521, or 0 for the "
                          f"driver's default")

@@ -53,9 +53,18 @@ class Config:
     def __repr__(self) -> str:
         return "Config(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in FIELDS) + ")"
 
+    def replace(self, **values) -> "Config":
+        return Config(**{**{n: getattr(self, n) for n in FIELDS}, **values})
+
     @property
     def new_netns(self) -> bool:
+        """Whether the run creates a network namespace (detached or the child's own)."""
         return self.net != "host"
+
+    @property
+    def child_netns(self) -> bool:
+        """Whether the child itself lives in the new network namespace."""
+        return self.new_netns and not self.detach_netns
 
     @property
     def reap(self) -> bool:

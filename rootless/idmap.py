@@ -4,6 +4,7 @@ import os
 
 from . import _log
 from ._paths import which
+from ._process import PYTHON_IGNORED_SIGNALS
 from .errors import IdmapError
 from .subid import Range, Subids
 
@@ -30,6 +31,7 @@ def _spawn(helper: str, pid: int, args: list[str]) -> tuple[int, int]:
     rfd, wfd = os.pipe()
     try:
         child = os.posix_spawn(exe, [helper, str(pid), *args], os.environ,
+                               setsigdef=PYTHON_IGNORED_SIGNALS,
                                file_actions=[(os.POSIX_SPAWN_DUP2, wfd, 2)])
     except OSError as exc:
         os.close(rfd)

@@ -83,3 +83,59 @@ def copy_up(directory: str, state_dir: str) -> None:
         if os.path.ismount(saved):
             umount(saved, MNT_DETACH)
         os.rmdir(saved)
+
+
+def create_detached_netns(path: str) -> None:
+    """--detach-netns: a new netns kept alive by a bind mount at `path` (in a process
+    that exits afterwards: the caller stays in the host's netns)."""
+    from .linux import CLONE_NEWNET, unshare
+
+    try:
+        open(path, "w").close()
+        unshare(CLONE_NEWNET)
+        mount("/proc/self/ns/net", path, None, MS_BIND)
+    except OSError as exc:
+        raise ChildSetupError(f"--detach-netns: cannot create the netns at {path}: "
+                              f"{exc.strerror}") from None
+
+
+def install_resolver_files(state_dir: str, dns: tuple[str, ...]) -> None:
+    """/etc/resolv.conf naming the driver's DNS, and /etc/hosts, written in the state dir
+    and bind-mounted in place (the host's DNS address means nothing in our netns)."""
+    try:
+        with open("/etc/hosts") as f:
+            hosts = f.read()
+    except OSError:
+        hosts = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
+    files = {"resolv.conf": "".join(f"nameserver {ns}\n" for ns in dns), "hosts": hosts}
+    for name, text in files.items():
+        source = os.path.join(state_dir, name)
+        target = os.path.join("/etc", name)
+        with open(source, "w") as f:
+            f.write(text)
+        try:
+            if os.path.islink(target) and _on_tmpfs("/etc"):
+                # /etc was copied up: its entries are symlinks to the original files;
+                # bind over a file of our own, not through the link onto the original.
+                os.unlink(target)
+                open(target, "w").close()
+            mount(source, target, None, MS_BIND)
+        except OSError as exc:
+            hint = ""
+            if os.path.islink(target) and not os.path.exists(target):
+                hint = (f" ({target} is a symlink to {os.readlink(target)}, which does not "
+                        f"exist here: add --copy-up=/etc)")
+            raise ChildSetupError(f"cannot bind-mount {source} on {target}: "
+                                  f"{exc.strerror}{hint}") from None
+
+
+def _on_tmpfs(path: str) -> bool:
+    """Whether the mount on top at `path` is a tmpfs (later lines of mountinfo are
+    mounted over earlier ones)."""
+    fstype = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == path:
+                fstype = fields[fields.index("-") + 1]
+    return fstype == "tmpfs"

@@ -1,18 +1,19 @@
 """The parent: prepares, forks the child, drives the handshake and the drivers, and
 supervises the child until the command ends.
 
-The path to the user's command stays free of heavy imports: trio is started only
-when a driver runs helper processes to supervise; a run with nothing to supervise
-but the child waits for it directly.
+The path to the user's command stays free of heavy imports: network helpers are
+started and waited for with plain system calls, and the parent then polls the
+child's and the helpers' pidfds (see _supervise).
 """
 import os
 import signal
 
 from . import _log
 from ._process import exit_code, forward_signals, wait_for
+from ._supervise import supervise
 from .config import Config
 from .drivers import network, port
-from .errors import ChildSetupError, ProtocolError, RootlessError
+from .errors import ChildSetupError, ProtocolError
 from .idmap import write_maps
 from ._framing import Channel
 from .statedir import StateDir
@@ -83,6 +84,11 @@ class Child:
 
 
 def run(config: Config) -> int:
+    auto_choice = ""
+    if config.net == "auto":
+        name, why = network.choose_auto(config)
+        auto_choice = f"--net=auto: using {name} ({why}; choose with --net=...)"
+        config = config.replace(net=name)
     uid, gid = os.getuid(), os.getgid()
     user = current_user()
     net = network.get(config.net)(config)
@@ -101,9 +107,13 @@ def run(config: Config) -> int:
             forward_signals(child.pid)
             _handshake(config, state, child, net, ports, uid, gid, user, subids)
             child.channel.close()
-            return child.wait()
+            if auto_choice:
+                _log.info(auto_choice)  # once it works: a failed run prints only its error
+            child.status = supervise(child.pid, net.helpers())
+            return child.status
         finally:
             child.kill()
+            net.stop()  # after the child: the command keeps its network to the end
     finally:
         state.close()
 
@@ -116,9 +126,11 @@ def _handshake(config, state, child, net, ports, uid, gid, user, subids) -> None
     write_maps(anchor, uid, gid, subids, user)
     child.channel.send("ParentInitIdmapCompleted")
     child.expect("ChildInitUserNSCompleted", "setting up mounts")
-    if net.has_helpers or ports.has_helpers:
-        raise RootlessError("internal: drivers with helper processes need the async parent")
-    info = net.info(anchor, state.path)
+    netns = None
+    if config.detach_netns:
+        # The netns is bind-mounted in the child's mount namespace, not in ours.
+        netns = f"/proc/{anchor}/root{state.file('netns')}"
+    info = net.start(anchor, state.path, netns)
     if info is None:
         child.channel.send("ParentInitNetworkDriverCompleted")
     else:

@@ -68,6 +68,14 @@ class User:
         return out
 
 
+AUTO_INFO = "info: --net=auto: using "
+
+
+def diagnostics(stderr: str) -> list[str]:
+    """stderr lines, less the one info line a default (--net=auto) run prints."""
+    return [line for line in stderr.splitlines() if AUTO_INFO not in line]
+
+
 @pytest.fixture(scope="session")
 def user() -> User:
     return User("rlt-test")

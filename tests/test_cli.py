@@ -100,8 +100,7 @@ def test_import_hygiene(modules, absent):
 
 BAD_INPUT = [  # (arguments, what the error line must name)
     (["--bogus"], ["--bogus"]),
-    (["--net=slirp4netns"], ["--net=slirp4netns", "not supported yet"]),
-    (["--net=pasta"], ["--net=pasta", "not supported yet"]),
+    (["--net=vpnkit"], ["--net=vpnkit", "not supported", "slirp4netns"]),
     (["--port-driver=builtin"], ["--port-driver=builtin", "not supported yet"]),
     (["-p", "8080:80/tcp"], ["publish", "not supported yet"]),
     (["--mtu=99999"], ["--mtu=99999"]),

@@ -12,6 +12,8 @@ import uuid
 
 import pytest
 
+from conftest import diagnostics
+
 HOST_SUBIDS = [["0", "1001", "1"], ["1", "100000", "65536"]]
 MAPS = "cat /proc/self/uid_map; echo --; cat /proc/self/gid_map"
 
@@ -79,7 +81,7 @@ def test_runs_as_root_with_subid_maps(user, rootless_run):
     first, _, maps = r.stdout.partition("\n")
     assert first == "0"
     assert uid_gid_maps(maps) == (HOST_SUBIDS, HOST_SUBIDS)
-    assert r.stderr == ""
+    assert diagnostics(r.stderr) == []
 
 
 # -- exit status ----------------------------------------------------------------------
@@ -87,7 +89,7 @@ def test_runs_as_root_with_subid_maps(user, rootless_run):
 def test_exit_status_passes_through(user, rootless_run):
     r = user.run([rootless_run, "--", "sh", "-c", "exit 42"])
     assert r.returncode == 42, r.stderr
-    assert r.stderr == ""
+    assert diagnostics(r.stderr) == []
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=lambda s: s.name)
@@ -179,7 +181,7 @@ def test_state_dir_reusable_after_sigkill(user, rootless_run, start, state_dir):
     r = user.run([rootless_run, f"--state-dir={state_dir}", "--", "sh", "-c",
                   'cat "$ROOTLESSKIT_STATE_DIR/child_pid"'], timeout=20)
     assert r.returncode == 0, r.stderr
-    assert r.stderr == ""
+    assert diagnostics(r.stderr) == []
     assert int(r.stdout) > 0 and r.stdout != stale
 
 
@@ -358,7 +360,15 @@ def test_user_without_subids_runs_with_single_map(nosub_user, rootless_run):
     assert map_rows(uid_map) == [["0", str(nosub_user.uid), "1"]]
     assert map_rows(gid_map) == [["0", str(nosub_user.gid), "1"]]
     assert setgroups.strip() == "deny"
-    warnings = r.stderr.splitlines()
+    warnings = diagnostics(r.stderr)
     assert len(warnings) == 1, r.stderr
     assert "warning" in warnings[0] and "/etc/subuid" in warnings[0]
     assert "usermod" in warnings[0]
+
+
+def test_default_network_choice_is_announced_once(user, rootless_run):
+    """rootless-run's --net=auto says which driver it chose and why, in one line."""
+    r = user.run([rootless_run, "--", "true"])
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and "--net=auto: using slirp4netns" in lines[0], r.stderr

@@ -5,24 +5,59 @@ from ...config import Config
 
 class NetworkDriver:
     name: str = ""
-    #: False only for host: the child then shares the host's network namespace.
-    new_netns: bool = True
-    #: True when the driver runs helper processes the parent must supervise
-    #: (the parent then runs its trio event loop).
-    has_helpers: bool = False
 
     def __init__(self, config: Config):
         self.config = config
 
     def preflight(self) -> None:
-        """Check what the driver needs (binaries, devices) before any namespace exists;
-        raise a RootlessError naming the cause and the fix."""
+        """Check what the driver needs (binaries, devices, flags) before any namespace
+        exists; raise a RootlessError naming the cause and the fix."""
 
-    def info(self, child_pid: int, state_dir: str):
-        """Parent side, for drivers without helpers: a messages.NetworkInfo for the
-        child to configure, or None when there is nothing to configure."""
+    def start(self, child_pid: int, state_dir: str, netns_path: str | None = None):
+        """Parent side, once the child's namespaces exist: start helpers, wait until the
+        network is up. The netns is the child's, or with --detach-netns the one at
+        `netns_path` (owned by the child's user namespace). Returns a
+        messages.NetworkInfo, or None for nothing to configure."""
         return None
+
+    def helpers(self) -> list:
+        """Helper processes whose death ends the run (see _helper.Helper)."""
+        return []
+
+    def stop(self) -> None:
+        """Stop the helpers; idempotent."""
 
     @staticmethod
     def configure_child(info) -> None:
         """Child side, inside the new namespaces, before the command starts."""
+
+
+class HelperDriver(NetworkDriver):
+    """A driver whose network comes from a user-mode helper (slirp4netns, pasta) that
+    configures the child's interface itself: addresses from --cidr, /dev/net/tun."""
+
+    binary_flag = ""  # e.g. --slirp4netns-binary
+    package = ""      # the Debian package that ships the binary
+
+    def preflight(self) -> None:
+        from ._addressing import Addressing, effective_mtu
+        from ._helper import check_tun, find_binary
+
+        self.binary = find_binary(self.binary_flag, self.binary_name(), self.package)
+        self.addressing = Addressing(self.config.cidr)
+        self.mtu = effective_mtu(self.config.mtu)
+        check_tun()
+        self.helper = None
+
+    def binary_name(self) -> str:
+        return getattr(self.config, self.binary_flag.removeprefix("--").replace("-", "_"))
+
+    def info(self, **opaque: str):
+        from ...messages import NetworkInfo
+
+        a = self.addressing
+        return NetworkInfo(ifname=self.config.ifname, ip=a.child, netmask=a.prefixlen,
+                           gateway=a.gateway, dns=(a.dns,), mtu=self.mtu, opaque=opaque)
+
+    def helpers(self) -> list:
+        return [self.helper] if self.helper else []

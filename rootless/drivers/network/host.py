@@ -5,4 +5,3 @@ class HostDriver(NetworkDriver):
     """No network namespace: the command shares the host's network."""
 
     name = "host"
-    new_netns = False

@@ -4,7 +4,6 @@ from ...config import Config
 
 class PortDriver:
     name: str = ""
-    has_helpers: bool = False
 
     def __init__(self, config: Config):
         self.config = config

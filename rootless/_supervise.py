@@ -1,0 +1,51 @@
+"""The parent's wait: for the child, and for the network helpers beside it.
+
+Plain poll(2) on pidfds: one child and a helper or two need no event loop, and
+keeping trio out of this loop keeps it off the path of short commands.
+"""
+import os
+import select
+import signal
+
+from . import _log
+from ._process import exit_code
+
+# How long the command gets to stop on SIGTERM after its network has gone.
+STOP_GRACE = 10.0
+
+
+def supervise(child_pid: int, helpers: list) -> int:
+    """Wait until the child ends and return its exit code. If a helper dies first, the
+    run cannot go on: say so, stop the child (SIGTERM, then SIGKILL), return 1."""
+    fds = {os.pidfd_open(child_pid): None}
+    for helper in helpers:
+        fds[os.pidfd_open(helper.pid)] = helper
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    try:
+        ready = [fds[fd] for fd, _ in poller.poll()]  # forwarded signals' handlers run here
+        # The child first: when it ends, its netns goes, and pasta quits with it.
+        if None in ready:
+            return exit_code(os.waitpid(child_pid, 0)[1])
+        _log.error(ready[0].death_message())
+        _stop_child(child_pid)
+        return 1
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _stop_child(pid: int) -> None:
+    fd = os.pidfd_open(pid)
+    try:
+        for sig, grace in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, None)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                break
+            if select.select([fd], [], [], grace)[0]:
+                break
+        os.waitpid(pid, 0)
+    finally:
+        os.close(fd)

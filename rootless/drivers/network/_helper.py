@@ -1,0 +1,90 @@
+"""Running a network helper (slirp4netns, pasta): its binary checks, its log file,
+and the one-line report when it fails."""
+import os
+
+from ..._paths import which
+from ..._process import PYTHON_IGNORED_SIGNALS
+from ...errors import DriverError, UsageError
+
+
+def find_binary(flag: str, name: str, package: str) -> str:
+    path = which(name)
+    if path is None:
+        raise UsageError(f"{name} not found: install it (sudo apt-get install {package}) "
+                         f"or point {flag} at it")
+    return path
+
+
+def check_tun() -> None:
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR)
+    except OSError as exc:
+        raise UsageError(f"cannot open /dev/net/tun ({exc.strerror}): the network helpers "
+                         f"need it read-write; ask an admin to run: sudo chmod 666 "
+                         f"/dev/net/tun (or load the tun module)") from None
+    os.close(fd)
+
+
+def log_tail(path: str, lines: int = 3) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            text = [line.strip() for line in f if line.strip()]
+    except OSError:
+        return ""
+    return "; ".join(text[-lines:])
+
+
+def helper_failed(name: str, how: str, log: str) -> DriverError:
+    tail = log_tail(log)
+    return DriverError(f"{name} {how}" + (f": {tail}" if tail else "") + f" (log: {log})")
+
+
+def capture_output(argv: list[str], timeout: float = 5.0) -> str:
+    """stdout+stderr of a short command (a helper's --help, to probe its flags)."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              stdin=subprocess.DEVNULL, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout.decode(errors="replace")
+
+
+class Helper:
+    """A helper process the parent supervises: if it dies, the run ends."""
+
+    def __init__(self, name: str, pid: int, log: str, reapable: bool = True):
+        self.name, self.pid, self.log = name, pid, log
+        self.reapable = reapable  # False for a daemon that is not our child (pasta)
+
+    def death_message(self) -> str:
+        """Reap the helper (when it is ours) and say what happened, for the user."""
+        how = "exited"
+        if self.reapable:
+            code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            how = f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
+        tail = log_tail(self.log)
+        return (f"{self.name} {how} while the command was running: the namespace has lost "
+                f"its network; stopping the command" + (f" ({tail})" if tail else ""))
+
+
+def spawn(argv: list[str], log: str, keep_fds: tuple[int, ...] = ()) -> int:
+    """Start a helper in its own process group (a Ctrl-C on the terminal is for the
+    command, which may need the network while it shuts down), output to `log`."""
+    logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        for fd in keep_fds:
+            os.set_inheritable(fd, True)
+        return os.posix_spawn(argv[0], argv, os.environ, setpgroup=0,
+                              setsigdef=PYTHON_IGNORED_SIGNALS, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, logfd, 1),
+            (os.POSIX_SPAWN_DUP2, logfd, 2),
+        ])
+    except OSError as exc:
+        raise DriverError(f"cannot start {argv[0]}: {exc.strerror}") from None
+    finally:
+        os.close(logfd)
+        for fd in keep_fds:
+            os.set_inheritable(fd, False)

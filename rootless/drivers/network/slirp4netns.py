@@ -1,0 +1,81 @@
+"""slirp4netns: user-mode TCP/IP for the child's netns, as rootlesskit drives it."""
+import os
+import select
+import signal
+
+from ...errors import UsageError
+from ._helper import Helper, capture_output, helper_failed, spawn
+from .base import HelperDriver
+
+_READY_TIMEOUT = 10.0
+
+
+class Slirp4netnsDriver(HelperDriver):
+    name = "slirp4netns"
+    binary_flag = "--slirp4netns-binary"
+    package = "slirp4netns"
+
+    def preflight(self) -> None:
+        super().preflight()
+        c = self.config
+        self.options = []
+        if c.disable_host_loopback:
+            self.options.append("--disable-host-loopback")
+        if c.ipv6:
+            self.options.append("--enable-ipv6")
+        for flag, value in (("--enable-sandbox", c.slirp4netns_sandbox),
+                            ("--enable-seccomp", c.slirp4netns_seccomp)):
+            if self._wanted(flag, value):
+                self.options.append(flag)
+        self._exit_w = -1
+
+    def _wanted(self, flag: str, value: str) -> bool:
+        if value == "false":
+            return False
+        supported = flag in capture_output([self.binary, "--help"])
+        if value == "true" and not supported:
+            name = flag.removeprefix("--enable-")
+            raise UsageError(f"--slirp4netns-{name}=true, but {self.binary} has no {flag}: "
+                             f"use --slirp4netns-{name}=auto or a newer slirp4netns")
+        return supported
+
+    def start(self, child_pid: int, state_dir: str, netns_path: str | None = None):
+        log = os.path.join(state_dir, "slirp4netns.log")
+        ready_r, ready_w = os.pipe()
+        # slirp4netns exits when this pipe closes: on our exit, even by SIGKILL.
+        exit_r, self._exit_w = os.pipe()
+        api = os.path.join(state_dir, "slirp4netns.sock")
+        argv = [self.binary, "--configure", f"--mtu={self.mtu}", f"--cidr={self.addressing.cidr}",
+                f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", f"--api-socket={api}",
+                *self.options]
+        if netns_path:
+            argv += ["--netns-type=path", f"--userns-path=/proc/{child_pid}/ns/user", netns_path]
+        else:
+            argv.append(str(child_pid))
+        argv.append(self.config.ifname)
+        try:
+            pid = spawn(argv, log, keep_fds=(ready_w, exit_r))
+        finally:
+            os.close(ready_w)
+            os.close(exit_r)
+        self.helper = Helper("slirp4netns", pid, log)
+        try:
+            ready = select.select([ready_r], [], [], _READY_TIMEOUT)[0] and os.read(ready_r, 16)
+        finally:
+            os.close(ready_r)
+        if not ready:
+            self.stop()
+            raise helper_failed("slirp4netns", "did not get the network ready", log)
+        return self.info(api_socket=api)
+
+    def stop(self) -> None:
+        if self._exit_w >= 0:
+            os.close(self._exit_w)
+            self._exit_w = -1
+        if self.helper:
+            try:
+                os.kill(self.helper.pid, signal.SIGTERM)
+                os.waitpid(self.helper.pid, 0)
+            except (ChildProcessError, ProcessLookupError):
+                pass  # already reaped by the supervisor
+            self.helper = None
