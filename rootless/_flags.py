@@ -22,9 +22,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--debug",), "debug", BOOL, "verbose log to stderr"),
     Flag(("--state-dir",), "state_dir", STR, "state directory (default: a temp dir removed on exit)",
          metavar="DIR"),
-    Flag(("--net",), "net", STR, "network driver (auto: slirp4netns, else pasta, else none)",
-         ("auto", "host", "none", "slirp4netns", "pasta",
-                                                    "vpnkit", "lxc-user-nic", "gvisor-tap-vsock")),
+    # No fixed choices: drivers of other packages register through an entry point.
+    Flag(("--net",), "net", STR, "network driver (auto: slirp4netns, else pasta, else none; "
+         "others from installed plugins)", metavar="{auto|host|none|slirp4netns|pasta}"),
     Flag(("--slirp4netns-binary",), "slirp4netns_binary", STR, "path of slirp4netns", metavar="PATH"),
     Flag(("--pasta-binary",), "pasta_binary", STR, "path of pasta", metavar="PATH"),
     Flag(("--slirp4netns-sandbox",), "slirp4netns_sandbox", STR, "slirp4netns --enable-sandbox",

@@ -1,5 +1,8 @@
 """One-line diagnostics on stderr: `rootless-run: warning: ...`, `rootless-run[child]: debug: ...`."""
 import os
+import time
+
+_start = time.monotonic()
 
 _debug = False
 _program = "rootless-run"
@@ -26,7 +29,7 @@ def _emit(level: str, message: str) -> None:
 
 def debug(message: str) -> None:
     if _debug:
-        _emit("debug", message)
+        _emit("debug", f"{(time.monotonic() - _start) * 1000:.1f} ms: {message}")
 
 
 def info(message: str) -> None:

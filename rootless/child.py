@@ -109,9 +109,12 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
         _in_subprocess(mounts.create_detached_netns, netns)
     channel.send("ChildInitUserNSCompleted")
 
+    driver = network.get(config.net)
+    if driver.sends_info:
+        from . import messages  # noqa: F401  (decodes NetworkInfo; imported while we wait)
     completed = _expect(channel, "ParentInitNetworkDriverCompleted")
     info = completed.network if completed else None
-    configure = network.get(config.net).configure_child
+    configure = driver.configure_child
     if config.detach_netns:
         # The detached netns is ours to configure, but not to live in: setns back to
         # the host's netns would be refused. A subprocess enters it instead.

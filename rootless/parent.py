@@ -110,27 +110,33 @@ def run(config: Config) -> int:
             if auto_choice:
                 _log.info(auto_choice)  # once it works: a failed run prints only its error
             child.status = supervise(child.pid, net.helpers())
+            _log.debug(f"child exited with {child.status}")
             return child.status
         finally:
             child.kill()
             net.stop()  # after the child: the command keeps its network to the end
     finally:
         state.close()
+        _log.debug("state dir cleaned up")
 
 
 def _handshake(config, state, child, net, ports, uid, gid, user, subids) -> None:
+    _log.debug(f"child {child.pid} forked")
     child.channel.send("ParentHello")
     hello = child.expect("ChildHello", "creating namespaces")
     anchor = hello.pid if hello and hello.pid else child.pid
     state.write("child_pid", str(anchor))
     write_maps(anchor, uid, gid, subids, user)
+    _log.debug("uid/gid maps written")
     child.channel.send("ParentInitIdmapCompleted")
     child.expect("ChildInitUserNSCompleted", "setting up mounts")
+    _log.debug("child mounts done")
     netns = None
     if config.detach_netns:
         # The netns is bind-mounted in the child's mount namespace, not in ours.
         netns = f"/proc/{anchor}/root{state.file('netns')}"
     info = net.start(anchor, state.path, netns)
+    _log.debug(f"network {config.net} ready")
     if info is None:
         child.channel.send("ParentInitNetworkDriverCompleted")
     else:

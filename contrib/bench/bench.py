@@ -14,6 +14,7 @@ import os
 import platform
 import pwd
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -60,9 +61,63 @@ def scenario_startup_host(runner, rounds, ours_bin, theirs_bin):
     return alternate(runner, [ours_bin, *flags, "true"], [theirs_bin, *flags, "true"], rounds)
 
 
-# name -> (function, unit, which way is better)
+def scenario_startup_slirp(runner, rounds, ours_bin, theirs_bin):
+    flags = ["--net=slirp4netns", "--copy-up=/etc", "--disable-host-loopback"]
+    return alternate(runner, [ours_bin, *flags, "true"], [theirs_bin, *flags, "true"], rounds)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def iperf_child_to_host(runner, argv_prefix: list[str], seconds: int) -> float:
+    """Gbit/s from an iperf3 client in the namespace to a server on the host's loopback,
+    reached through the gateway (10.0.2.2 maps to the host's 127.0.0.1)."""
+    port = _free_port()
+    server = subprocess.Popen(runner.prefix + ["iperf3", "-s", "-1", "-B", "127.0.0.1",
+                                               "-p", str(port)],
+                              env=runner.env, cwd="/tmp", stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        out = subprocess.run(runner.prefix + argv_prefix + [
+            "iperf3", "-c", "10.0.2.2", "-p", str(port), "-t", str(seconds), "-J"],
+            env=runner.env, cwd="/tmp", check=True, capture_output=True, text=True).stdout
+        return json.loads(out[out.index("{"):])["end"]["sum_received"]["bits_per_second"] / 1e9
+    finally:
+        server.kill()
+        server.wait()
+
+
+def throughput(runner, rounds, ours_argv, theirs_argv, seconds=3):
+    a, b = [], []
+    for _ in range(max(1, rounds)):
+        a.append(iperf_child_to_host(runner, ours_argv, seconds))
+        b.append(iperf_child_to_host(runner, theirs_argv, seconds))
+    return a, b
+
+
+def scenario_net_slirp(runner, rounds, ours_bin, theirs_bin):
+    flags = ["--net=slirp4netns"]
+    return throughput(runner, rounds, [ours_bin, *flags], [theirs_bin, *flags])
+
+
+def scenario_net_pasta(runner, rounds, ours_bin, theirs_bin):
+    # rootlesskit 1.1 has no pasta: compared with our slirp4netns, which is what
+    # --net=auto weighs it against.
+    return throughput(runner, rounds, [ours_bin, "--net=pasta"], [ours_bin, "--net=slirp4netns"])
+
+
+# name -> (function, unit, which way is better, rounds divisor)
 SCENARIOS = {
-    "startup: X --net=host true": (scenario_startup_host, "ms", "lower is better"),
+    "startup: X --net=host true": (scenario_startup_host, "ms", "lower is better", 1),
+    "startup: X --net=slirp4netns --copy-up=/etc --disable-host-loopback true":
+        (scenario_startup_slirp, "ms", "lower is better", 1),
+    "net child->host TCP, slirp4netns": (scenario_net_slirp, "Gbps", "higher is better", 8),
+    "net child->host TCP, ours: pasta vs slirp4netns":
+        (scenario_net_pasta, "Gbps", "higher is better", 8),
 }
 
 
@@ -77,8 +132,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     rounds = 5 if args.quick else args.rounds
 
-    ours = shutil.which("rootless-run") or os.path.join(VENV, "bin", "rootless-run")
+    # Ours under its rootlesskit-compatible name: the same flags then mean the same
+    # thing for both (rootless-run's own defaults add a copy-up of /etc, for one).
+    ours = os.path.join(VENV, "bin", "docker-rootlesskit")
     theirs = shutil.which("rootlesskit")
+    if shutil.which("iperf3") is None:
+        print("bench: iperf3 is not installed (apt-get install iperf3)", file=sys.stderr)
+        return 1
     if not os.path.exists(ours):
         print("bench: rootless-run is not installed: run contrib/setup.sh", file=sys.stderr)
         return 1
@@ -96,19 +156,20 @@ def main(argv=None) -> int:
     results = {"machine": {"cpus": os.cpu_count(), "kernel": platform.release(),
                            "python": platform.python_version()},
                "rounds": rounds, "scenarios": {}}
-    print(f"{'scenario':34} {'ours':>10} {'rootlesskit':>12} {'ratio':>7}")
-    for name, (func, unit, sense) in SCENARIOS.items():
+    print(f"{'scenario':72} {'ours':>10} {'reference':>10} {'ratio':>7}")
+    for name, (func, unit, sense, divisor) in SCENARIOS.items():
         if args.only and args.only not in name:
             continue
         try:
-            a, b = func(runner, rounds, ours, theirs)
+            a, b = func(runner, max(1, rounds // divisor), ours, theirs)
         except subprocess.CalledProcessError as exc:
-            print(f"{name:34} skipped: {' '.join(exc.cmd[-3:])} failed ({exc.returncode})")
+            print(f"{name:72} skipped: {' '.join(map(str, exc.cmd[-4:]))} failed "
+                  f"({exc.returncode}): {(exc.stderr or '').strip()[:200]}")
             continue
         scale = 1000 if unit == "ms" else 1
         ma, mb = statistics.median(a) * scale, statistics.median(b) * scale
         ratio = ma / mb
-        print(f"{name:34} {ma:8.1f}{unit} {mb:10.1f}{unit} {ratio:6.2f}x  ({sense})")
+        print(f"{name:72} {ma:7.1f}{unit:>4} {mb:7.1f}{unit:>4} {ratio:6.2f}x  ({sense})")
         results["scenarios"][name] = {"unit": unit, "ours": a, "rootlesskit": b,
                                       "median_ours": ma, "median_rootlesskit": mb,
                                       "ratio": ratio}

@@ -27,6 +27,10 @@ class NetworkDriver:
     def stop(self) -> None:
         """Stop the helpers; idempotent."""
 
+    #: Whether start() returns a NetworkInfo: the child then needs msgspec to read it
+    #: and imports it early, while the parent starts the network.
+    sends_info: bool = False
+
     @staticmethod
     def configure_child(info) -> None:
         """Child side, inside the new namespaces, before the command starts."""
@@ -36,6 +40,7 @@ class HelperDriver(NetworkDriver):
     """A driver whose network comes from a user-mode helper (slirp4netns, pasta) that
     configures the child's interface itself: addresses from --cidr, /dev/net/tun."""
 
+    sends_info = True
     binary_flag = ""  # e.g. --slirp4netns-binary
     package = ""      # the Debian package that ships the binary
 
@@ -51,6 +56,11 @@ class HelperDriver(NetworkDriver):
 
     def binary_name(self) -> str:
         return getattr(self.config, self.binary_flag.removeprefix("--").replace("-", "_"))
+
+    @staticmethod
+    def prepare_info() -> None:
+        """Import msgspec (10 ms) while a helper starts up, not after it is ready."""
+        from ... import messages  # noqa: F401
 
     def info(self, **opaque: str):
         from ...messages import NetworkInfo
