@@ -115,9 +115,9 @@ SCENARIOS = {
     "startup: X --net=host true": (scenario_startup_host, "ms", "lower is better", 1),
     "startup: X --net=slirp4netns --copy-up=/etc --disable-host-loopback true":
         (scenario_startup_slirp, "ms", "lower is better", 1),
-    "net child->host TCP, slirp4netns": (scenario_net_slirp, "Gbps", "higher is better", 8),
+    "net child->host TCP, slirp4netns": (scenario_net_slirp, "Gbps", "higher is better", 4),
     "net child->host TCP, ours: pasta vs slirp4netns":
-        (scenario_net_pasta, "Gbps", "higher is better", 8),
+        (scenario_net_pasta, "Gbps", "higher is better", 4),
 }
 
 
