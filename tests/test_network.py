@@ -398,3 +398,57 @@ def test_slirp4netns_sandbox_and_seccomp(user, rootless_run, start, http_server,
     enabled = value in ("true", "auto")  # Debian's slirp4netns 1.2.0 has both
     assert ("--enable-sandbox" in argv) == enabled, argv
     assert ("--enable-seccomp" in argv) == enabled, argv
+
+
+# -- --detach-netns -------------------------------------------------------------------
+
+@pytest.mark.parametrize("driver", ["slirp4netns", "pasta", "none"])
+def test_detach_netns(user, rootless_run, http_server, driver):
+    """The command keeps the host's network; the new netns is at STATE/netns, configured
+    by the driver, and reachable with nsenter (traffic through it included)."""
+    port, token = http_server()
+    host_netns = os.stat("/proc/self/ns/net").st_ino
+    script = ('stat -L -c %i /proc/self/ns/net; '
+              'nsenter --net="$ROOTLESSKIT_STATE_DIR/netns" ip -j addr; echo; ')
+    if driver != "none":
+        script += 'nsenter --net="$ROOTLESSKIT_STATE_DIR/netns" ' + " ".join(curl(port))
+    r = user.run([rootless_run, *net_flags(driver), "--detach-netns", "--", "sh", "-c", script])
+    assert r.returncode == 0, r.stderr
+    inode, _, rest = r.stdout.partition("\n")
+    assert int(inode) == host_netns  # the command's own network is the host's
+    links = {link["ifname"]: link for link in json_docs(rest.split("\n\n")[0])[0]}
+    assert links["lo"]["operstate"] in ("UNKNOWN", "UP") and "UP" in links["lo"]["flags"]
+    if driver == "none":
+        assert set(links) == {"lo"}
+        return
+    assert set(links) == {"lo", "tap0"}
+    addrs = [a["local"] for a in links["tap0"]["addr_info"] if a["family"] == "inet"]
+    assert addrs == ["10.0.2.100"]
+    assert rest.rstrip().endswith(token)  # a real connection out of the detached netns
+
+
+def test_detach_netns_needs_a_network_namespace(user, rootless_run):
+    r = user.run([rootless_run, "--net=host", "--detach-netns", "--", "true"])
+    assert_one_line_error(r, "--detach-netns", "--net")
+
+
+# -- rootless-run's defaults and their opt-outs -----------------------------------------
+
+def test_defaults_copy_up_etc_and_no_host_loopback(user, rootless_run, http_server):
+    port, token = http_server()
+    r = user.run([rootless_run, "--", "sh", "-c",
+                  "stat -f -c %T /etc; " + " ".join(curl(port)) + " || echo unreachable"])
+    assert r.returncode == 0, r.stderr
+    fs, _, fetched = r.stdout.partition("\n")
+    assert fs == "tmpfs"
+    assert token not in fetched and "unreachable" in fetched
+
+
+def test_defaults_can_be_turned_off(user, rootless_run, http_server):
+    port, token = http_server()
+    r = user.run([rootless_run, "--copy-up=none", "--disable-host-loopback=false", "--",
+                  "sh", "-c", "stat -f -c %T /etc; " + " ".join(curl(port))])
+    assert r.returncode == 0, r.stderr
+    fs, _, fetched = r.stdout.partition("\n")
+    assert fs != "tmpfs"
+    assert fetched.strip() == token
