@@ -6,9 +6,11 @@ contrib/test.sh prepares the users: rlt-test (uid 1001, subordinate ids
 """
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 
@@ -126,6 +128,18 @@ def state_dir(user):
 @pytest.fixture
 def rootless_run():
     return RUN
+
+
+@pytest.fixture
+def rootlesskit_link(rootless_run):
+    """rootless-run under the name rootlesskit (so: rootlesskit's defaults), in a dir
+    the test user can read."""
+    directory = tempfile.mkdtemp(prefix="rlt-names-")
+    os.chmod(directory, 0o755)
+    link = os.path.join(directory, "rootlesskit")
+    os.symlink(rootless_run, link)
+    yield link
+    shutil.rmtree(directory)
 
 
 @pytest.fixture

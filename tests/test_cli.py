@@ -53,15 +53,6 @@ def test_version(user, rootless_run):
     assert re.match(r"rootless-run version \d+\.\d+", r.stdout), r.stdout
 
 
-@pytest.fixture
-def rootlesskit_link(rootless_run):
-    """A symlink named rootlesskit to the venv's rootless-run, where the user can run it."""
-    directory = tempfile.mkdtemp(prefix="rlt-names-")
-    os.chmod(directory, 0o755)
-    link = os.path.join(directory, "rootlesskit")
-    os.symlink(rootless_run, link)
-    yield link
-    shutil.rmtree(directory)
 
 
 def test_invoked_as_rootlesskit_runs(user, rootlesskit_link):

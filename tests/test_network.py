@@ -206,15 +206,6 @@ def test_pasta_disable_host_loopback_in_sandbox(user, rootless_run, http_server,
 
 # -- resolv.conf and hosts ------------------------------------------------------------
 
-@pytest.fixture
-def rootlesskit_link(rootless_run):
-    """rootless-run under the name rootlesskit: rootlesskit's defaults (no copy-up)."""
-    directory = tempfile.mkdtemp(prefix="rlt-names-")
-    os.chmod(directory, 0o755)
-    link = os.path.join(directory, "rootlesskit")
-    os.symlink(rootless_run, link)
-    yield link
-    shutil.rmtree(directory)
 
 
 ETC_FSTYPE = "awk '$5 == \"/etc\" { for (i = 7; $i != \"-\"; i++) ; t = $(i+1) } END { print t }' " \
