@@ -20,7 +20,7 @@ fi
 rm -rf "$here/build"
 "$venv/bin/pip" install -q --disable-pip-version-check "$here[test]"
 chmod -R a+rX "$(dirname "$venv")"
-for cmd in rootless-run docker-rootlesskit; do
+for cmd in rootless-run docker-rootlesskit rootless-ctl; do
     ln -sf "$venv/bin/$cmd" "/usr/local/bin/$cmd"
 done
 echo "rootless-run installed: $(/usr/local/bin/rootless-run --version)"

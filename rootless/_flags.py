@@ -44,8 +44,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--copy-up-mode",), "copy_up_mode", STR, "copy-up mode", ("tmpfs+symlink",)),
     Flag(("--propagation",), "propagation", STR, "propagation of / in the child mount namespace",
          ("rprivate", "rslave")),
-    Flag(("--port-driver",), "port_driver", STR, "how published ports reach the child",
-         ("none", "builtin", "slirp4netns", "implicit")),
+    Flag(("--port-driver",), "port_driver", STR, "how published ports reach the child "
+         "(auto: builtin with a network namespace, else none)",
+         ("auto", "none", "builtin", "slirp4netns", "implicit")),
     Flag(("-p", "--publish"), "publish", LIST,
          "publish a port: [PARENT_IP:]PARENT_PORT:[CHILD_IP:]CHILD_PORT/PROTO (repeatable)",
          metavar="SPEC"),

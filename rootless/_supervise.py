@@ -14,21 +14,25 @@ from ._process import exit_code
 STOP_GRACE = 10.0
 
 
-def supervise(child_pid: int, helpers: list) -> int:
-    """Wait until the child ends and return its exit code. If a helper dies first, the
-    run cannot go on: say so, stop the child (SIGTERM, then SIGKILL), return 1."""
+def supervise(child_pid: int, helpers: list, failed_fd: int | None = None) -> int:
+    """Wait until the child ends and return its exit code. If a helper dies first, or
+    `failed_fd` becomes readable (the services failed and said why), the run cannot go
+    on: stop the child (SIGTERM, then SIGKILL) and return 1."""
     fds = {os.pidfd_open(child_pid): None}
     for helper in helpers:
         fds[os.pidfd_open(helper.pid)] = helper
     poller = select.poll()
     for fd in fds:
         poller.register(fd, select.POLLIN)
+    if failed_fd is not None:
+        poller.register(failed_fd, select.POLLIN)
     try:
-        ready = [fds[fd] for fd, _ in poller.poll()]  # forwarded signals' handlers run here
+        ready = [fds.get(fd, "services") for fd, _ in poller.poll()]  # handlers run here
         # The child first: when it ends, its netns goes, and pasta quits with it.
         if None in ready:
             return exit_code(os.waitpid(child_pid, 0)[1])
-        _log.error(ready[0].death_message())
+        if ready[0] != "services":
+            _log.error(ready[0].death_message())
         _stop_child(child_pid)
         return 1
     finally:

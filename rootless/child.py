@@ -124,6 +124,8 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
         if info is not None and info.dns:
             mounts.install_resolver_files(state_dir, info.dns)
     _expect(channel, "ParentInitPortDriverCompleted")
+    from .drivers import port
+    port.get(config.port_driver).start_child(state_dir, netns if config.detach_netns else None)
     if config.pidns:
         mounts.mount_proc()
 
@@ -138,7 +140,12 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     channel.send("ChildCommandStarted")
     channel.close()
-    return wait_for(pid, reap_all=config.reap or not config.pidns)
+    code = wait_for(pid, reap_all=config.reap or not config.pidns)
+    if not config.pidns:
+        # As when a pid namespace's pid 1 exits: what the command left running dies with
+        # the namespaces (their network is going now), instead of lingering outside.
+        _kill_descendants()
+    return code
 
 
 def _configure(configure, info, driver: str) -> None:

@@ -12,7 +12,8 @@ ROOTLESSKIT_NAMES = ("rootlesskit", "docker-rootlesskit")
 # rootlesskit's defaults are Config's. rootless-run's own are safer and need no flags:
 # the best network that works here, /etc writable (so resolv.conf can be replaced
 # without touching the host's), and no way to the host's loopback services.
-RUN_DEFAULTS: dict = {"net": "auto", "copy_up": ("/etc",), "disable_host_loopback": True}
+RUN_DEFAULTS: dict = {"net": "auto", "port_driver": "auto", "copy_up": ("/etc",),
+                      "disable_host_loopback": True}
 
 
 def defaults_for(program: str) -> dict:

@@ -16,6 +16,23 @@ class UsageError(RootlessError):
     """Bad command line: unknown flag, bad value, conflicting flags."""
 
 
+class PortSpecError(UsageError):
+    """A port spec (-p, an API body, rootless-ctl add-ports) that cannot be used."""
+
+
+class ApiError(RootlessError):
+    """The REST API answered with an error (`status` is its HTTP status), or did not
+    answer at all (`status` is None)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class ApiUnreachable(ApiError):
+    """Nothing answers on the API socket: the instance is probably not running."""
+
+
 class NotSupportedYet(UsageError):
     """A flag value the contract names but this version does not implement."""
 

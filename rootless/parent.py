@@ -10,6 +10,7 @@ import signal
 
 from . import _log
 from ._process import exit_code, forward_signals, wait_for
+from ._services import Services
 from ._supervise import supervise
 from .config import Config
 from .drivers import network, port
@@ -89,6 +90,9 @@ def run(config: Config) -> int:
         name, why = network.choose_auto(config)
         auto_choice = f"--net=auto: using {name} ({why}; choose with --net=...)"
         config = config.replace(net=name)
+    if config.port_driver == "auto":
+        # builtin serves every netns (pasta's own forwarding, "implicit", is not built yet)
+        config = config.replace(port_driver="none" if config.net == "host" else "builtin")
     uid, gid = os.getuid(), os.getgid()
     user = current_user()
     net = network.get(config.net)(config)
@@ -105,11 +109,16 @@ def run(config: Config) -> int:
         child = Child.spawn(config, state)
         try:
             forward_signals(child.pid)
-            _handshake(config, state, child, net, ports, uid, gid, user, subids)
+            anchor, info = _handshake(config, state, child, net, ports, uid, gid, user, subids)
             child.channel.close()
             if auto_choice:
                 _log.info(auto_choice)  # once it works: a failed run prints only its error
-            child.status = supervise(child.pid, net.helpers())
+            services = Services(config, state, anchor, info, ports)
+            services.start()
+            try:
+                child.status = supervise(child.pid, net.helpers(), services.failed_r)
+            finally:
+                services.stop()
             _log.debug(f"child exited with {child.status}")
             return child.status
         finally:
@@ -120,7 +129,8 @@ def run(config: Config) -> int:
         _log.debug("state dir cleaned up")
 
 
-def _handshake(config, state, child, net, ports, uid, gid, user, subids) -> None:
+def _handshake(config, state, child, net, ports, uid, gid, user, subids):
+    """Drive the child to its command; returns (its anchor pid, the NetworkInfo)."""
     _log.debug(f"child {child.pid} forked")
     child.channel.send("ParentHello")
     hello = child.expect("ChildHello", "creating namespaces")
@@ -150,6 +160,7 @@ def _handshake(config, state, child, net, ports, uid, gid, user, subids) -> None
         child.channel.send("ParentInitPortDriverCompleted")
     child.expect("ChildCommandStarted", "starting the command")
     _log.debug(f"command started; child pid {anchor}")
+    return anchor, info
 
 
 __all__ = ["run", "Child", "exit_code"]

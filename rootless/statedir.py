@@ -10,7 +10,8 @@ import os
 from .errors import StateDirError
 
 # Files a run writes; cleared at start (a crashed run may have left them) and at exit.
-RUN_FILES = ("child_pid", "api.sock", "resolv.conf", "hosts", "netns")
+RUN_FILES = ("child_pid", "api.sock", "resolv.conf", "hosts", "netns", ".ports.sock",
+             "slirp4netns.sock", "pasta.pid")
 
 
 class StateDir:

@@ -92,8 +92,10 @@ def test_import_hygiene(modules, absent):
 BAD_INPUT = [  # (arguments, what the error line must name)
     (["--bogus"], ["--bogus"]),
     (["--net=vpnkit"], ["--net=vpnkit", "not supported", "slirp4netns"]),
-    (["--port-driver=builtin"], ["--port-driver=builtin", "not supported yet"]),
-    (["-p", "8080:80/tcp"], ["publish", "not supported yet"]),
+    (["--port-driver=implicit"], ["--port-driver=implicit", "not supported yet"]),
+    (["-p", "127.0.0.1:18080:80/sctp"], ["sctp", "not supported", "builtin"]),
+    (["--net=host", "-p", "127.0.0.1:18080:80/tcp"], ["--port-driver=builtin"]),
+    (["-p", "127.0.0.1:99999:80/tcp"], ["99999"]),
     (["--mtu=99999"], ["--mtu=99999"]),
     (["--propagation=bogus"], ["--propagation=bogus", "rslave"]),
     (["--state-dir=/root/x"], ["/root/x"]),

@@ -4,10 +4,12 @@ from .base import PortDriver
 
 registry = Registry(
     "--port-driver", "rootless.port_drivers",
-    builtin={"none": "rootless.drivers.port.none:NoPortDriver"},
+    builtin={"none": "rootless.drivers.port.none:NoPortDriver",
+             "builtin": "rootless.drivers.port.builtin:BuiltinPortDriver"},
     planned={
-        name: "is not supported yet (port forwarding is being built); use --port-driver=none"
-        for name in ("builtin", "slirp4netns", "implicit")
+        name: "is not supported yet (port forwarding is being built); use "
+              "--port-driver=builtin"
+        for name in ("slirp4netns", "implicit")
     },
 )
 

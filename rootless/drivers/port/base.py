@@ -1,12 +1,26 @@
-"""What a port driver provides (parent side; the child side comes with the drivers)."""
+"""What a port driver provides.
+
+Parent side: the bookkeeping every driver shares (ids, conflicts, the list the API
+returns) lives here; a driver implements `_expose(spec)` (start forwarding, return a
+closer) and may run tasks in `serve()`. It runs in the parent's service thread, under
+trio. Child side: `start_child()`, in the child's namespaces before the command.
+Drivers never import trio at module level: the child imports them too.
+"""
 from ...config import Config
+
+# Families of the protos: a conflict is the same family, parent IP and port.
+FAMILY = {"tcp": "tcp", "tcp4": "tcp", "tcp6": "tcp", "udp": "udp", "udp4": "udp",
+          "udp6": "udp", "sctp": "sctp", "sctp4": "sctp", "sctp6": "sctp"}
 
 
 class PortDriver:
     name: str = ""
+    protos: tuple[str, ...] = ()
 
     def __init__(self, config: Config):
         self.config = config
+        self._ports: dict[int, tuple] = {}  # id -> (PortStatus, closer)
+        self._next_id = 1
 
     def preflight(self) -> None:
         """Check the driver can work with this network driver and these specs."""
@@ -14,3 +28,59 @@ class PortDriver:
     def opaque(self) -> dict[str, str]:
         """Driver data for the child, sent in ParentInitPortDriverCompleted."""
         return {}
+
+    @staticmethod
+    def start_child(state_dir: str, netns: str | None) -> None:
+        """Child side: start what the parent needs inside the namespaces."""
+
+    # -- parent side, in the service thread (trio) --
+
+    async def serve(self, state_dir: str, *, task_status) -> None:
+        """Run the driver's tasks; call task_status.started() once add() may be called."""
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def list(self) -> list:
+        return [status for status, _ in self._ports.values()]
+
+    async def add(self, spec):
+        from ...api.router import ApiFailure
+        from ...api.models import PortStatus
+        from ...portspec import validate
+
+        spec = validate(spec)
+        if not self.protos:
+            raise ApiFailure(400, f"the {self.name} port driver cannot publish ports: start "
+                             f"with --port-driver=builtin")
+        if spec.proto not in self.protos:
+            raise ApiFailure(400, f"protocol {spec.proto} is not supported by the "
+                             f"{self.name} port driver (it supports "
+                             f"{', '.join(self.protos) or 'none'})")
+        for status, _ in self._ports.values():
+            other = status.spec
+            if (FAMILY[other.proto] == FAMILY[spec.proto] and other.parentIP == spec.parentIP
+                    and other.parentPort == spec.parentPort and spec.parentPort != 0):
+                raise ApiFailure(409, f"{spec.proto} {spec.parentIP}:{spec.parentPort} is "
+                                 f"already published (id {status.id})")
+        spec, closer = await self._expose(spec)
+        status = PortStatus(id=self._next_id, spec=spec)
+        self._ports[status.id] = (status, closer)
+        self._next_id += 1
+        return status
+
+    async def remove(self, ident: int) -> None:
+        from ...api.router import ApiFailure
+
+        if ident not in self._ports:
+            raise ApiFailure(404, f"unknown port id {ident}")
+        _, closer = self._ports.pop(ident)
+        closer()
+
+    async def _expose(self, spec):
+        """Start forwarding `spec`; returns (the spec as bound, e.g. with the port
+        chosen for parentPort 0, and a function that stops it)."""
+        raise NotImplementedError

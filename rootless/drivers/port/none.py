@@ -7,5 +7,4 @@ class NoPortDriver(PortDriver):
 
     def preflight(self) -> None:
         if self.config.publish:
-            raise UsageError("-p/--publish needs a port driver, but --port-driver=none; "
-                             "publishing ports is not supported yet")
+            raise UsageError("-p/--publish needs a port driver: add --port-driver=builtin")

@@ -1,0 +1,220 @@
+"""rootless-ctl: the client of a running instance's API, mirroring Debian's `rootlessctl`
+(same commands, flags and output formats, so scripts can use either).
+
+    rootless-ctl [--socket PATH] info [--json]
+    rootless-ctl [--socket PATH] list-ports [--json]
+    rootless-ctl [--socket PATH] add-ports [--json] SPEC...
+    rootless-ctl [--socket PATH] remove-ports ID...
+
+Any error: one line on stderr, exit status 1.
+"""
+import argparse
+import json
+import os
+import sys
+
+from . import __version__, _log
+from .errors import ApiError, ApiUnreachable, RootlessError, UsageError
+
+PROGRAM = "rootless-ctl"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line and status 1, like every error."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {PROGRAM} --help)")
+
+
+def _parser() -> tuple[argparse.ArgumentParser, dict]:
+    """The parser, and the sub-parser of each command (for `help COMMAND`)."""
+    parser = _Parser(prog=PROGRAM, allow_abbrev=False,
+                     description="Client of the REST API of a running rootless-run "
+                                 "(or rootlesskit) instance.")
+    parser.add_argument("--debug", action="store_true", help="debug mode")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="path to api.sock (in the --state-dir directory); default: "
+                             "$ROOTLESSKIT_STATE_DIR/api.sock")
+    parser.add_argument("-v", "--version", action="version",
+                        version=f"{PROGRAM} version {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs = {}
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        subs[name] = commands.add_parser(name, help=text, description=text,
+                                         allow_abbrev=False)
+        return subs[name]
+
+    sub = command("list-ports", "List ports")
+    sub.add_argument("--json", action="store_true", help="print as JSON, one port a line")
+    sub = command("add-ports", "Add ports")
+    sub.add_argument("--json", action="store_true", help="print as JSON, one port a line")
+    sub.add_argument("specs", nargs="+", metavar="SPEC",
+                     help="[PARENT_IP:]PARENT_PORT:[CHILD_IP:]CHILD_PORT/PROTO, like "
+                          "`docker run -p`, e.g. 127.0.0.1:8080:80/tcp")
+    sub = command("remove-ports", "Remove ports")
+    sub.add_argument("ids", nargs="+", metavar="ID", help="port id, as list-ports shows")
+    sub = command("info", "Show info")
+    sub.add_argument("--json", action="store_true", help="print as JSON")
+    sub = command("help", "Show the list of commands, or the help of one")
+    sub.add_argument("topic", nargs="?", metavar="COMMAND")
+    return parser, subs
+
+
+def main(argv: list[str] | None = None) -> int:
+    _log.configure(debug=False, program=PROGRAM)
+    try:
+        parser, subs = _parser()
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        if args.command in (None, "help"):
+            # rootlessctl without a command shows its help too (status 0)
+            topic = getattr(args, "topic", None)
+            if topic is not None and topic not in subs:
+                raise UsageError(f"no help topic {topic!r}: the commands are "
+                                 f"{', '.join(subs)}")
+            (subs[topic] if topic else parser).print_help()
+            return 0
+        _log.configure(debug=args.debug, program=PROGRAM)
+        return _run(args)
+    except RootlessError as exc:
+        _log.error(str(exc))
+        return 1
+    except BrokenPipeError:
+        # Output cut short (`| head`): nothing to report; keep Python quiet at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args) -> int:
+    # Imported here: --help and bad command lines need neither msgspec nor http.client.
+    from . import portspec
+    from .api.client import Client
+
+    if args.command == "add-ports":
+        # All specs checked first: a typo in the last one adds none of them.
+        specs = [(text, portspec.parse(text)) for text in args.specs]
+    if args.command == "remove-ports":
+        ids = [_port_id(text) for text in args.ids]
+    client = Client(_socket_path(args.socket))
+    _log.debug(f"API socket: {client.socket_path}")
+
+    if args.command == "info":
+        info = client.info()
+        _out(_indented_json(_builtins(info)) if args.json else _info_text(info))
+    elif args.command == "list-ports":
+        ports = client.list_ports()
+        if args.json:
+            _out("".join(_status_json(status) + "\n" for status in ports))
+        else:
+            _out(_ports_table(ports))
+    elif args.command == "add-ports":
+        for text, spec in specs:
+            try:
+                status = client.add_port(spec)
+            except ApiUnreachable:
+                raise
+            except ApiError as exc:
+                raise ApiError(f"cannot add {text}: {exc}", exc.status) from None
+            _out(_status_json(status) + "\n" if args.json else f"{status.id}\n")
+    elif args.command == "remove-ports":
+        for ident in ids:
+            try:
+                client.remove_port(ident)
+            except ApiUnreachable:
+                raise
+            except ApiError as exc:
+                raise ApiError(f"cannot remove port {ident}: {exc}", exc.status) from None
+            _out(f"{ident}\n")
+    return 0
+
+
+def _socket_path(option: str | None) -> str:
+    if option:
+        return option
+    state_dir = os.environ.get("ROOTLESSKIT_STATE_DIR")
+    if state_dir:
+        return os.path.join(state_dir, "api.sock")
+    raise UsageError("no API socket: give --socket STATE_DIR/api.sock, or set "
+                     "$ROOTLESSKIT_STATE_DIR (as it is inside the instance)")
+
+
+def _port_id(text: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise UsageError(f"port id {text!r} is not a number: use an ID that "
+                         f"`{PROGRAM} list-ports` shows")
+    return int(text)
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()  # each id is out before the next request can fail
+
+
+# -- rootlessctl's output formats ---------------------------------------------------------
+
+def _info_text(info) -> str:
+    lines = [f"- REST API version: {info.apiVersion}",
+             f"- Implementation version: {info.version}",
+             f"- State Directory: {info.stateDir}",
+             f"- Child PID: {info.childPID}"]
+    net = info.networkDriver
+    if net is not None:
+        lines += [f"- Network Driver: {net.driver}", f"  - DNS: {_go_list(net.dns)}"]
+        if net.childIP:
+            lines.append(f"  - IP: {net.childIP}")
+    port = info.portDriver
+    if port is not None:
+        lines += [f"- Port Driver: {port.driver}",
+                  f"  - Supported protocols: {_go_list(port.protos)}"]
+    return "\n".join(lines) + "\n"
+
+
+def _go_list(items: list[str]) -> str:
+    return "[" + " ".join(items) + "]"  # Go's %v of a []string
+
+
+def _ports_table(ports) -> str:
+    """Go's tabwriter as rootlessctl sets it up (minwidth 4, padding 4, spaces): every
+    cell, the last one too, padded to its column's widest text plus 4."""
+    rows = [["ID", "PROTO", "PARENTIP", "PARENTPORT", "CHILDIP", "CHILDPORT"]]
+    rows += [[str(p.id), p.spec.proto, p.spec.parentIP, str(p.spec.parentPort),
+              p.spec.childIP, str(p.spec.childPort)] for p in ports]
+    widths = [max(4, max(len(row[i]) for row in rows) + 4) for i in range(len(rows[0]))]
+    return "".join("".join(cell.ljust(w) for cell, w in zip(row, widths)) + "\n"
+                   for row in rows)
+
+
+def _status_json(status) -> str:
+    """A PortStatus as rootlessctl prints it: compact, Go's field order (childPort
+    before childIP) and omitempty."""
+    spec = status.spec
+    fields = {"proto": spec.proto, "parentIP": spec.parentIP, "parentPort": spec.parentPort,
+              "childPort": spec.childPort, "childIP": spec.childIP}
+    body = {"id": status.id, "spec": {k: v for k, v in fields.items() if v not in ("", 0)}}
+    return _go_escape(json.dumps(body, separators=(",", ":"), ensure_ascii=False))
+
+
+def _indented_json(value) -> str:
+    # Go's json.MarshalIndent(v, "", "    "), plus the newline rootlessctl prints.
+    return _go_escape(json.dumps(value, indent=4, ensure_ascii=False)) + "\n"
+
+
+def _builtins(struct):
+    import msgspec
+
+    return msgspec.to_builtins(struct)  # keeps omit_defaults: Go's omitempty
+
+
+def _go_escape(text: str) -> str:
+    """Go's encoder escapes these even in valid UTF-8 (HTML safety); they can only
+    occur inside JSON strings, so replacing them in the whole text is safe."""
+    for char, escape in (("&", "\\u0026"), ("<", "\\u003c"), (">", "\\u003e"),
+                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escape)
+    return text
+
+
+if __name__ == "__main__":
+    sys.exit(main())

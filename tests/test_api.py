@@ -1,0 +1,94 @@
+"""The REST API on STATE/api.sock, through a real instance, as the test user: curl and
+socat as clients, and Debian's rootlessctl."""
+import json
+import os
+import time
+
+import pytest
+
+
+@pytest.fixture
+def instance(user, rootless_run, state_dir, spawned):
+    """A running instance (slirp4netns, builtin port driver) and its api.sock path."""
+    def start(*flags):
+        proc = user.popen([rootless_run, "--net=slirp4netns", f"--state-dir={state_dir}",
+                           *flags, "--", "sleep", "60"])
+        spawned.append(proc)
+        sock = os.path.join(state_dir, "api.sock")
+        deadline = time.monotonic() + 10
+        while not os.path.exists(sock):
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "api.sock did not appear"
+            time.sleep(0.02)
+        return sock
+    return start
+
+
+def curl(user, sock, method, path, body=None):
+    """(status, body) of one request; the host part of the URL is ignored by the server."""
+    args = ["curl", "-s", "-w", "\n%{http_code}", "-X", method,
+            "--unix-socket", sock, f"http://anyhost{path}"]
+    if body is not None:
+        args += ["-H", "Content-Type: application/json", "--data-binary", body]
+    r = user.run(args)
+    text, _, status = r.stdout.rpartition("\n")
+    return int(status), text
+
+
+def test_info(user, instance, state_dir):
+    sock = instance("--port-driver=none")
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+    status, body = curl(user, sock, "GET", "/v1/info")
+    assert status == 200
+    info = json.loads(body)
+    assert info["apiVersion"] == "1.1.1" and info["stateDir"] == state_dir
+    with open(os.path.join(state_dir, "child_pid")) as f:
+        assert info["childPID"] == int(f.read())
+    assert info["networkDriver"] == {"driver": "slirp4netns", "dns": ["10.0.2.3"],
+                                     "childIP": "10.0.2.100"}
+    assert "portDriver" not in info
+
+
+def test_info_port_driver(user, instance):
+    sock = instance()  # rootless-run's default: --port-driver=auto, builtin with a netns
+    info = json.loads(curl(user, sock, "GET", "/v1/info")[1])
+    assert info["portDriver"] == {"driver": "builtin", "protos": ["tcp", "tcp4", "tcp6"]}
+
+
+def test_ports_without_port_driver(user, instance):
+    sock = instance("--port-driver=none")
+    assert curl(user, sock, "GET", "/v1/ports") == (200, "[]")
+    status, body = curl(user, sock, "POST", "/v1/ports",
+                        '{"proto":"tcp","parentIP":"127.0.0.1","parentPort":18999,"childPort":80}')
+    assert status == 400 and "--port-driver=builtin" in json.loads(body)["message"]
+
+
+@pytest.mark.parametrize("method,path,body,status", [
+    ("POST", "/v1/ports", "garbage", 400),
+    ("POST", "/v1/ports", '{"proto":"tcp"}', 400),
+    ("DELETE", "/v1/ports/99", None, 404),
+    ("DELETE", "/v1/ports/abc", None, 400),
+    ("GET", "/v1/nothing", None, 404),
+    ("PUT", "/v1/info", None, 405),
+])
+def test_bad_requests_get_error_bodies(user, instance, method, path, body, status):
+    sock = instance()
+    got, text = curl(user, sock, method, path, body)
+    assert got == status
+    assert json.loads(text)["message"]
+    assert curl(user, sock, "GET", "/v1/ports")[0] == 200  # the server lives on
+
+
+def test_malformed_http_gets_400_and_server_survives(user, instance):
+    sock = instance()
+    r = user.run(["sh", "-c", f"printf 'BLAH\\r\\n\\r\\n' | socat -t 2 - UNIX-CONNECT:{sock}"])
+    assert r.stdout.startswith("HTTP/1.1 400"), r.stdout
+    r = user.run(["sh", "-c", f"head -c 3000000 /dev/zero | socat -t 2 - UNIX-CONNECT:{sock}"])
+    assert curl(user, sock, "GET", "/v1/info")[0] == 200
+
+
+def test_debian_rootlessctl_info(user, instance, state_dir):
+    sock = instance()
+    r = user.run(["rootlessctl", "--socket", sock, "info", "--json"])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["stateDir"] == state_dir
