@@ -13,12 +13,17 @@ add_user() {  # name uid
     id -u "$1" >/dev/null 2>&1 || useradd --create-home --uid "$2" --shell /bin/bash "$1"
     install -d -o "$1" -g "$1" -m 700 "/run/user/$2"
 }
-add_user rlt-test 1001
-add_user rlt-nosub 1002
+# RLT_SLOT=N (N > 0): a user pair of its own (rlt-testN, rlt-nosubN), so that several
+# checkouts (each with its own ROOTLESS_VENV) can be tested at the same time.
+slot=${RLT_SLOT:-0}
+suffix=$([ "$slot" = 0 ] || echo "$slot")
+export RLT_TEST_USER=rlt-test$suffix RLT_NOSUB_USER=rlt-nosub$suffix
+add_user "$RLT_TEST_USER" $((1001 + 10 * slot))
+add_user "$RLT_NOSUB_USER" $((1002 + 10 * slot))
 for f in /etc/subuid /etc/subgid; do
     touch "$f"
-    grep -q '^rlt-test:' "$f" || echo 'rlt-test:100000:65536' >> "$f"
-    sed -i '/^rlt-nosub:/d' "$f"
+    grep -q "^$RLT_TEST_USER:" "$f" || echo "$RLT_TEST_USER:$((100000 + 65536 * slot)):65536" >> "$f"
+    sed -i "/^$RLT_NOSUB_USER:/d" "$f"
 done
 chmod 666 /dev/net/tun 2>/dev/null || true
 

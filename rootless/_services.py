@@ -3,7 +3,9 @@ the port driver, under trio, in a thread of their own.
 
 The main thread keeps the supervision (signal handlers run only there) and does not
 wait for this thread to start: trio's import (60 ms) stays off the path to the
-command and off the exit of a short command.
+command. It also stays off the exit of a short command: the thread lets the first
+moments pass before it imports anything, so a command that is done by then never
+competes with it for the GIL.
 """
 import os
 import threading
@@ -11,17 +13,22 @@ import threading
 from . import __version__, _log
 from .api import API_VERSION
 
+_GRACE = 0.02  # seconds before the services load: see the module's docstring
+
 
 class Services:
     def __init__(self, config, state, child_pid: int, network_info, ports):
         self.config, self.state, self.child_pid = config, state, child_pid
         self.network_info, self.ports = network_info, ports
-        # Written to when the services fail: the supervisor polls it and ends the run.
+        # The services' failure, in words: the supervisor polls it, prints it and ends
+        # the run. It is not printed here: when the run is ending anyway (the command
+        # exited, a helper died), the failure is only a consequence, not news.
         self.failed_r, self._failed_w = os.pipe()
         self._lock = threading.Lock()
         self._stopping = False
         self._active = False
         self._running = threading.Event()
+        self._stop_requested = threading.Event()
         self._token = None
         self._scope = None
         self._thread = threading.Thread(target=self._run, name="rootless-services",
@@ -31,6 +38,7 @@ class Services:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
+        self._stop_requested.set()
         with self._lock:
             self._stopping = True
             active = self._active
@@ -47,6 +55,8 @@ class Services:
         os.close(self._failed_w)
 
     def _run(self) -> None:
+        if self._stop_requested.wait(_GRACE):
+            return
         import trio
 
         with self._lock:
@@ -57,8 +67,7 @@ class Services:
             trio.run(self._main)
         except BaseException as exc:  # noqa: B902 - reported, then the run ends
             if not self._stopping:
-                _log.error(_describe(exc))
-                os.write(self._failed_w, b"!")
+                os.write(self._failed_w, _describe(exc).encode()[:4000] or b"?")
 
     async def _main(self) -> None:
         import trio

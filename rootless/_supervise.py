@@ -16,8 +16,8 @@ STOP_GRACE = 10.0
 
 def supervise(child_pid: int, helpers: list, failed_fd: int | None = None) -> int:
     """Wait until the child ends and return its exit code. If a helper dies first, or
-    `failed_fd` becomes readable (the services failed and said why), the run cannot go
-    on: stop the child (SIGTERM, then SIGKILL) and return 1."""
+    `failed_fd` becomes readable (the services failed; it holds why), the run cannot go
+    on: say why, stop the child (SIGTERM, then SIGKILL) and return 1."""
     fds = {os.pidfd_open(child_pid): None}
     for helper in helpers:
         fds[os.pidfd_open(helper.pid)] = helper
@@ -31,8 +31,11 @@ def supervise(child_pid: int, helpers: list, failed_fd: int | None = None) -> in
         # The child first: when it ends, its netns goes, and pasta quits with it.
         if None in ready:
             return exit_code(os.waitpid(child_pid, 0)[1])
-        if ready[0] != "services":
-            _log.error(ready[0].death_message())
+        died = [h for h in ready if h != "services"]
+        if died:  # first: a failure of the services is then only a consequence
+            _log.error(died[0].death_message())
+        else:
+            _log.error(os.read(failed_fd, 4096).decode(errors="replace"))
         _stop_child(child_pid)
         return 1
     finally:

@@ -10,7 +10,6 @@ import signal
 
 from . import _log
 from ._process import exit_code, forward_signals, wait_for
-from ._services import Services
 from ._supervise import supervise
 from .config import Config
 from .drivers import network, port
@@ -113,6 +112,8 @@ def run(config: Config) -> int:
             child.channel.close()
             if auto_choice:
                 _log.info(auto_choice)  # once it works: a failed run prints only its error
+            from ._services import Services  # threading: not before the command runs
+
             services = Services(config, state, anchor, info, ports)
             services.start()
             try:

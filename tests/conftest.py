@@ -2,7 +2,9 @@
 rootless-run as an unprivileged user through setpriv, as a real user would.
 
 contrib/test.sh prepares the users: rlt-test (uid 1001, subordinate ids
-100000:65536) and rlt-nosub (uid 1002, none).
+100000:65536) and rlt-nosub (uid 1002, none). With RLT_SLOT=N (N > 0) it prepares
+rlt-testN and rlt-nosubN instead, and the tests use those: several checkouts can then
+be tested at once without killing each other's processes.
 """
 import os
 import pwd
@@ -17,6 +19,8 @@ import uuid
 import pytest
 
 VENV_BIN = os.path.dirname(sys.executable)
+TEST_USER = os.environ.get("RLT_TEST_USER", "rlt-test")
+NOSUB_USER = os.environ.get("RLT_NOSUB_USER", "rlt-nosub")
 RUN = os.path.join(VENV_BIN, "rootless-run")
 
 
@@ -25,6 +29,21 @@ class User:
         pw = pwd.getpwnam(name)
         self.name, self.uid, self.gid, self.home = pw.pw_name, pw.pw_uid, pw.pw_gid, pw.pw_dir
         self.runtime_dir = f"/run/user/{self.uid}"
+        self.subids = self._first_range("/etc/subuid")
+
+    def _first_range(self, path: str) -> tuple[int, int] | None:
+        """(start, count) of the user's first line in `path`, as the test set it up."""
+        with open(path) as f:
+            for line in f:
+                fields = line.strip().split(":")
+                if len(fields) == 3 and fields[0] in (self.name, str(self.uid)):
+                    return int(fields[1]), int(fields[2])
+        return None
+
+    def host_maps(self) -> list[list[str]]:
+        """The uid_map lines (as fields) the user gets from its subids."""
+        start, count = self.subids
+        return [["0", str(self.uid), "1"], ["1", str(start), str(count)]]
 
     def env(self, extra: dict | None = None) -> dict:
         env = {
@@ -80,12 +99,12 @@ def diagnostics(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="session")
 def user() -> User:
-    return User("rlt-test")
+    return User(TEST_USER)
 
 
 @pytest.fixture(scope="session")
 def nosub_user() -> User:
-    return User("rlt-nosub")
+    return User(NOSUB_USER)
 
 
 def _kill_all(u: User) -> list:
@@ -101,7 +120,7 @@ def _kill_all(u: User) -> list:
 @pytest.fixture(autouse=True)
 def nothing_left_behind(request):
     """Each test must leave no process of the test users running."""
-    users = [User("rlt-test"), User("rlt-nosub")]
+    users = [User(TEST_USER), User(NOSUB_USER)]
     for u in users:
         _kill_all(u)
     yield
@@ -153,9 +172,10 @@ def user_tmp(user):
 
 
 @pytest.fixture
-def subid_files():
+def subid_files(user, nosub_user):
     """Rewrite /etc/subuid and /etc/subgid for one test: `write(text)` puts `text` in
-    both. The original content (or absence) is restored whatever happens."""
+    both, followed by the lines of other users (those of other test slots, which
+    may be running). The original content (or absence) is restored whatever happens."""
     paths = ("/etc/subuid", "/etc/subgid")
     saved = {}
     for path in paths:
@@ -165,10 +185,14 @@ def subid_files():
         except FileNotFoundError:
             saved[path] = None
 
+    ours = {user.name, str(user.uid), nosub_user.name, str(nosub_user.uid)}
+
     def write(text: str) -> None:
         for path in paths:
+            others = [line for line in (saved[path] or "").splitlines(keepends=True)
+                      if line.split(":", 1)[0] not in ours]
             with open(path, "w") as f:
-                f.write(text)
+                f.write(text + "".join(others))
 
     try:
         yield write

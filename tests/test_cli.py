@@ -122,9 +122,9 @@ def test_evacuate_cgroup2_needs_cgroup_v2(user, rootless_run, user_tmp):
 
 
 def test_malformed_subuid_line(user, rootless_run, user_tmp, subid_files):
-    subid_files("other:1:x:y\nrlt-test:100000:abc\n")
+    subid_files(f"other:1:x:y\n{user.name}:100000:abc\n")
     r = user.run([rootless_run, "--", "echo", "ran"], env={"TMPDIR": user_tmp})
-    assert_one_line_error(r, "/etc/subuid", "line 2", "rlt-test:100000:abc")
+    assert_one_line_error(r, "/etc/subuid", "line 2", f"{user.name}:100000:abc")
     assert os.listdir(user_tmp) == []
 
 

@@ -14,7 +14,6 @@ import pytest
 
 from conftest import diagnostics
 
-HOST_SUBIDS = [["0", "1001", "1"], ["1", "100000", "65536"]]
 MAPS = "cat /proc/self/uid_map; echo --; cat /proc/self/gid_map"
 
 
@@ -80,7 +79,7 @@ def test_runs_as_root_with_subid_maps(user, rootless_run):
     assert r.returncode == 0, r.stderr
     first, _, maps = r.stdout.partition("\n")
     assert first == "0"
-    assert uid_gid_maps(maps) == (HOST_SUBIDS, HOST_SUBIDS)
+    assert uid_gid_maps(maps) == (user.host_maps(), user.host_maps())
     assert diagnostics(r.stderr) == []
 
 
@@ -331,14 +330,15 @@ def test_extra_namespace_differs_from_host(user, rootless_run, kind):
 def test_subid_sources_map_the_range(user, rootless_run, source):
     r = user.run([rootless_run, f"--subid-source={source}", "--", "sh", "-c", MAPS])
     assert r.returncode == 0, r.stderr
-    assert uid_gid_maps(r.stdout) == (HOST_SUBIDS, HOST_SUBIDS)
+    assert uid_gid_maps(r.stdout) == (user.host_maps(), user.host_maps())
 
 
 def test_several_subid_ranges_mapped_in_order(user, rootless_run, subid_files):
-    subid_files("rlt-test:100000:65536\nother:300000:65536\nrlt-test:400000:1000\n")
+    start, count = user.subids
+    subid_files(f"{user.name}:{start}:{count}\nother:300000:65536\n{user.name}:400000:1000\n")
     r = user.run([rootless_run, "--", "sh", "-c", MAPS])
     assert r.returncode == 0, r.stderr
-    expected = HOST_SUBIDS + [["65537", "400000", "1000"]]
+    expected = user.host_maps() + [[str(count + 1), "400000", "1000"]]
     assert uid_gid_maps(r.stdout) == (expected, expected)
 
 

@@ -17,15 +17,14 @@ from conftest import RUN, VENV_BIN
 
 CTL = os.path.join(VENV_BIN, "rootless-ctl")
 
-# The server under test: Debian's rootlesskit 1.1.0 for now; add "rootless-run" to the
-# params once our API server is wired (the command is ready below).
+# The servers under test: Debian's rootlesskit 1.1.0 and ours, with the same flags.
 SERVERS = {
     "rootlesskit": ["rootlesskit"],
     "rootless-run": [RUN],
 }
 
 
-@pytest.fixture(params=["rootlesskit"])
+@pytest.fixture(params=["rootlesskit"])  # + "rootless-run" once it has UDP
 def server(request, user, state_dir, spawned):
     """A running instance (slirp4netns, builtin port driver): .sock, .state_dir."""
     proc = user.popen([*SERVERS[request.param], "--net=slirp4netns", "--disable-host-loopback",

@@ -78,9 +78,9 @@ class PortDriver:
         if ident not in self._ports:
             raise ApiFailure(404, f"unknown port id {ident}")
         _, closer = self._ports.pop(ident)
-        closer()
+        await closer()  # returns once the port is closed: a client then finds it so
 
     async def _expose(self, spec):
         """Start forwarding `spec`; returns (the spec as bound, e.g. with the port
-        chosen for parentPort 0, and a function that stops it)."""
+        chosen for parentPort 0, and an async function that stops it)."""
         raise NotImplementedError

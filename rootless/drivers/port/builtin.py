@@ -6,6 +6,7 @@ TCP for now; UDP and the client's source address (IP_TRANSPARENT) are not done y
 import errno
 import os
 
+from ... import _log
 from . import _socket_factory
 from .base import PortDriver
 
@@ -89,18 +90,25 @@ class BuiltinPortDriver(PortDriver):
         sock.listen(1024)
         if spec.parentPort == 0:
             spec = msgspec.structs.replace(spec, parentPort=sock.getsockname()[1])
-        scope = trio.CancelScope()
-        self.nursery.start_soon(self._accept_loop, sock, spec, scope)
-        return spec, scope.cancel
+        scope, closed = trio.CancelScope(), trio.Event()
+        self.nursery.start_soon(self._accept_loop, sock, spec, scope, closed)
 
-    async def _accept_loop(self, sock, spec, scope) -> None:
+        async def close():
+            scope.cancel()
+            await closed.wait()
+        return spec, close
+
+    async def _accept_loop(self, sock, spec, scope, closed) -> None:
         import trio
 
-        with scope, sock:
-            async with trio.open_nursery() as conns:
-                while True:
-                    client, _ = await sock.accept()
-                    conns.start_soon(self._forward, client, spec)
+        try:
+            with scope, sock:
+                async with trio.open_nursery() as conns:
+                    while True:
+                        client, _ = await sock.accept()
+                        conns.start_soon(self._forward, client, spec)
+        finally:
+            closed.set()
 
     async def _forward(self, client, spec) -> None:
         import trio
@@ -115,8 +123,10 @@ class BuiltinPortDriver(PortDriver):
             with inner:
                 try:
                     await inner.connect((child_ip, spec.childPort))
-                except OSError:
-                    return  # nothing listens in the child: close the client at once
+                except OSError as exc:  # nothing listens there: close the client at once
+                    _log.debug(f"port {spec.parentPort}: connecting to {child_ip}:"
+                               f"{spec.childPort} in the child: {exc.strerror}")
+                    return
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_copy, client, inner)
                     nursery.start_soon(_copy, inner, client)
