@@ -17,7 +17,7 @@ add_user() {  # name uid
 # checkouts (each with its own ROOTLESS_VENV) can be tested at the same time.
 slot=${RLT_SLOT:-0}
 suffix=$([ "$slot" = 0 ] || echo "$slot")
-export RLT_TEST_USER=rlt-test$suffix RLT_NOSUB_USER=rlt-nosub$suffix
+export RLT_SLOT=$slot RLT_TEST_USER=rlt-test$suffix RLT_NOSUB_USER=rlt-nosub$suffix
 add_user "$RLT_TEST_USER" $((1001 + 10 * slot))
 add_user "$RLT_NOSUB_USER" $((1002 + 10 * slot))
 for f in /etc/subuid /etc/subgid; do

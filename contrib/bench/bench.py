@@ -110,6 +110,107 @@ def scenario_net_pasta(runner, rounds, ours_bin, theirs_bin):
     return throughput(runner, rounds, [ours_bin, "--net=pasta"], [ours_bin, "--net=slirp4netns"])
 
 
+ECHO_SERVER = """
+import socket, sys, threading
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])), backlog=1024)
+def serve(c):
+    with c:
+        while data := c.recv(65536):
+            c.sendall(data)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+
+def _published(runner, argv: list[str], child_port: int, seconds: float = 10.0,
+               probe: bool = True):
+    """Start an instance publishing 127.0.0.1:PORT -> child_port; returns (proc, port)
+    once a connection through it reaches the child's echo server (probe), or once the
+    port accepts connections (not probe)."""
+    port = _free_port()
+    proc = subprocess.Popen(runner.prefix + [argv[0], "--net=slirp4netns",
+                                             "--port-driver=builtin",
+                                             f"-p=127.0.0.1:{port}:{child_port}/tcp",
+                                             *argv[1:]],
+                            env=runner.env, cwd="/tmp", stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                if not probe:
+                    return proc, port
+                c.sendall(b"ping")
+                if c.recv(4):
+                    return proc, port
+        except OSError:
+            pass
+        time.sleep(0.05)
+    _stop(proc)
+    raise subprocess.CalledProcessError(1, argv, stderr="the published port never answered")
+
+
+def _stop(proc) -> None:
+    try:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=10)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+def _port_iperf(runner, binary: str, streams: int, seconds: int) -> float:
+    proc, port = _published(runner, [binary, "--", "iperf3", "-s", "-p", "5201"], 5201,
+                            probe=False)
+    try:
+        for _ in range(20):  # until iperf3 listens in the child
+            run = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t",
+                                  str(seconds), "-P", str(streams), "-J"],
+                                 capture_output=True, text=True)
+            if run.returncode == 0:
+                return json.loads(run.stdout)["end"]["sum_received"]["bits_per_second"] / 1e9
+            time.sleep(0.2)
+        raise subprocess.CalledProcessError(run.returncode, run.args, stderr=run.stdout[-300:])
+    finally:
+        _stop(proc)
+
+
+def scenario_port_tcp(streams):
+    def scenario(runner, rounds, ours_bin, theirs_bin):
+        a, b = [], []
+        for _ in range(max(1, rounds)):
+            a.append(_port_iperf(runner, ours_bin, streams, 3))
+            b.append(_port_iperf(runner, theirs_bin, streams, 3))
+        return a, b
+    return scenario
+
+
+def _connection_rate(runner, binary: str, seconds: float) -> float:
+    """Connections a second: connect, 4 bytes each way, close; one client."""
+    proc, port = _published(runner, [binary, "--", "python3", "-c", ECHO_SERVER, "5202"],
+                            5202)
+    try:
+        done, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            with socket.create_connection(("127.0.0.1", port)) as c:
+                c.sendall(b"ping")
+                if c.recv(4) != b"ping":
+                    raise subprocess.CalledProcessError(1, ["echo"], stderr="bad echo")
+            done += 1
+        return done / seconds
+    finally:
+        _stop(proc)
+
+
+def scenario_connection_rate(runner, rounds, ours_bin, theirs_bin):
+    a, b = [], []
+    for _ in range(max(1, rounds)):
+        a.append(_connection_rate(runner, ours_bin, 3))
+        b.append(_connection_rate(runner, theirs_bin, 3))
+    return a, b
+
+
 # name -> (function, unit, which way is better, rounds divisor)
 SCENARIOS = {
     "startup: X --net=host true": (scenario_startup_host, "ms", "lower is better", 1),
@@ -118,6 +219,12 @@ SCENARIOS = {
     "net child->host TCP, slirp4netns": (scenario_net_slirp, "Gbps", "higher is better", 4),
     "net child->host TCP, ours: pasta vs slirp4netns":
         (scenario_net_pasta, "Gbps", "higher is better", 4),
+    "builtin port TCP host->child, 1 stream": (scenario_port_tcp(1), "Gbps",
+                                               "higher is better", 6),
+    "builtin port TCP host->child, 4 streams": (scenario_port_tcp(4), "Gbps",
+                                                "higher is better", 6),
+    "builtin port: short connections/s": (scenario_connection_rate, "conn/s",
+                                          "higher is better", 6),
 }
 
 
