@@ -125,7 +125,8 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
             mounts.install_resolver_files(state_dir, info.dns)
     _expect(channel, "ParentInitPortDriverCompleted")
     from .drivers import port
-    port.get(config.port_driver).start_child(state_dir, netns if config.detach_netns else None)
+    port.get(config.port_driver).start_child(config, state_dir,
+                                             netns if config.detach_netns else None)
     if config.pidns:
         mounts.mount_proc()
 

@@ -52,7 +52,8 @@ def test_info(user, instance, state_dir):
 def test_info_port_driver(user, instance):
     sock = instance()  # rootless-run's default: --port-driver=auto, builtin with a netns
     info = json.loads(curl(user, sock, "GET", "/v1/info")[1])
-    assert info["portDriver"] == {"driver": "builtin", "protos": ["tcp", "tcp4", "tcp6"]}
+    assert info["portDriver"] == {"driver": "builtin",
+                                  "protos": ["tcp", "tcp4", "tcp6", "udp", "udp4", "udp6"]}
 
 
 def test_ports_without_port_driver(user, instance):

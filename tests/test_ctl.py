@@ -24,7 +24,7 @@ SERVERS = {
 }
 
 
-@pytest.fixture(params=["rootlesskit"])  # + "rootless-run" once it has UDP
+@pytest.fixture(params=list(SERVERS))
 def server(request, user, state_dir, spawned):
     """A running instance (slirp4netns, builtin port driver): .sock, .state_dir."""
     proc = user.popen([*SERVERS[request.param], "--net=slirp4netns", "--disable-host-loopback",

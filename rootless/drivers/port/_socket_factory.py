@@ -1,20 +1,34 @@
 """A small process in the child's network namespace that makes unconnected sockets
-for the parent and passes them over a unix socket (SCM_RIGHTS).
+for the parent and passes them over a unix socket (SCM_RIGHTS); and the parent's
+client of it.
 
 A socket belongs to the netns it was created in: the parent connects such a socket
 itself, and the connection is made inside the child's namespace. The parent asks in
 batches, so a connection through a published port costs no round trip to the child.
-Request: 2 bytes, family ('4' or '6') and a count; answer: count bytes + count fds.
+The factory also does, in the netns, what the client's source address needs there
+(`_transparent`): the routing at start, a rule per published UDP port.
+
+Protocol, on STATE/.ports.sock. On connect the factory says whether the child can
+see clients' addresses: b"T\\n", or b"N" + why + b"\\n". Then requests of 5 bytes
+(op, family '4'/'6', count, port: "!ccBH"):
+  op b"s"/b"d": `count` stream/datagram sockets -> count bytes + count fds;
+  op b"R"/b"r": add/remove the UDP rule of `port`  -> b"+" or b"-" + why + b"\\n".
 """
 import os
 import signal
 import socket
+import struct
 
 FACTORY_SOCKET = ".ports.sock"
+_REQUEST = struct.Struct("!ccBH")
 _FAMILIES = {b"4": socket.AF_INET, b"6": socket.AF_INET6}
+_TYPES = {b"s": socket.SOCK_STREAM, b"d": socket.SOCK_DGRAM}
+_BATCH = 16
 
 
-def start(state_dir: str, netns: str | None) -> None:
+# -- child side ---------------------------------------------------------------------------
+
+def start(state_dir: str, netns: str | None, transparent: bool) -> None:
     """Fork the factory; it lives until the child (its parent) dies."""
     path = os.path.join(state_dir, FACTORY_SOCKET)
     try:
@@ -30,7 +44,7 @@ def start(state_dir: str, netns: str | None) -> None:
         listener.close()
         return
     try:
-        from ...linux import set_parent_death_signal, setns, CLONE_NEWNET
+        from ...linux import CLONE_NEWNET, set_parent_death_signal, setns
 
         set_parent_death_signal(signal.SIGKILL)
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
@@ -39,25 +53,147 @@ def start(state_dir: str, netns: str | None) -> None:
             fd = os.open(netns, os.O_RDONLY)
             setns(fd, CLONE_NEWNET)
             os.close(fd)
-        _serve(listener)
+        # After the fork: pyroute2's import (~0.3 s) is not on the command's path.
+        hello = _set_up_transparency() if transparent else b"Noff\n"
+        _serve(listener, hello)
     finally:
         os._exit(0)
 
 
-def _serve(listener: socket.socket) -> None:
+def _set_up_transparency() -> bytes:
+    from . import _transparent
+
+    try:
+        _transparent.set_up_routing()
+    except OSError as exc:
+        return f"N{exc.strerror or exc}\n".encode()
+    return b"T\n"
+
+
+def _serve(listener: socket.socket, hello: bytes) -> None:
     while True:
         conn, _ = listener.accept()
         with conn:
+            conn.sendall(hello)
             while True:
-                request = conn.recv(2)
-                if len(request) < 2:
+                request = _recv_exactly(conn, _REQUEST.size)
+                if request is None or not _answer(conn, *_REQUEST.unpack(request)):
                     break
-                family = _FAMILIES.get(request[:1])
-                count = request[1]
-                if family is None or not count:
-                    break
-                socks = [socket.socket(family, socket.SOCK_STREAM) for _ in range(count)]
-                fds = [s.fileno() for s in socks]
-                socket.send_fds(conn, [b"s" * count], fds)
-                for s in socks:
-                    s.close()
+
+
+def _answer(conn: socket.socket, op: bytes, family: bytes, count: int, port: int) -> bool:
+    if op in _TYPES and family in _FAMILIES and count:
+        socks = [socket.socket(_FAMILIES[family], _TYPES[op]) for _ in range(count)]
+        socket.send_fds(conn, [b"s" * count], [s.fileno() for s in socks])
+        for s in socks:
+            s.close()
+        return True
+    if op in (b"R", b"r"):
+        from . import _transparent
+
+        try:
+            _transparent.udp_rule("add" if op == b"R" else "del", port)
+            conn.sendall(b"+")
+        except OSError as exc:
+            conn.sendall(f"-{exc.strerror or exc}\n".encode())
+        return True
+    return False
+
+
+def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        chunk = conn.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+# -- parent side (trio) -------------------------------------------------------------------
+
+class FactoryGone(Exception):
+    """The child's socket factory closed the connection: the child is gone."""
+
+
+class Factory:
+    """The parent's connection to the factory. One request at a time; sockets come
+    from pools refilled a batch at a time."""
+
+    def __init__(self, state_dir: str):
+        self._path = os.path.join(state_dir, FACTORY_SOCKET)
+        self._pools: dict[tuple[bytes, bytes], list[int]] = {}
+        self.transparent = False
+        self.why_not_transparent = ""
+
+    async def connect(self) -> None:
+        import trio
+
+        self._lock = trio.Lock()
+        # A plain socket (recv_fds wants one), non-blocking, driven by wait_readable.
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.connect(self._path)
+        self._sock.setblocking(False)
+        hello = await self._line()
+        self.transparent = hello == "T"
+        self.why_not_transparent = hello[1:]
+
+    def close(self) -> None:
+        self._sock.close()
+        for pool in self._pools.values():
+            for fd in pool:
+                os.close(fd)
+        self._pools.clear()
+
+    async def socket(self, family: int, kind: int) -> socket.socket:
+        """A new, unbound socket of the child's netns (a stdlib socket, blocking)."""
+        key = (b"s" if kind == socket.SOCK_STREAM else b"d",
+               b"4" if family == socket.AF_INET else b"6")
+        pool = self._pools.setdefault(key, [])
+        if not pool:
+            async with self._lock:
+                if not pool:
+                    self._sock.send(_REQUEST.pack(*key, _BATCH, 0))
+                    pool.extend(await self._receive_fds(_BATCH))
+        return socket.socket(family, kind, fileno=pool.pop())
+
+    async def udp_rule(self, add: bool, port: int) -> None:
+        """Route the child's answers from UDP `port` back to transparent sockets.
+        Raises OSError with the factory's reason."""
+        async with self._lock:
+            self._sock.send(_REQUEST.pack(b"R" if add else b"r", b"4", 0, port))
+            answer = await self._line(first_only=True)
+        if answer != "+":
+            raise OSError(answer[1:])
+
+    async def _line(self, first_only: bool = False) -> str:
+        """Read b"+" (first_only) or up to a newline."""
+        import trio
+
+        data = b""
+        while True:
+            await trio.lowlevel.wait_readable(self._sock)
+            try:
+                chunk = self._sock.recv(1 if first_only and not data else 4096)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise FactoryGone("the child's socket factory is gone")
+            data += chunk
+            if (first_only and data == b"+") or data.endswith(b"\n"):
+                return data.decode(errors="replace").rstrip("\n")
+
+    async def _receive_fds(self, count: int) -> list[int]:
+        import trio
+
+        fds: list[int] = []
+        while len(fds) < count:
+            await trio.lowlevel.wait_readable(self._sock)
+            try:
+                data, new, _, _ = socket.recv_fds(self._sock, count, count - len(fds))
+            except BlockingIOError:
+                continue
+            if not data:
+                raise FactoryGone("the child's socket factory is gone")
+            fds.extend(new)
+        return fds

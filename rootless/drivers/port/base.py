@@ -30,7 +30,7 @@ class PortDriver:
         return {}
 
     @staticmethod
-    def start_child(state_dir: str, netns: str | None) -> None:
+    def start_child(config, state_dir: str, netns: str | None) -> None:
         """Child side: start what the parent needs inside the namespaces."""
 
     # -- parent side, in the service thread (trio) --

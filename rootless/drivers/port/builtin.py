@@ -1,22 +1,22 @@
-"""builtin: the parent listens on the host and forwards each connection into the
-child's netns, through sockets made there by the child's socket factory.
-
-TCP for now; UDP and the client's source address (IP_TRANSPARENT) are not done yet.
+"""builtin: the parent listens on the host and forwards each connection (TCP) or
+client flow (UDP, `_udp`) into the child's netns, through sockets made there by the
+child's socket factory; the child sees the client's address (`_transparent`) unless
+--source-ip-transparent=false.
 """
 import errno
-import os
+from functools import partial
 
 from ... import _log
-from . import _socket_factory
+from . import _socket_factory, _transparent
+from ._udp import UdpPort
 from .base import PortDriver
 
-_BATCH = 16
 _BUFFER = 256 * 1024
 
 
 class BuiltinPortDriver(PortDriver):
     name = "builtin"
-    protos = ("tcp", "tcp4", "tcp6")
+    protos = ("tcp", "tcp4", "tcp6", "udp", "udp4", "udp6")
 
     def preflight(self) -> None:
         from ...errors import UsageError
@@ -29,107 +29,135 @@ class BuiltinPortDriver(PortDriver):
         for spec in self.initial:
             if spec.proto not in self.protos:
                 raise UsageError(f"-p {_socket_text(spec)}: {spec.proto} is not supported by "
-                                 f"the builtin port driver yet (it supports "
+                                 f"the builtin port driver (it supports "
                                  f"{', '.join(self.protos)})")
 
     @staticmethod
-    def start_child(state_dir: str, netns: str | None) -> None:
-        _socket_factory.start(state_dir, netns)
+    def start_child(config, state_dir: str, netns: str | None) -> None:
+        _socket_factory.start(state_dir, netns, config.source_ip_transparent)
 
     async def serve(self, state_dir: str, *, task_status) -> None:
-        import socket
         import trio
 
-        self._pools = {4: [], 6: []}
-        self._factory_lock = trio.Lock()
-        path = os.path.join(state_dir, _socket_factory.FACTORY_SOCKET)
-        # A plain socket (recv_fds wants one), non-blocking, driven by wait_readable.
-        self._factory = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._factory.connect(path)
-        self._factory.setblocking(False)
-        with self._factory:
+        self.factory = _socket_factory.Factory(state_dir)
+        self._udp_rules: dict[int, int] = {}  # child port -> published UDP ports using it
+        await self.factory.connect()
+        try:
+            if self.config.source_ip_transparent and not self.factory.transparent:
+                _log.warning(f"the child will see connections through published ports come "
+                             f"from its own address, not the client's: "
+                             f"{self.factory.why_not_transparent}")
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 for spec in self.initial:
                     await self.add(spec)
                 task_status.started()
                 await trio.sleep_forever()
-
-    async def _child_socket(self, version: int):
-        """An unconnected TCP socket in the child's netns, from the pool."""
-        import socket
-        import trio
-
-        pool = self._pools[version]
-        if not pool:
-            async with self._factory_lock:
-                if not pool:
-                    self._factory.send(str(version).encode() + bytes([_BATCH]))  # 2 bytes
-                    pool.extend(await _receive_fds(self._factory, _BATCH))
-        fd = pool.pop()
-        family = socket.AF_INET if version == 4 else socket.AF_INET6
-        return trio.socket.socket(family, socket.SOCK_STREAM, fileno=fd)
+        finally:
+            self.factory.close()
 
     async def _expose(self, spec):
         import msgspec
-        import socket
         import trio
         from ...api.router import ApiFailure
 
-        family, address, v6only = _listen_address(spec)
-        sock = trio.socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        udp = spec.proto.startswith("udp")
+        sock = _host_socket(spec, udp)
         try:
-            await sock.bind((address, spec.parentPort))
+            await sock.bind(_listen_address(spec)[1:3])
         except OSError as exc:
             sock.close()
             raise ApiFailure(409, f"cannot listen on {spec.parentIP}:{spec.parentPort}: "
                              f"{exc.strerror}") from None
-        sock.listen(1024)
         if spec.parentPort == 0:
             spec = msgspec.structs.replace(spec, parentPort=sock.getsockname()[1])
+        if udp:
+            await self._add_udp_rule(spec.childPort)
+            serve = UdpPort(self.factory, sock, spec.childIP or "127.0.0.1", spec.childPort,
+                            self.factory.transparent).serve
+        else:
+            sock.listen(1024)
+            serve = partial(self._accept_loop, sock, spec)
         scope, closed = trio.CancelScope(), trio.Event()
-        self.nursery.start_soon(self._accept_loop, sock, spec, scope, closed)
+        self.nursery.start_soon(_until_closed, serve, sock, scope, closed)
 
         async def close():
             scope.cancel()
             await closed.wait()
+            if udp:
+                await self._remove_udp_rule(spec.childPort)
         return spec, close
 
-    async def _accept_loop(self, sock, spec, scope, closed) -> None:
+    async def _add_udp_rule(self, child_port: int) -> None:
+        """Answers from the child's UDP port reach transparent sockets (`_transparent`)."""
+        if not self.factory.transparent:
+            return
+        users = self._udp_rules.get(child_port, 0)
+        if not users:
+            try:
+                await self.factory.udp_rule(True, child_port)
+            except OSError as exc:
+                # The flows still work if not transparent: say so, but don't refuse.
+                _log.warning(f"UDP port {child_port} of the child: cannot route answers to "
+                             f"clients' addresses ({exc}); its clients will not be seen")
+                return
+        self._udp_rules[child_port] = users + 1
+
+    async def _remove_udp_rule(self, child_port: int) -> None:
+        users = self._udp_rules.get(child_port, 0)
+        if users > 1:
+            self._udp_rules[child_port] = users - 1
+        elif users == 1:
+            del self._udp_rules[child_port]
+            try:
+                await self.factory.udp_rule(False, child_port)
+            except (OSError, _socket_factory.FactoryGone):
+                pass
+
+    async def _accept_loop(self, sock, spec) -> None:
         import trio
 
-        try:
-            with scope, sock:
-                async with trio.open_nursery() as conns:
-                    while True:
-                        client, _ = await sock.accept()
-                        conns.start_soon(self._forward, client, spec)
-        finally:
-            closed.set()
+        async with trio.open_nursery() as conns:
+            while True:
+                client, peer = await sock.accept()
+                conns.start_soon(self._forward, client, peer, spec)
 
-    async def _forward(self, client, spec) -> None:
+    async def _forward(self, client, peer, spec) -> None:
+        import socket
         import trio
 
-        child_ip = spec.childIP or "127.0.0.1"
-        version = 6 if ":" in child_ip else 4
+        child = (spec.childIP or "127.0.0.1", spec.childPort)
+        family = socket.AF_INET6 if ":" in child[0] else socket.AF_INET
         with client:
             try:
-                inner = await self._child_socket(version)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+                inner = await self.factory.socket(family, socket.SOCK_STREAM)
+            except (OSError, _socket_factory.FactoryGone):
                 return  # the child is gone: the client sees the connection close
             with inner:
+                ip = _transparent.client_address(peer, family) if self.factory.transparent \
+                    else None
                 try:
-                    await inner.connect((child_ip, spec.childPort))
+                    if ip is not None:
+                        _transparent.make_transparent(inner, family, ip)
+                    inner = trio.socket.from_stdlib_socket(inner)
+                    await inner.connect(child)
                 except OSError as exc:  # nothing listens there: close the client at once
-                    _log.debug(f"port {spec.parentPort}: connecting to {child_ip}:"
-                               f"{spec.childPort} in the child: {exc.strerror}")
+                    _log.debug(f"port {spec.parentPort}: connecting to {child[0]}:{child[1]} "
+                               f"in the child: {exc.strerror}")
                     return
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_copy, client, inner)
                     nursery.start_soon(_copy, inner, client)
+
+
+async def _until_closed(serve, sock, scope, closed) -> None:
+    """Run `serve` until `scope` is cancelled; then the socket is closed, and `closed`
+    tells the remover it is."""
+    try:
+        with scope, sock:
+            await serve()
+    finally:
+        closed.set()
 
 
 async def _copy(source, sink) -> None:
@@ -157,34 +185,30 @@ async def _copy(source, sink) -> None:
                 pass
 
 
-async def _receive_fds(sock, count: int) -> list[int]:
+def _host_socket(spec, udp: bool):
     import socket
     import trio
 
-    fds: list[int] = []
-    while len(fds) < count:
-        await trio.lowlevel.wait_readable(sock)
-        try:
-            data, new, _, _ = socket.recv_fds(sock, count, count - len(fds))
-        except BlockingIOError:
-            continue
-        if not data:
-            raise trio.BrokenResourceError("the child's socket factory is gone")
-        fds.extend(new)
-    return fds
+    family, _, _, v6only = _listen_address(spec)
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    if not udp:  # a UDP port shared by accident would split the flows between sockets
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+    return sock
 
 
 def _listen_address(spec):
-    """(family, address, v6only). tcp/udp on 0.0.0.0 listen dual-stack, as Go's net
-    package does for rootlesskit; tcp4/tcp6 one family each."""
+    """(family, address, port, v6only). tcp/udp on 0.0.0.0 listen dual-stack, as Go's
+    net package does for rootlesskit; tcp4/tcp6 one family each."""
     import socket
 
-    ip = spec.parentIP or "0.0.0.0"
+    ip, port = spec.parentIP or "0.0.0.0", spec.parentPort
     if ":" in ip:
-        return socket.AF_INET6, ip, spec.proto.endswith("6") or ip != "::"
+        return socket.AF_INET6, ip, port, spec.proto.endswith("6") or ip != "::"
     if ip == "0.0.0.0" and not spec.proto.endswith("4"):
-        return socket.AF_INET6, "::", False
-    return socket.AF_INET, ip, True
+        return socket.AF_INET6, "::", port, False
+    return socket.AF_INET, ip, port, True
 
 
 def _socket_text(spec) -> str:

@@ -1,0 +1,126 @@
+"""UDP through a builtin port: one flow per client address.
+
+The parent's socket on the host receives each client's datagrams; the first one of
+a client opens a flow: a UDP socket of the child's netns (from the factory),
+connected to the child port, and, when the child may see clients' addresses, bound
+to the client's address. What the child answers on it goes back to that client
+from the host socket. A flow ends after a while without traffic either way.
+"""
+import errno
+import os
+import socket
+
+from ... import _log
+from . import _transparent
+
+
+def _idle_timeout(default: float = 60.0) -> float:
+    """Seconds without a datagram, either way, before a flow ends (conntrack's UDP
+    stream timeout, roughly); ROOTLESS_UDP_FLOW_TIMEOUT overrides it."""
+    text = os.environ.get("ROOTLESS_UDP_FLOW_TIMEOUT")
+    if not text:
+        return default
+    try:
+        if float(text) > 0:
+            return float(text)
+    except ValueError:
+        pass
+    _log.warning(f"ROOTLESS_UDP_FLOW_TIMEOUT={text!r} is not a positive number of seconds: "
+                 f"using {default:g}")
+    return default
+
+
+MAX_FLOWS = 4096     # per port: beyond it, new clients' datagrams are dropped
+_MAX_DATAGRAM = 65535
+# What a connected UDP socket reports for an earlier ICMP error: the next
+# datagram may well get through (the server may just be starting).
+_TRANSIENT = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
+
+
+class UdpPort:
+    def __init__(self, factory, host_sock, child_ip: str, child_port: int, transparent: bool):
+        self.factory, self.host_sock = factory, host_sock
+        self.child = (child_ip, child_port)
+        self.family = socket.AF_INET6 if ":" in child_ip else socket.AF_INET
+        self.transparent = transparent
+        self.idle = _idle_timeout()
+        self.flows: dict[tuple, "_Flow"] = {}
+
+    async def serve(self) -> None:
+        import trio
+
+        async with trio.open_nursery() as nursery:
+            while True:
+                data, client = await self.host_sock.recvfrom(_MAX_DATAGRAM)
+                flow = self.flows.get(client)
+                if flow is None:
+                    if len(self.flows) >= MAX_FLOWS:
+                        _log.debug(f"UDP {self.child}: {MAX_FLOWS} flows: dropping {client}")
+                        continue
+                    flow = await self._open(client)
+                    if flow is None:
+                        continue
+                    self.flows[client] = flow
+                    nursery.start_soon(self._answers, flow)
+                await flow.send(data)
+
+    async def _open(self, client: tuple):
+        import trio
+
+        try:
+            sock = await self.factory.socket(self.family, socket.SOCK_DGRAM)
+        except OSError as exc:
+            _log.debug(f"UDP {self.child}: no socket from the child: {exc}")
+            return None
+        try:
+            ip = _transparent.client_address(client, self.family) if self.transparent else None
+            if ip is not None:
+                _transparent.make_transparent(sock, self.family, ip)
+            sock.setblocking(False)
+            sock.connect(self.child)
+        except OSError as exc:
+            sock.close()
+            _log.debug(f"UDP {self.child}: flow for {client[:2]}: {exc.strerror}")
+            return None
+        return _Flow(client, trio.socket.from_stdlib_socket(sock))
+
+    async def _answers(self, flow: "_Flow") -> None:
+        import trio
+
+        with flow.sock:
+            while True:
+                with trio.move_on_at(flow.last + self.idle):
+                    try:
+                        data = await flow.sock.recv(_MAX_DATAGRAM)
+                    except OSError as exc:
+                        if exc.errno in _TRANSIENT:
+                            continue
+                        _log.debug(f"UDP flow of {flow.client[:2]}: {exc.strerror}")
+                        break
+                    flow.last = trio.current_time()
+                    try:
+                        await self.host_sock.sendto(data, flow.client)
+                    except OSError as exc:  # e.g. the client's network went away
+                        _log.debug(f"UDP answer to {flow.client[:2]}: {exc.strerror}")
+                    continue
+                if trio.current_time() >= flow.last + self.idle:
+                    break
+        del self.flows[flow.client]
+
+
+class _Flow:
+    def __init__(self, client: tuple, sock):
+        import trio
+
+        self.client, self.sock = client, sock
+        self.last = trio.current_time()
+
+    async def send(self, data: bytes) -> None:
+        import trio
+
+        self.last = trio.current_time()
+        try:
+            await self.sock.send(data)
+        except OSError as exc:  # dropped, as the network would; the flow goes on
+            if exc.errno not in _TRANSIENT:
+                _log.debug(f"UDP to the child from {self.client[:2]}: {exc.strerror}")

@@ -1,0 +1,299 @@
+"""UDP through the builtin port driver, and the client's address as the child sees it
+(TCP and UDP), with real traffic.
+
+Loopback and namespaces the tests create only: clients on the host's loopback
+(127.0.0.1, or another 127/8 address to tell clients apart), and, for a client that is
+not local to the child, a network namespace made here, joined to the host by a veth
+pair with addresses of 198.18.0.0/30 (the benchmarking range).
+"""
+import os
+import socket
+import subprocess
+import time
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from test_ports import _answers, free_port, until
+
+TCP_PEER = 9000   # tells each connection its peer "IP PORT\n" and closes
+UDP_ECHO = 9001   # answers each datagram with it + b" from IP PORT"
+
+SERVER_PY = f'''
+import socket, threading
+
+def tcp():
+    listener = socket.create_server(("127.0.0.1", {TCP_PEER}), backlog=128)
+    while True:
+        conn, peer = listener.accept()
+        with conn:
+            conn.sendall(f"{{peer[0]}} {{peer[1]}}\\n".encode())
+
+def udp():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", {UDP_ECHO}))
+    while True:
+        data, peer = s.recvfrom(65535)
+        s.sendto(data + f" from {{peer[0]}} {{peer[1]}}".encode(), peer)
+
+threading.Thread(target=tcp, daemon=True).start()
+udp()
+'''
+
+
+@pytest.fixture
+def instance(user, rootless_run, state_dir, spawned, user_tmp):
+    """start(*specs, flags=(), env=None): a running instance publishing `specs`, its
+    command the servers above."""
+    script = os.path.join(user_tmp, "server.py")
+    with open(script, "w") as f:
+        f.write(SERVER_PY)
+    os.chown(script, user.uid, user.gid)
+
+    def start(*specs, flags=(), env=None, command=None):
+        args = [rootless_run, "--net=slirp4netns", "--port-driver=builtin",
+                f"--state-dir={state_dir}", *flags]
+        for spec in specs:
+            args += ["-p", spec]
+        proc = user.popen([*args, "--", *(command or ["python3", script])], env=env)
+        spawned.append(proc)
+        sock = os.path.join(state_dir, "api.sock")
+        deadline = time.monotonic() + 20
+        while not _answers(sock):
+            assert proc.poll() is None, f"rootless-run exited: {proc.stderr.read()}"
+            assert time.monotonic() < deadline, f"{sock} did not answer"
+            time.sleep(0.05)
+        with open(os.path.join(state_dir, "child_pid")) as f:
+            child_pid = int(f.read())
+        return SimpleNamespace(proc=proc, sock=sock, child_pid=child_pid)
+    return start
+
+
+def udp_ask(port: int, payload: bytes, source: str = "127.0.0.1", host: str = "127.0.0.1",
+            sock: socket.socket | None = None, timeout: float = 2.0) -> bytes:
+    own = sock is None
+    if own:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                             socket.SOCK_DGRAM)
+        sock.bind((source, 0))
+    try:
+        sock.settimeout(timeout)
+        sock.sendto(payload, (host, port))
+        data, sender = sock.recvfrom(65535)
+        assert sender[1] == port  # the answer comes from the published port
+        return data
+    finally:
+        if own:
+            sock.close()
+
+
+def udp_ready(port: int) -> None:
+    until(f"UDP echo through port {port}",
+          lambda: udp_ask(port, b"ping", timeout=0.5).startswith(b"ping from "), 10)
+
+
+def tcp_peer(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1") -> tuple[str, int]:
+    with socket.create_connection((host, port), timeout=5, source_address=(source, 0)) as s:
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = s.recv(100)
+            assert chunk, data
+            data += chunk
+    ip, port_text = data.decode().split()
+    return ip, int(port_text)
+
+
+def child_rules(child_pid: int) -> str:
+    """`ip rule` in the child's netns (read as root from outside)."""
+    return subprocess.run(["nsenter", "-t", str(child_pid), "-n", "ip", "rule"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+# -- UDP ----------------------------------------------------------------------------------
+
+def test_udp_echo_through_published_port(instance):
+    port = free_port()
+    instance(f"127.0.0.1:{port}:{UDP_ECHO}/udp")
+    udp_ready(port)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        for i in range(50):
+            payload = f"datagram {i}".encode()
+            assert udp_ask(port, payload, sock=s).startswith(payload + b" from 127.0.0.1 ")
+        big = os.urandom(60000)  # one datagram, nearly the largest there is
+        answer = udp_ask(port, big, sock=s)
+        assert answer[:60000] == big
+
+
+def test_udp_clients_get_their_own_answers(instance):
+    """Two clients, interleaved: each flow answers its own client only."""
+    port = free_port()
+    instance(f"127.0.0.1:{port}:{UDP_ECHO}/udp")
+    udp_ready(port)
+    a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with a, b:
+        a.bind(("127.0.0.2", 0))
+        b.bind(("127.0.0.3", 0))
+        for s in (a, b):
+            s.settimeout(2)
+        for i in range(20):
+            a.sendto(b"a%d" % i, ("127.0.0.1", port))
+            b.sendto(b"b%d" % i, ("127.0.0.1", port))
+            assert a.recv(100).startswith(b"a%d from 127.0.0.2 " % i)
+            assert b.recv(100).startswith(b"b%d from 127.0.0.3 " % i)
+
+
+def test_udp_flow_ends_when_idle(instance):
+    """A flow is kept while used and ends after the idle timeout: the child sees the
+    same source port within a flow and a new one after it expired."""
+    port = free_port()
+    instance(f"127.0.0.1:{port}:{UDP_ECHO}/udp", env={"ROOTLESS_UDP_FLOW_TIMEOUT": "1"})
+    udp_ready(port)
+    time.sleep(1.5)  # the readiness probes' flows expire
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        seen = []
+        for _ in range(4):  # 2 s of traffic, every 0.5 s: longer than the timeout
+            seen.append(udp_ask(port, b"x", sock=s).split()[-1])
+            time.sleep(0.5)
+        assert len(set(seen)) == 1, seen
+        time.sleep(2)
+        assert udp_ask(port, b"x", sock=s).split()[-1] != seen[0]
+
+
+def test_bad_udp_flow_timeout_is_one_warning(instance):
+    port = free_port()
+    inst = instance(f"127.0.0.1:{port}:{UDP_ECHO}/udp",
+                    env={"ROOTLESS_UDP_FLOW_TIMEOUT": "soon"})
+    udp_ready(port)
+    inst.proc.terminate()
+    inst.proc.wait(timeout=10)
+    lines = inst.proc.stderr.read().splitlines()
+    assert [line for line in lines if "ROOTLESS_UDP_FLOW_TIMEOUT" in line] == [
+        "rootless-run: warning: ROOTLESS_UDP_FLOW_TIMEOUT='soon' is not a positive number "
+        "of seconds: using 60"]
+
+
+def test_udp_before_the_server_starts(instance, user_tmp):
+    """Datagrams to a child port nobody listens on yet get no answer (the child's ICMP
+    error stays there); once the server is up, the same client gets answers."""
+    port = free_port()
+    trigger = os.path.join(user_tmp, "go")
+    script = os.path.join(user_tmp, "server.py")
+    instance(f"127.0.0.1:{port}:{UDP_ECHO}/udp", command=[
+        "sh", "-c", f"while [ ! -e {trigger} ]; do sleep 0.05; done; exec python3 {script}"])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        with pytest.raises(socket.timeout):
+            udp_ask(port, b"early", sock=s, timeout=0.5)
+        with pytest.raises(socket.timeout):
+            udp_ask(port, b"early", sock=s, timeout=0.5)
+        open(trigger, "w").close()
+        until("an answer once the server runs",
+              lambda: udp_ask(port, b"late", sock=s, timeout=0.3).startswith(b"late from"), 10)
+
+
+def test_udp_over_ipv6_loopback(instance):
+    if not os.path.exists("/proc/net/if_inet6"):
+        pytest.skip("no IPv6 on this host")
+    port = free_port("::1")
+    instance(f"[::1]:{port}:127.0.0.1:{UDP_ECHO}/udp6")
+    until("UDP over ::1", lambda: udp_ask(port, b"six", source="::1", host="::1",
+                                          timeout=0.5).startswith(b"six from 127.0.0.1 "), 10)
+
+
+def test_udp_port_added_and_removed_through_the_api(user, instance):
+    from test_ports import api
+
+    inst = instance()
+    status, body = api(user, inst.sock, "POST", "/v1/ports",
+                       {"proto": "udp", "parentIP": "127.0.0.1", "parentPort": 0,
+                        "childPort": UDP_ECHO})
+    assert status == 201, body
+    import json
+    added = json.loads(body)
+    port = added["spec"]["parentPort"]
+    udp_ready(port)
+    assert f"sport {UDP_ECHO}" in child_rules(inst.child_pid)
+    assert api(user, inst.sock, "DELETE", f"/v1/ports/{added['id']}")[0] == 200
+    with pytest.raises(socket.timeout):
+        udp_ask(port, b"gone", timeout=0.5)
+    assert f"sport {UDP_ECHO}" not in child_rules(inst.child_pid)
+
+
+# -- the client's address ---------------------------------------------------------------
+
+@pytest.mark.parametrize("transparent", [True, False])
+def test_child_sees_the_client_address_on_loopback(instance, transparent):
+    """A client on the host's 127.0.0.7: the child sees 127.0.0.7 (TCP and UDP), or,
+    with --source-ip-transparent=false, its own 127.0.0.1."""
+    tcp, udp = free_port(), free_port()
+    instance(f"127.0.0.1:{tcp}:{TCP_PEER}/tcp", f"127.0.0.1:{udp}:{UDP_ECHO}/udp",
+             flags=[f"--source-ip-transparent={str(transparent).lower()}"])
+    udp_ready(udp)
+    expected = "127.0.0.7" if transparent else "127.0.0.1"
+    until("TCP through the port", lambda: tcp_peer(tcp), 10)
+    assert tcp_peer(tcp, source="127.0.0.7")[0] == expected
+    answer = udp_ask(udp, b"who", source="127.0.0.7")
+    assert answer.split()[2].decode() == expected, answer
+
+
+@pytest.fixture
+def client_netns():
+    """A network namespace with 198.18.0.2/30, joined by a veth pair to the host's
+    198.18.0.1/30: a client that is not on the host's loopback. `run(code)` runs
+    Python code there (as root) and returns its stdout."""
+    if subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        pytest.skip("`ip netns` is not available")
+    tag = uuid.uuid4().hex[:6]
+    ns, host_if, ns_if = f"rlt-{tag}", f"rlth{tag}", f"rltn{tag}"
+    steps = [
+        ["ip", "netns", "add", ns],
+        ["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if],
+        ["ip", "link", "set", ns_if, "netns", ns],
+        ["ip", "addr", "add", "198.18.0.1/30", "dev", host_if],
+        ["ip", "link", "set", host_if, "up"],
+        ["ip", "-n", ns, "addr", "add", "198.18.0.2/30", "dev", ns_if],
+        ["ip", "-n", ns, "link", "set", ns_if, "up"],
+        ["ip", "-n", ns, "link", "set", "lo", "up"],
+    ]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True)
+
+        def run(code: str) -> str:
+            r = subprocess.run(["ip", "netns", "exec", ns, "python3", "-c", code],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            return r.stdout
+        yield run
+    finally:
+        subprocess.run(["ip", "link", "del", host_if], capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def test_child_sees_a_remote_client_address(instance, client_netns):
+    """A client at 198.18.0.2, in another netns: the child sees 198.18.0.2 for TCP and
+    UDP, and the answers find their way back (through the policy routing that brings
+    them to the transparent sockets instead of slirp4netns)."""
+    tcp, udp = free_port(), free_port()
+    instance(f"198.18.0.1:{tcp}:{TCP_PEER}/tcp", f"198.18.0.1:{udp}:{UDP_ECHO}/udp")
+    out = client_netns(f'''
+import socket, time
+deadline = time.monotonic() + 10
+while True:
+    try:
+        s = socket.create_connection(("198.18.0.1", {tcp}), timeout=3)
+        break
+    except OSError:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+print(s.recv(100).decode().split()[0])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(3)
+u.sendto(b"who", ("198.18.0.1", {udp}))
+print(u.recv(100).decode().split()[2])
+''')
+    assert out.split() == ["198.18.0.2", "198.18.0.2"]
