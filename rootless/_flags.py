@@ -63,6 +63,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--evacuate-cgroup2",), "evacuate_cgroup2", STR,
          "move the processes of our cgroup v2 into sub-group NAME (needs --pidns --cgroupns)",
          metavar="NAME"),
+    Flag(("--reuse",), "reuse", BOOL, "join the instance running on --state-dir (its "
+         "namespaces, network and ports) if there is one, else start it"),
     Flag(("--subid-source",), "subid_source", STR, "where subordinate ids come from",
          ("auto", "dynamic", "static")),
 )

@@ -1,4 +1,5 @@
-"""Signal forwarding and waiting, shared by the parent, the child and the pid-ns shim."""
+"""Signal forwarding, waiting and the command's environment, shared by the parent, the
+child, the pid-ns shim and `rootless-ctl enter`."""
 import os
 import signal
 
@@ -47,3 +48,12 @@ def wait_for(pid: int, reap_all: bool = False) -> int:
             return 1  # already reaped elsewhere: cannot happen in our process tree
         if done == pid:
             return exit_code(status)
+
+
+def command_environment(state_dir: str, parent_ids: tuple[int, int]) -> dict[str, str]:
+    """What the command sees, started by the instance or entered later."""
+    env = dict(os.environ)
+    env["ROOTLESSKIT_STATE_DIR"] = state_dir
+    env["ROOTLESSKIT_PARENT_EUID"] = str(parent_ids[0])
+    env["ROOTLESSKIT_PARENT_EGID"] = str(parent_ids[1])
+    return env

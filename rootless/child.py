@@ -9,7 +9,8 @@ import signal
 
 from . import _log
 from ._paths import which
-from ._process import FORWARDED_SIGNALS, forward_signals, restore_default_signals, wait_for
+from ._process import (FORWARDED_SIGNALS, command_environment, forward_signals,
+                       restore_default_signals, wait_for)
 from .config import Config
 from .drivers import network
 from .errors import ChildSetupError, ProtocolError, RootlessError
@@ -254,14 +255,6 @@ def _split_pid_namespace(channel: Channel) -> int:
     os.close(rfd)
     set_parent_death_signal(signal.SIGKILL)  # when the shim dies, the whole pidns goes
     return host_pid
-
-
-def command_environment(state_dir: str, parent_ids: tuple[int, int]) -> dict[str, str]:
-    env = dict(os.environ)
-    env["ROOTLESSKIT_STATE_DIR"] = state_dir
-    env["ROOTLESSKIT_PARENT_EUID"] = str(parent_ids[0])
-    env["ROOTLESSKIT_PARENT_EGID"] = str(parent_ids[1])
-    return env
 
 
 def _start_command(config: Config, env: dict[str, str], mask: set) -> int:

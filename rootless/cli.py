@@ -56,6 +56,9 @@ def validate(config: Config) -> None:
                          f"driver's default")
     if config.mtu and config.ipv6 and config.mtu < 1280:
         raise UsageError(f"--mtu={config.mtu} is too small for --ipv6: IPv6 needs at least 1280")
+    if config.reuse and not config.state_dir:
+        raise UsageError("--reuse needs --state-dir DIR: the dir of the instance to join "
+                         "or to start")
     for directory in config.copy_up:
         if not directory.startswith("/"):
             raise UsageError(f"--copy-up={directory}: needs an absolute path, e.g. /etc")
@@ -72,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(config)
             return 0
         _log.configure(debug=config.debug, program=program)
+        if config.reuse:
+            from .enter import reuse
+            return reuse(config)
         from .parent import run
         return run(config)
     except RootlessError as exc:

@@ -5,11 +5,12 @@
     rootless-ctl [--socket PATH] list-ports [--json]
     rootless-ctl [--socket PATH] add-ports [--json] SPEC...
     rootless-ctl [--socket PATH] remove-ports ID...
+    rootless-ctl [--socket PATH] enter [--state-dir DIR] [-- CMD ARGS...]
 
-Any error: one line on stderr, exit status 1.
+Any error: one line on stderr, exit status 1 (enter: the command's status otherwise).
+`enter` is dispatched before argparse, json or the API client are imported: they
+would cost more than the whole join (see enter.py).
 """
-import argparse
-import json
 import os
 import sys
 
@@ -19,15 +20,16 @@ from .errors import ApiError, ApiUnreachable, RootlessError, UsageError
 PROGRAM = "rootless-ctl"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one line and status 1, like every error."""
-
-    def error(self, message: str):
-        raise UsageError(f"{message} (see {PROGRAM} --help)")
-
-
-def _parser() -> tuple[argparse.ArgumentParser, dict]:
+def _parser():
     """The parser, and the sub-parser of each command (for `help COMMAND`)."""
+    import argparse
+
+    class _Parser(argparse.ArgumentParser):
+        """argparse, but a bad command line is one line and status 1, like every error."""
+
+        def error(self, message: str):
+            raise UsageError(f"{message} (see {PROGRAM} --help)")
+
     parser = _Parser(prog=PROGRAM, allow_abbrev=False,
                      description="Client of the REST API of a running rootless-run "
                                  "(or rootlesskit) instance.")
@@ -40,7 +42,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     subs = {}
 
-    def command(name: str, text: str) -> argparse.ArgumentParser:
+    def command(name: str, text: str):
         subs[name] = commands.add_parser(name, help=text, description=text,
                                          allow_abbrev=False)
         return subs[name]
@@ -56,16 +58,50 @@ def _parser() -> tuple[argparse.ArgumentParser, dict]:
     sub.add_argument("ids", nargs="+", metavar="ID", help="port id, as list-ports shows")
     sub = command("info", "Show info")
     sub.add_argument("--json", action="store_true", help="print as JSON")
+    sub = command("enter", "Run a command (default: your shell) inside a running instance's "
+                           "namespaces, as root there")
+    sub.add_argument("--state-dir", metavar="DIR",
+                     help="the instance's state dir (default: $ROOTLESSKIT_STATE_DIR, or the "
+                          "dir of --socket)")
+    sub.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
+                     help="the command and its arguments (default: $SHELL)")
     sub = command("help", "Show the list of commands, or the help of one")
     sub.add_argument("topic", nargs="?", metavar="COMMAND")
     return parser, subs
 
 
+def _enter_argv(argv: list[str]) -> tuple[bool, str | None, list[str]] | None:
+    """(--debug, --socket, enter's own arguments) when the command is `enter`."""
+    debug, socket, i = False, None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--debug":
+            debug, i = True, i + 1
+        elif arg == "--socket" and i + 1 < len(argv):
+            socket, i = argv[i + 1], i + 2
+        elif arg.startswith("--socket="):
+            socket, i = arg.partition("=")[2], i + 1
+        else:
+            return (debug, socket, argv[i + 1:]) if arg == "enter" else None
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     _log.configure(debug=False, program=PROGRAM)
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        entering = _enter_argv(argv)
+        if entering is not None:
+            debug, socket, rest = entering
+            _log.configure(debug=debug, program=PROGRAM)
+            from .enter import main as enter
+
+            code = enter(rest, socket)
+            if code >= 0:
+                return code
+            argv = ["help", "enter"]  # enter --help
         parser, subs = _parser()
-        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+        args = parser.parse_args(argv)
         if args.command in (None, "help"):
             # rootlessctl without a command shows its help too (status 0)
             topic = getattr(args, "topic", None)
@@ -78,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
     except RootlessError as exc:
         _log.error(str(exc))
-        return 1
+        return exc.exit_code  # 1; enter: 127/126 for a command that cannot run
     except BrokenPipeError:
         # Output cut short (`| head`): nothing to report; keep Python quiet at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -189,6 +225,8 @@ def _ports_table(ports) -> str:
 def _status_json(status) -> str:
     """A PortStatus as rootlessctl prints it: compact, Go's field order (childPort
     before childIP) and omitempty."""
+    import json
+
     spec = status.spec
     fields = {"proto": spec.proto, "parentIP": spec.parentIP, "parentPort": spec.parentPort,
               "childPort": spec.childPort, "childIP": spec.childIP}
@@ -197,6 +235,8 @@ def _status_json(status) -> str:
 
 
 def _indented_json(value) -> str:
+    import json
+
     # Go's json.MarshalIndent(v, "", "    "), plus the newline rootlessctl prints.
     return _go_escape(json.dumps(value, indent=4, ensure_ascii=False)) + "\n"
 

@@ -49,6 +49,19 @@ class StateDirError(RootlessError):
     """The state dir cannot be created, locked or cleaned."""
 
 
+class StateDirLocked(StateDirError):
+    """Another instance holds the state dir's lock (`rootless-run --reuse` joins it)."""
+
+
+class EnterError(RootlessError):
+    """No instance to join (`rootless-ctl enter`, `--reuse`): none runs, it is stale,
+    or it is not the user's; or the command cannot be run there (exit_code 127/126)."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class ProtocolError(RootlessError):
     """A malformed, oversized or unexpected frame on the parent/child pipes."""
 

@@ -13,10 +13,11 @@ from ._process import exit_code, forward_signals, wait_for
 from ._supervise import supervise
 from .config import Config
 from .drivers import network, port
+from .enter import record_namespaces
 from .errors import ChildSetupError, ProtocolError
 from .idmap import write_maps
 from ._framing import Channel
-from .statedir import StateDir
+from .statedir import NAMESPACES, StateDir
 from .subid import current_user, lookup
 
 # Set-up in the child takes milliseconds (pyroute2's import is the slowest part);
@@ -160,6 +161,9 @@ def _handshake(config, state, child, net, ports, uid, gid, user, subids):
     else:
         child.channel.send("ParentInitPortDriverCompleted")
     child.expect("ChildCommandStarted", "starting the command")
+    namespaces = record_namespaces(anchor)
+    if namespaces is not None:  # written last: `enter` and `--reuse` join once it exists
+        state.write(NAMESPACES, namespaces)
     _log.debug(f"command started; child pid {anchor}")
     return anchor, info
 

@@ -7,11 +7,16 @@ import errno
 import fcntl
 import os
 
-from .errors import StateDirError
+from .errors import StateDirError, StateDirLocked
 
-# Files a run writes; cleared at start (a crashed run may have left them) and at exit.
-RUN_FILES = ("child_pid", "api.sock", "resolv.conf", "hosts", "netns", ".ports.sock",
-             "slirp4netns.sock", "pasta.pid")
+# The namespaces the instance created, as `KIND DEV INO` lines, written once the
+# command runs (see enter.py): joiners wait for it and check child_pid against it.
+NAMESPACES = "namespaces"
+
+# Files a run writes; cleared at start (a crashed run may have left them) and at exit
+# (NAMESPACES first: joiners stop joining before the rest goes).
+RUN_FILES = (NAMESPACES, "child_pid", "api.sock", "resolv.conf", "hosts", "netns",
+             ".ports.sock", "slirp4netns.sock", "pasta.pid")
 
 
 class StateDir:
@@ -113,10 +118,28 @@ def _lock(path: str) -> int:
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise StateDirError(f"another instance is running on state dir {path} (it holds "
-                                f"{lock}): stop it, or pass a different --state-dir") from None
+            raise StateDirLocked(f"another instance is running on state dir {path} (it holds "
+                                 f"{lock}): stop it, or pass a different --state-dir") from None
         raise StateDirError(f"cannot lock {lock}: {exc.strerror}") from None
     return fd
+
+
+def lock_held(path: str) -> bool:
+    """Whether a running instance holds STATE/lock, by a non-blocking flock attempt
+    (taken and dropped at once when free; the lock alone decides liveness)."""
+    try:
+        fd = os.open(os.path.join(path, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return True
+        raise
+    finally:
+        os.close(fd)  # drops our lock, if we got it
+    return False
 
 
 def _remove_tree(path: str) -> None:

@@ -23,6 +23,9 @@ MS_SLAVE = 1 << 19
 
 MNT_DETACH = 0x2
 
+# ioctl on a namespace fd (linux/nsfs.h): the uid that owns a user namespace
+_NS_GET_OWNER_UID = 0xB704
+
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -39,6 +42,14 @@ def unshare(flags: int) -> None:
 
 def setns(fd: int, nstype: int = 0) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns")
+
+
+def ns_owner_uid(fd: int) -> int:
+    """The (host) uid that created the user namespace open as `fd`."""
+    uid = ctypes.c_uint()
+    _check(_libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(_NS_GET_OWNER_UID), ctypes.byref(uid)),
+           "ioctl(NS_GET_OWNER_UID)")
+    return uid.value
 
 
 def _path(p: str | None) -> bytes | None:
