@@ -65,6 +65,9 @@ FLAGS: tuple[Flag, ...] = (
          metavar="NAME"),
     Flag(("--subid-source",), "subid_source", STR, "where subordinate ids come from",
          ("auto", "dynamic", "static")),
+    Flag(("--notify",), "notify", STR, "systemd readiness (Type=notify): ready = we send "
+         "READY=1 once the command runs with its network and ports, STOPPING=1 when it ends; "
+         "none = NOTIFY_SOCKET is left to the command", ("none", "ready")),
 )
 
 _BY_NAME = {name: flag for flag in FLAGS for name in flag.names}

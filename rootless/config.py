@@ -33,6 +33,7 @@ FIELDS: dict[str, object] = {
     "reaper": "auto",
     "evacuate_cgroup2": "",
     "subid_source": "auto",
+    "notify": "none",  # ours: rootlesskit leaves readiness to the command
     "command": (),
 }
 
