@@ -67,6 +67,9 @@ FLAGS: tuple[Flag, ...] = (
          "namespaces, network and ports) if there is one, else start it"),
     Flag(("--subid-source",), "subid_source", STR, "where subordinate ids come from",
          ("auto", "dynamic", "static")),
+    Flag(("--notify",), "notify", STR, "systemd readiness (Type=notify): ready = we send "
+         "READY=1 once the command runs with its network and ports, STOPPING=1 when it ends; "
+         "none = NOTIFY_SOCKET is left to the command", ("none", "ready")),
 )
 
 _BY_NAME = {name: flag for flag in FLAGS for name in flag.names}

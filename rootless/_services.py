@@ -28,6 +28,9 @@ class Services:
         self._stopping = False
         self._active = False
         self._running = threading.Event()
+        # Set once the port driver and the API listen (or the services gave up):
+        # what --notify=ready waits for before READY=1.
+        self.started = threading.Event()
         self._stop_requested = threading.Event()
         self._token = None
         self._scope = None
@@ -55,6 +58,12 @@ class Services:
         os.close(self._failed_w)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        finally:
+            self.started.set()  # whatever happened, nobody waits for it any longer
+
+    def _serve(self) -> None:
         if self._stop_requested.wait(_GRACE):
             return
         import trio
@@ -83,6 +92,7 @@ class Services:
             await nursery.start(serve, self.state.file("api.sock"),
                                 Router(self.info, self.ports))
             _log.debug(f"API on {self.state.file('api.sock')}")
+            self.started.set()
 
     def info(self):
         from .api.models import Info, NetworkDriverInfo, PortDriverInfo

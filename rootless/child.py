@@ -82,6 +82,10 @@ def _expect(channel: Channel, kind: str):
 def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> int:
     _arm_parent_death_signal(parent_pid)
     env = command_environment(state_dir, (os.geteuid(), os.getegid()))  # ids before unshare
+    activation = 0
+    if "LISTEN_FDS" in env:
+        from ._systemd import activation_fds
+        activation = activation_fds(env, parent_pid)
     try:
         unshare(namespace_flags(config))
     except OSError as exc:
@@ -105,6 +109,9 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
         mounts.mount_sysfs(state_dir)
     for directory in config.copy_up:
         mounts.copy_up(directory, state_dir)
+    if "/run" in config.copy_up and os.path.basename(config.command[0]) == "dockerd":
+        from ._docker import forget_host_runtime_dirs
+        forget_host_runtime_dirs()
     netns = os.path.join(state_dir, "netns")
     if config.detach_netns:
         _in_subprocess(mounts.create_detached_netns, netns)
@@ -137,7 +144,7 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
     # The command may be signalled as soon as it runs, before we could install the
     # forwarder: hold the signals meanwhile (unhandled, they would kill us or be lost).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
-    pid = _start_command(config, env, mask)
+    pid = _start_command(config, env, mask, activation)
     forward_signals(pid)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     channel.send("ChildCommandStarted")
@@ -257,8 +264,9 @@ def _split_pid_namespace(channel: Channel) -> int:
     return host_pid
 
 
-def _start_command(config: Config, env: dict[str, str], mask: set) -> int:
-    """fork + exec, with exec failures reported back over a close-on-exec pipe."""
+def _start_command(config: Config, env: dict[str, str], mask: set, activation: int = 0) -> int:
+    """fork + exec, with exec failures reported back over a close-on-exec pipe.
+    `activation`: how many systemd socket-activation fds (3..) the command gets."""
     argv = list(config.command)
     rfd, wfd = os.pipe()
     me = os.getpid()
@@ -275,6 +283,9 @@ def _start_command(config: Config, env: dict[str, str], mask: set) -> int:
             exe = argv[0] if "/" in argv[0] else which(argv[0], env.get("PATH", os.defpath))
             if exe is None:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
+            if activation:
+                from ._systemd import pass_activation_fds
+                pass_activation_fds(env, activation)
             os.execve(exe, argv, env)
         except OSError as exc:
             os.write(wfd, str(exc.errno).encode())

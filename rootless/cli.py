@@ -11,8 +11,9 @@ ROOTLESSKIT_NAMES = ("rootlesskit", "docker-rootlesskit")
 
 # rootlesskit's defaults are Config's. rootless-run's own are safer and need no flags:
 # the best network that works here, /etc writable (so resolv.conf can be replaced
-# without touching the host's), and no way to the host's loopback services.
-RUN_DEFAULTS: dict = {"net": "auto", "port_driver": "auto", "copy_up": ("/etc",),
+# without touching the host's), /run writable (daemons keep their sockets and pid
+# files there: dockerd needs it), and no way to the host's loopback services.
+RUN_DEFAULTS: dict = {"net": "auto", "port_driver": "auto", "copy_up": ("/etc", "/run"),
                       "disable_host_loopback": True}
 
 

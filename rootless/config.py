@@ -34,6 +34,7 @@ FIELDS: dict[str, object] = {
     "evacuate_cgroup2": "",
     "subid_source": "auto",
     "reuse": False,
+    "notify": "none",  # ours: rootlesskit leaves readiness to the command
     "command": (),
 }
 

@@ -60,7 +60,11 @@ def mount_proc() -> None:
 
 def copy_up(directory: str, state_dir: str) -> None:
     """tmpfs+symlink: DIR becomes a writable tmpfs whose entries are symlinks into the
-    original DIR, kept (bind-mounted) at DIR/.ro<random>, as rootlesskit does."""
+    original DIR, kept (bind-mounted) at DIR/.ro<random>, as rootlesskit does.
+
+    The state dir may lie inside DIR (--state-dir=$XDG_RUNTIME_DIR/... with /run copied
+    up): once the tmpfs covers DIR its path leads nowhere, so the scratch mount and
+    the state dir are held by fds from the start."""
     try:
         st = os.stat(directory)
     except OSError as exc:
@@ -68,21 +72,29 @@ def copy_up(directory: str, state_dir: str) -> None:
     if not os.path.isdir(directory):
         raise ChildSetupError(f"--copy-up={directory}: not a directory")
     saved = _scratch_dir(state_dir, "copyup")
+    state_fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    saved_fd = None
+    moved = False
     try:
         mount(directory, saved, None, MS_BIND | MS_REC)
+        saved_fd = os.open(saved, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         mount("tmpfs", directory, "tmpfs", 0, f"mode={st.st_mode & 0o7777:o}")
         hidden = ".ro" + os.urandom(5).hex()
         target = os.path.join(directory, hidden)
         os.mkdir(target, 0o755)
-        mount(saved, target, None, MS_MOVE)
+        mount(f"/proc/self/fd/{saved_fd}", target, None, MS_MOVE)
+        moved = True
         for name in os.listdir(target):
             os.symlink(os.path.join(hidden, name), os.path.join(directory, name))
     except OSError as exc:
         raise ChildSetupError(f"--copy-up={directory} failed: {exc.strerror}") from None
     finally:
-        if os.path.ismount(saved):
-            umount(saved, MNT_DETACH)
-        os.rmdir(saved)
+        if saved_fd is not None:
+            if not moved:
+                umount(f"/proc/self/fd/{saved_fd}", MNT_DETACH)
+            os.close(saved_fd)
+        os.rmdir(os.path.basename(saved), dir_fd=state_fd)
+        os.close(state_fd)
 
 
 def create_detached_netns(path: str) -> None:

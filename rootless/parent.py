@@ -6,6 +6,7 @@ started and waited for with plain system calls, and the parent then polls the
 child's and the helpers' pidfds (see _supervise).
 """
 import os
+import select
 import signal
 
 from . import _log
@@ -100,6 +101,10 @@ def run(config: Config) -> int:
     net.preflight()
     ports.preflight()
     subids = lookup(user, uid, config.subid_source)
+    if _runs_dockerd(config):
+        from ._docker import preflight
+        preflight(config, subids, net_was_auto=bool(auto_choice))
+    notifier = _systemd_setup(config)
     if config.evacuate_cgroup2:
         from .cgroup import evacuate
         evacuate(config.evacuate_cgroup2)
@@ -118,8 +123,14 @@ def run(config: Config) -> int:
             services = Services(config, state, anchor, info, ports)
             services.start()
             try:
+                if notifier:
+                    services.started.wait(_CHILD_TIMEOUT)  # ports listen before READY=1
+                    if not select.select([services.failed_r], [], [], 0)[0]:
+                        notifier.ready(f"running {config.command[0]}")
                 child.status = supervise(child.pid, net.helpers(), services.failed_r)
             finally:
+                if notifier:
+                    notifier.stopping()
                 services.stop()
             _log.debug(f"child exited with {child.status}")
             return child.status
@@ -129,6 +140,22 @@ def run(config: Config) -> int:
     finally:
         state.close()
         _log.debug("state dir cleaned up")
+
+
+def _runs_dockerd(config: Config) -> bool:
+    return os.path.basename(config.command[0]) == "dockerd"
+
+
+def _systemd_setup(config: Config):
+    """Socket activation and readiness (see _systemd); imported only when in use."""
+    env = os.environ
+    if "LISTEN_FDS" in env or "NOTIFY_SOCKET" in env or config.notify != "none":
+        from . import _systemd
+        _systemd.hold_activation_fds()
+        if config.notify == "ready":
+            return _systemd.Notifier.from_environment()
+        _systemd.check_passthrough(config)
+    return None
 
 
 def _handshake(config, state, child, net, ports, uid, gid, user, subids):
