@@ -7,7 +7,8 @@ in the child) and measures through the published ports:
   - TCP throughput, iperf3 host -> child, 1 and 4 streams, and the relaying process's
     CPU time meanwhile (its parent process: the one that copies);
   - the short-connection rate: connect, 4 bytes each way, close, with C clients at
-    once (non-blocking, one thread);
+    once (non-blocking, one thread), and the CPU time each connection costs the
+    tool's processes (its parent, and its child, which dials for rootlesskit);
 and, as the limit, iperf3 straight over the host's loopback. Reports medians.
 
     python3 -m contrib.bench.relay_bench [--rounds N] [--seconds S] [--user NAME]
@@ -73,6 +74,24 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tool_cpu(pid: int) -> float:
+    """CPU seconds of `pid` and its descendants, less the servers in the child (for
+    rootlesskit, its child process dials each connection: that counts)."""
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/comm") as f:
+                comm = f.read().strip()
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+            if comm not in ("iperf3", "python3", "sh", "slirp4netns"):
+                total += cpu_seconds(p)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
 
 
 class Instance:
@@ -216,7 +235,7 @@ def main(argv=None) -> int:
     runner = Runner(args.user)
 
     metrics = ("tcp 1 stream Gbps", "tcp 1 stream cores", "tcp 4 streams Gbps",
-               "tcp 4 streams cores", "conn/s")
+               "tcp 4 streams cores", "conn/s", "conn CPU us each")
     samples = {tool: {m: [] for m in metrics} for tool in tools}
     raw = {1: [], 4: []}
     for round_ in range(args.rounds):
@@ -232,8 +251,11 @@ def main(argv=None) -> int:
                                                 inst.proc.pid)
                     s[f"{name} Gbps"].append(gbps)
                     s[f"{name} cores"].append(cores)
-                s["conn/s"].append(connection_rate(inst.echo, args.seconds,
-                                                   args.concurrency))
+                before, start = tool_cpu(inst.proc.pid), time.monotonic()
+                rate = connection_rate(inst.echo, args.seconds, args.concurrency)
+                s["conn/s"].append(rate)
+                s["conn CPU us each"].append((tool_cpu(inst.proc.pid) - before) * 1e6
+                                             / (rate * (time.monotonic() - start)))
             finally:
                 inst.stop()
         print(f"round {round_ + 1}: " + "; ".join(
