@@ -107,7 +107,8 @@ class Services:
                                     childIP=ni.ip if ni else "")
         port = None
         if self.config.port_driver != "none":
-            port = PortDriverInfo(driver=self.ports.name, protos=list(self.ports.protos))
+            port = PortDriverInfo(driver=self.ports.name, protos=list(self.ports.protos),
+                                  disallowLoopbackChildIP=self.ports.disallow_loopback_child_ip)
         return Info(apiVersion=API_VERSION, version=__version__, stateDir=self.state.path,
                     childPID=self.child_pid, networkDriver=net, portDriver=port)
 

@@ -88,6 +88,23 @@ def test_malformed_http_gets_400_and_server_survives(user, instance):
     assert curl(user, sock, "GET", "/v1/info")[0] == 200
 
 
+def test_client_gone_in_mid_request_does_not_end_the_server(user, instance):
+    """A client that closes after part of a request (rootlesskit-docker-proxy does when
+    its docker-proxy cannot start) gets no answer, and the run goes on."""
+    sock = instance()
+    for _ in range(3):
+        r = user.run(["python3", "-c", f"""
+import socket
+s = socket.socket(socket.AF_UNIX)
+s.connect({sock!r})
+s.sendall(b"GET /v1/info HTTP/1.1\\r\\nHost: x\\r\\n")
+s.close()
+"""])
+        assert r.returncode == 0, r.stderr
+    time.sleep(0.2)
+    assert curl(user, sock, "GET", "/v1/info")[0] == 200
+
+
 def test_debian_rootlessctl_info(user, instance, state_dir):
     sock = instance()
     r = user.run(["rootlessctl", "--socket", sock, "info", "--json"])

@@ -34,11 +34,14 @@ async def _connection(stream: trio.SocketStream, router: Router) -> None:
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
     async with stream:
         try:
-            while await _one_request(stream, conn, router):
-                conn.start_next_cycle()
-        except (h11.RemoteProtocolError, _BadRequest) as exc:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await _respond(stream, conn, *error(400, f"bad request: {exc}"), close=True)
+            try:
+                while await _one_request(stream, conn, router):
+                    conn.start_next_cycle()
+            except (h11.RemoteProtocolError, _BadRequest) as exc:
+                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await _respond(stream, conn, *error(400, f"bad request: {exc}"),
+                                   close=True)
+        # also around the 400: a client gone in mid-request cannot be answered either
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
             pass
 

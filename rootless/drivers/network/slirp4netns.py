@@ -8,6 +8,7 @@ from ._helper import Helper, capture_output, helper_failed, spawn
 from .base import HelperDriver
 
 _READY_TIMEOUT = 10.0
+API_SOCKET = "slirp4netns.sock"  # in the state dir; the slirp4netns port driver talks to it
 
 
 class Slirp4netnsDriver(HelperDriver):
@@ -44,7 +45,7 @@ class Slirp4netnsDriver(HelperDriver):
         ready_r, ready_w = os.pipe()
         # slirp4netns exits when this pipe closes: on our exit, even by SIGKILL.
         exit_r, self._exit_w = os.pipe()
-        api = os.path.join(state_dir, "slirp4netns.sock")
+        api = os.path.join(state_dir, API_SOCKET)
         argv = [self.binary, "--configure", f"--mtu={self.mtu}", f"--cidr={self.addressing.cidr}",
                 f"--ready-fd={ready_w}", f"--exit-fd={exit_r}", f"--api-socket={api}",
                 *self.options]

@@ -16,6 +16,9 @@ FAMILY = {"tcp": "tcp", "tcp4": "tcp", "tcp6": "tcp", "udp": "udp", "udp4": "udp
 class PortDriver:
     name: str = ""
     protos: tuple[str, ...] = ()
+    #: The child IP may not be a loopback address (the API's disallowLoopbackChildIP:
+    #: rootlesskit-docker-proxy then forwards to the child's address instead).
+    disallow_loopback_child_ip = False
 
     def __init__(self, config: Config):
         self.config = config
