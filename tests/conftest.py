@@ -54,13 +54,15 @@ class User:
         env.update(extra or {})
         return env
 
-    def argv(self, args: list[str]) -> list[str]:
-        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups",
-                "--", *args]
+    def argv(self, args: list[str], outer: tuple = ()) -> list[str]:
+        """`outer`: a command run as root that execs the rest (e.g. in a namespace)."""
+        return [*outer, "setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
+                "--init-groups", "--", *args]
 
     def run(self, args: list[str], *, env: dict | None = None, timeout: float = 60,
-            input: str | None = None, cwd: str = "/tmp") -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(args), env=self.env(env), cwd=cwd, input=input,
+            input: str | None = None, cwd: str = "/tmp",
+            outer: tuple = ()) -> subprocess.CompletedProcess:
+        return subprocess.run(self.argv(args, outer), env=self.env(env), cwd=cwd, input=input,
                               capture_output=True, text=True, timeout=timeout)
 
     def popen(self, args: list[str], *, env: dict | None = None, **kw) -> subprocess.Popen:

@@ -322,14 +322,14 @@ BAD_NET_INPUT = [  # (driver, flags, what the error line must name)
 ]
 
 
-def _bad_run(user, rootless_run, user_tmp, spy, driver, flags):
+def _bad_run(user, rootless_run, user_tmp, spy, driver, flags, outer=()):
     paths, _ = spy
     marker = f"/tmp/rlt-marker-{uuid.uuid4().hex[:8]}"
     binary = [] if any(f.startswith(f"--{driver}-binary") for f in flags) else \
         [f"--{driver}-binary={paths[driver]}"]
     try:
         r = user.run([rootless_run, *net_flags(driver), *binary, *flags, "--", "touch", marker],
-                     env={"TMPDIR": user_tmp})
+                     env={"TMPDIR": user_tmp}, outer=outer)
         ran = os.path.exists(marker)
     finally:
         if os.path.exists(marker):
@@ -348,19 +348,21 @@ def test_bad_network_input(user, rootless_run, user_tmp, spy_binaries, driver, f
 
 
 @pytest.fixture
-def tun_not_accessible():
-    """/dev/net/tun closed to the test user for one test (contrib/test.sh makes it 666)."""
-    os.chmod("/dev/net/tun", 0o600)
-    try:
-        yield
-    finally:
-        os.chmod("/dev/net/tun", 0o666)
+def tun_not_accessible(tmp_path):
+    """A prefix for user.run: /dev/net/tun closed to the user, in a mount namespace of
+    its own (a root-only file bound over it), so that other test runs keep theirs."""
+    closed = tmp_path / "tun"
+    closed.write_text("")
+    closed.chmod(0o600)
+    return ("unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount --bind "$0" /dev/net/tun && exec "$@"', str(closed))
 
 
 @pytest.mark.parametrize("driver", HELPERS)
 def test_dev_net_tun_not_accessible(user, rootless_run, user_tmp, spy_binaries, driver,
                                     tun_not_accessible):
-    r, ran = _bad_run(user, rootless_run, user_tmp, spy_binaries, driver, [])
+    r, ran = _bad_run(user, rootless_run, user_tmp, spy_binaries, driver, [],
+                      outer=tun_not_accessible)
     assert_one_line_error(r, "/dev/net/tun")
     assert not ran, "the command ran"
     assert spy_binaries[1]() == [], f"{driver} was started"
