@@ -10,6 +10,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,6 +90,36 @@ class User:
             if real_uid == self.uid and state != "Z":
                 out.append((int(entry), state, cmd))
         return out
+
+
+def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
+    """A port free on `host` just now (loopback addresses only, in these tests)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def answers(unix_socket: str) -> bool:
+    """Whether something accepts connections on `unix_socket` (e.g. STATE/api.sock)."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(unix_socket)
+            return True
+        except OSError:
+            return False
+
+
+def wait_for_api(proc: subprocess.Popen, state_dir: str, timeout: float = 20) -> str:
+    """Wait until the instance `proc` serves STATE/api.sock (its -p ports are up by
+    then); returns the socket's path. Fails at once if the instance exits."""
+    sock = os.path.join(state_dir, "api.sock")
+    deadline = time.monotonic() + timeout
+    while not answers(sock):
+        assert proc.poll() is None, f"the instance exited: {proc.stderr.read()}"
+        assert time.monotonic() < deadline, f"{sock} did not answer within {timeout} s"
+        time.sleep(0.05)
+    return sock
 
 
 AUTO_INFO = "info: --net=auto: using "

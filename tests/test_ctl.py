@@ -8,12 +8,11 @@ import shutil
 import signal
 import socket
 import tempfile
-import time
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import RUN, VENV_BIN
+from conftest import RUN, VENV_BIN, free_port, wait_for_api
 
 CTL = os.path.join(VENV_BIN, "rootless-ctl")
 
@@ -30,24 +29,10 @@ def server(request, user, state_dir, spawned):
     proc = user.popen([*SERVERS[request.param], "--net=slirp4netns", "--disable-host-loopback",
                        "--port-driver=builtin", f"--state-dir={state_dir}", "sleep", "60"])
     spawned.append(proc)
-    sock = os.path.join(state_dir, "api.sock")
-    deadline = time.monotonic() + 20
-    while not _answers(sock):
-        assert proc.poll() is None, f"{request.param} exited: {proc.stderr.read()}"
-        assert time.monotonic() < deadline, f"{sock} did not answer"
-        time.sleep(0.05)
+    sock = wait_for_api(proc, state_dir)
     return SimpleNamespace(kind=request.param, sock=sock, state_dir=state_dir, proc=proc)
 
 
-def _answers(sock: str) -> bool:
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(sock)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def ctl(user, *args, env=None):
@@ -78,12 +63,6 @@ def one_line_error(r, *needles) -> str:
     return lines[0]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free on the host now (the instance binds it on the host)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def port_in_use(host: str, port: int) -> bool:

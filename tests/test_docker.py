@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -17,7 +16,8 @@ import urllib.request
 import pytest
 
 from conftest import VENV_BIN, diagnostics
-from test_systemd import NotifyListener, free_port
+from conftest import free_port
+from test_systemd import NotifyListener
 
 DOCKERD_ROOTLESS = "/usr/share/docker.io/contrib/dockerd-rootless.sh"
 DOCKER = "/usr/bin/docker"  # Debian's client, of the daemon's version

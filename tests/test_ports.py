@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import free_port, wait_for_api
+
 # The servers in the child (all on its 127.0.0.1)
 HTTP = 8080      # busybox httpd serving TMP/www
 ECHO = 9000      # echoes; half-closes once it has seen EOF and sent everything back
@@ -75,11 +77,6 @@ serve({SPEAK}, speak_first)
 
 # -- helpers ------------------------------------------------------------------------------
 
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def has_ipv6_loopback() -> bool:
@@ -191,15 +188,6 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _answers(sock: str) -> bool:
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(sock)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 # -- fixtures -----------------------------------------------------------------------------
@@ -236,12 +224,7 @@ def instance(user, rootless_run, state_dir, spawned, tmp):
             args += ["-p", spec]
         proc = user.popen([*args, "--", *(command or servers_command(tmp))])
         spawned.append(proc)
-        sock = os.path.join(state_dir, "api.sock")
-        deadline = time.monotonic() + 20
-        while not _answers(sock):
-            assert proc.poll() is None, f"rootless-run exited: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, f"{sock} did not answer"
-            time.sleep(0.05)
+        sock = wait_for_api(proc, state_dir)
         return SimpleNamespace(proc=proc, pid=proc.pid, sock=sock, tmp=tmp)
     return start
 

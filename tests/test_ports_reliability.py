@@ -12,14 +12,14 @@ import random
 import resource
 import selectors
 import socket
-import subprocess
 import threading
 import time
 
 import pytest
 
 from rootless.drivers.port import _relay, _socket_factory
-from test_ports import (connect, closed_within, fd_count, free_port, instance, read_to_eof,  # noqa: F401
+from conftest import free_port
+from test_ports import (connect, closed_within, fd_count, instance, read_to_eof,  # noqa: F401
                         recv_exactly, tmp, until)
 
 ECHO = 9000      # echoes, one thread and epoll: thousands of connections cheaply

@@ -9,12 +9,12 @@ hostfwd delivers there, not to the child's loopback. Clients are on the host's
 import json
 import os
 import socket
-import time
 from types import SimpleNamespace
 
 import pytest
 
-from test_ports import api, connect, free_port, http_get, read_to_eof, until
+from conftest import free_port, wait_for_api
+from test_ports import api, connect, http_get, read_to_eof, until
 
 CHILD_IP = "10.0.2.100"
 HTTP = 8080   # busybox httpd on 0.0.0.0, serving TMP/www
@@ -63,13 +63,6 @@ def tmp(user, user_tmp):
     return user_tmp
 
 
-def _answers(sock: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(sock)
-            return True
-        except OSError:
-            return False
 
 
 @pytest.fixture
@@ -88,12 +81,7 @@ def instance(user, rootless_run, state_dir, spawned, tmp):
                                f"exec python3 {tmp}/servers.py {udp_seen} {child_ip}"]
         proc = user.popen([*args, "--", *command])
         spawned.append(proc)
-        sock = os.path.join(state_dir, "api.sock")
-        deadline = time.monotonic() + 20
-        while not _answers(sock):
-            assert proc.poll() is None, f"rootless-run exited: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, f"{sock} did not answer"
-            time.sleep(0.05)
+        sock = wait_for_api(proc, state_dir)
         return SimpleNamespace(proc=proc, sock=sock, tmp=tmp, udp_seen=udp_seen)
     return start
 

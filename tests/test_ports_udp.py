@@ -15,7 +15,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from test_ports import _answers, free_port, until
+from conftest import free_port, wait_for_api
+from test_ports import until
 
 TCP_PEER = 9000   # tells each connection its peer "IP PORT\n" and closes
 UDP_ECHO = 9001   # answers each datagram with it + b" from IP PORT"
@@ -58,12 +59,7 @@ def instance(user, rootless_run, state_dir, spawned, user_tmp):
             args += ["-p", spec]
         proc = user.popen([*args, "--", *(command or ["python3", script])], env=env)
         spawned.append(proc)
-        sock = os.path.join(state_dir, "api.sock")
-        deadline = time.monotonic() + 20
-        while not _answers(sock):
-            assert proc.poll() is None, f"rootless-run exited: {proc.stderr.read()}"
-            assert time.monotonic() < deadline, f"{sock} did not answer"
-            time.sleep(0.05)
+        sock = wait_for_api(proc, state_dir)
         with open(os.path.join(state_dir, "child_pid")) as f:
             child_pid = int(f.read())
         return SimpleNamespace(proc=proc, sock=sock, child_pid=child_pid)

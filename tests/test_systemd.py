@@ -6,24 +6,17 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
 
 import pytest
 
-from conftest import diagnostics
+from conftest import diagnostics, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UNITS = os.path.join(HERE, "..", "contrib", "systemd")
 
 needs_activate = pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
                                     reason="systemd-socket-activate (package systemd) missing")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def connect(port: int, timeout: float = 10) -> socket.socket:
