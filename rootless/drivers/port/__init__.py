@@ -5,11 +5,12 @@ from .base import PortDriver
 registry = Registry(
     "--port-driver", "rootless.port_drivers",
     builtin={"none": "rootless.drivers.port.none:NoPortDriver",
-             "builtin": "rootless.drivers.port.builtin:BuiltinPortDriver"},
+             "builtin": "rootless.drivers.port.builtin:BuiltinPortDriver",
+             "implicit": "rootless.drivers.port.implicit:ImplicitPortDriver"},
     planned={
         name: "is not supported yet (port forwarding is being built); use "
               "--port-driver=builtin"
-        for name in ("slirp4netns", "implicit")
+        for name in ("slirp4netns",)
     },
 )
 
