@@ -92,8 +92,7 @@ def run(config: Config) -> int:
         auto_choice = f"--net=auto: using {name} ({why}; choose with --net=...)"
         config = config.replace(net=name)
     if config.port_driver == "auto":
-        # builtin serves every netns (pasta's own forwarding, "implicit", is not built yet)
-        config = config.replace(port_driver="none" if config.net == "host" else "builtin")
+        config = config.replace(port_driver=_auto_port_driver(config))
     uid, gid = os.getuid(), os.getgid()
     user = current_user()
     net = network.get(config.net)(config)
@@ -156,6 +155,18 @@ def _systemd_setup(config: Config):
             return _systemd.Notifier.from_environment()
         _systemd.check_passthrough(config)
     return None
+
+
+def _auto_port_driver(config: Config) -> str:
+    """--port-driver=auto: pasta's own forwarding (implicit) when it can forward
+    something here, else builtin, which serves any netns; none without a netns."""
+    if config.net == "host":
+        return "none"
+    if config.net == "pasta":
+        from .drivers.port.implicit import can_forward
+        if can_forward(config):
+            return "implicit"
+    return "builtin"
 
 
 def _handshake(config, state, child, net, ports, uid, gid, user, subids):

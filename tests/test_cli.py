@@ -92,7 +92,7 @@ def test_import_hygiene(modules, absent):
 BAD_INPUT = [  # (arguments, what the error line must name)
     (["--bogus"], ["--bogus"]),
     (["--net=vpnkit"], ["--net=vpnkit", "not supported", "slirp4netns"]),
-    (["--port-driver=implicit"], ["--port-driver=implicit", "not supported yet"]),
+    (["--net=slirp4netns", "--port-driver=implicit"], ["--port-driver=implicit", "--net=pasta"]),
     (["-p", "127.0.0.1:18080:80/sctp"], ["sctp", "not supported", "builtin"]),
     (["--net=host", "-p", "127.0.0.1:18080:80/tcp"], ["--port-driver=builtin"]),
     (["-p", "127.0.0.1:99999:80/tcp"], ["99999"]),

@@ -6,11 +6,11 @@ from ..errors import NotSupportedYet, UsageError
 
 class Registry:
     def __init__(self, flag: str, entry_point_group: str, builtin: dict[str, str],
-                 planned: dict[str, str]):
+                 planned: dict[str, str] | None = None):
         self.flag = flag
         self.group = entry_point_group
         self.builtin = builtin    # name -> "module:Class"
-        self.planned = planned    # name -> why it is not available (yet)
+        self.planned = planned or {}   # name -> why it is not available (yet)
 
     def get(self, name: str):
         target = self.builtin.get(name)

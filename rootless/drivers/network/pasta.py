@@ -19,8 +19,12 @@ class PastaDriver(HelperDriver):
     package = "passt"
 
     def forward_options(self) -> list[str]:
-        """Port forwarding rules; none here (the implicit port driver adds its own)."""
-        return ["-t", "none", "-u", "none"]
+        """pasta's -t/-u/-T/-U options: the implicit port driver's, else no forwarding
+        at all (other port drivers forward by themselves)."""
+        if self.config.port_driver == "implicit":
+            from ..port.implicit import pasta_options
+            return pasta_options(self.config)
+        return ["-t", "none", "-u", "none", "-T", "none", "-U", "none"]
 
     def argv(self, child_pid: int, pidfile: str, netns_path: str | None) -> list[str]:
         a, c = self.addressing, self.config
@@ -29,7 +33,7 @@ class PastaDriver(HelperDriver):
         argv = [self.binary, "--config-net", "--ns-ifname", c.ifname, "--mtu", str(self.mtu),
                 "--address", a.child, "--netmask", str(a.prefixlen), "--gateway", a.gateway,
                 "--dns-forward", a.dns, "--pid", pidfile, "--quiet",
-                *self.forward_options(), "-T", "none", "-U", "none"]
+                *self.forward_options()]
         if c.disable_host_loopback:
             argv.append("--no-map-gw")
         elif "--host-lo-to-ns-lo" in known:

@@ -6,12 +6,8 @@ registry = Registry(
     "--port-driver", "rootless.port_drivers",
     builtin={"none": "rootless.drivers.port.none:NoPortDriver",
              "builtin": "rootless.drivers.port.builtin:BuiltinPortDriver",
-             "slirp4netns": "rootless.drivers.port.slirp4netns:Slirp4netnsPortDriver"},
-    planned={
-        name: "is not supported yet (port forwarding is being built); use "
-              "--port-driver=builtin"
-        for name in ("implicit",)
-    },
+             "slirp4netns": "rootless.drivers.port.slirp4netns:Slirp4netnsPortDriver",
+             "implicit": "rootless.drivers.port.implicit:ImplicitPortDriver"},
 )
 
 
