@@ -115,7 +115,9 @@ def test_signal_reaches_command(user, rootless_run, start, name):
     assert proc.poll() is None, "the supervisor must survive a forwarded signal"
 
 
-@pytest.mark.parametrize("flags", [[], ["--pidns"]], ids=["no-pidns", "pidns"])
+@pytest.mark.parametrize("flags", [[], ["--pidns"], ["--net=pasta"], ["--net=pasta", "--pidns"],
+                                   ["--net=slirp4netns", "--port-driver=builtin"]],
+                         ids=["no-pidns", "pidns", "pasta", "pasta-pidns", "slirp4netns"])
 def test_sigkill_of_supervisor_kills_everything(user, rootless_run, start, state_dir, flags):
     proc = start([rootless_run, f"--state-dir={state_dir}", *flags, "--",
                   "sh", "-c", "sleep 1000 & sleep 1000"])
@@ -124,6 +126,7 @@ def test_sigkill_of_supervisor_kills_everything(user, rootless_run, start, state
         return [p for p in user.processes() if p[2] == "sleep 1000"]
 
     assert wait_until(lambda: len(sleeps()) == 2, 10), user.processes()
+    # pasta daemonizes: no child of ours, and it holds the netns by itself
     proc.kill()
     proc.wait(timeout=10)
     assert wait_until(lambda: not user.processes(), 3), \

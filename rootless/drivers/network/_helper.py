@@ -88,3 +88,33 @@ def spawn(argv: list[str], log: str, keep_fds: tuple[int, ...] = ()) -> int:
         os.close(logfd)
         for fd in keep_fds:
             os.set_inheritable(fd, False)
+
+
+class Watchdog:
+    """A forked process that SIGKILLs `pid` when we die, even by SIGKILL: for a helper
+    that daemonizes (pasta), no child of ours, which would otherwise live on and keep
+    the namespace alive. It waits for EOF on a pipe only we hold the write end of."""
+
+    def __init__(self, pid: int):
+        import signal
+
+        read_end, self._write_end = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the watchdog: no Python clean-up, no inherited handlers
+            try:
+                os.close(self._write_end)
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+                    signal.signal(sig, signal.SIG_IGN)  # a Ctrl-C is ours to handle
+                os.read(read_end, 1)
+                os.kill(pid, signal.SIGKILL)
+            finally:
+                os._exit(0)
+        os.close(read_end)
+
+    def cancel(self) -> None:
+        """We stop the helper ourselves: the watchdog goes without killing anything."""
+        import signal
+
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        os.close(self._write_end)

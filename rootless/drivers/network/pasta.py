@@ -7,7 +7,7 @@ import os
 import signal
 
 from ...errors import DriverError
-from ._helper import Helper, capture_output, helper_failed, spawn
+from ._helper import Helper, Watchdog, capture_output, helper_failed, spawn
 from .base import HelperDriver
 
 _START_TIMEOUT = 10.0
@@ -17,6 +17,7 @@ class PastaDriver(HelperDriver):
     name = "pasta"
     binary_flag = "--pasta-binary"
     package = "passt"
+    _watchdog = None
 
     def forward_options(self) -> list[str]:
         """pasta's -t/-u/-T/-U options: the implicit port driver's, else no forwarding
@@ -65,9 +66,13 @@ class PastaDriver(HelperDriver):
             raise DriverError(f"pasta started but its pid file {pidfile} is unusable: {exc}"
                               ) from None
         self.helper = Helper("pasta", daemon, log, reapable=False)
+        self._watchdog = Watchdog(daemon)
         return self.info()
 
     def stop(self) -> None:
+        if self._watchdog:
+            self._watchdog.cancel()
+            self._watchdog = None
         if self.helper:
             try:
                 os.kill(self.helper.pid, signal.SIGTERM)
