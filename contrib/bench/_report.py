@@ -48,6 +48,14 @@ def verdict(row: dict) -> str:
     return f"{word}{who or ' rootlesskit'} {max(adv, 1 / adv):.2f}x"
 
 
+def summary(row: dict) -> str:
+    """One line: each side's median, then the verdict."""
+    m = row["median"]
+    names = {"ours": "rootless-run", "rootlesskit": "rootlesskit", "limit": row["limit_label"]}
+    parts = [f"{names[side]} {value(m[side], row['unit'])}" for side in names if side in m]
+    return ", ".join(parts or ["no figures"]) + (f"; {verdict(row)}" if verdict(row) else "")
+
+
 HEADER = ("scenario", "rootless-run", "rootlesskit", "ratio", "verdict", "limit")
 
 

@@ -177,7 +177,11 @@ def _run_scenario(runner, scenario) -> list[dict]:
                 continue
             for key, v in values.items():
                 samples[side].setdefault(key, []).append(v)
-    return _report.rows(scenario, {s: v for s, v in samples.items() if v}, skipped)
+    found = _report.rows(scenario, {s: v for s, v in samples.items() if v}, skipped)
+    for row in found:
+        print(f"bench: {scenario.name}: {row['label'].strip()}: {_report.summary(row)}",
+              file=sys.stderr)
+    return found
 
 
 def _header(runner, args, ours, theirs) -> dict:
@@ -203,7 +207,7 @@ def _header(runner, args, ours, theirs) -> dict:
                               f"{distro}")
     return {
         "machine": machine,
-        "versions": {"rootless-run": version([ours, "--version"]),
+        "versions": {"rootless-run": version([args.rootless_run, "--version"]),
                      "rootlesskit": theirs and version([theirs, "--version"]),
                      "slirp4netns": version(["slirp4netns", "--version"]),
                      "pasta": version(["pasta", "--version"]),
