@@ -19,7 +19,7 @@ def rows(scenario, samples: dict, skipped: dict) -> list[dict]:
                "samples": {side: values.get(metric.key, [])
                            for side, values in samples.items()},
                "median": median, "skipped": skipped, "limit_label": scenario.limit_label,
-               "ratio": None, "advantage": None, "versus": None}
+               "ratio": None, "advantage": None, "versus": None, "wins": None}
         ours = median.get("ours")
         if metric.compare and ours:
             for versus in ("rootlesskit", "limit"):  # the limit when rootlesskit has none
@@ -28,9 +28,20 @@ def rows(scenario, samples: dict, skipped: dict) -> list[dict]:
                     row["versus"] = versus
                     row["ratio"] = ours / other
                     row["advantage"] = row["ratio"] if metric.higher_better else 1 / row["ratio"]
+                    row["wins"] = _wins(row["samples"]["ours"], row["samples"][versus],
+                                        metric.higher_better)
                     break
         out.append(row)
     return out
+
+
+def _wins(ours: list, other: list, higher_better: bool) -> list[int] | None:
+    """[rounds where ours did better, rounds]: the sides ran in the same rounds, so
+    this says whether a ratio of medians holds round by round or is noise."""
+    if len(ours) != len(other):
+        return None  # a side stopped part-way: rounds no longer pair up
+    better = sum((a > b) if higher_better else (a < b) for a, b in zip(ours, other))
+    return [better, len(ours)]
 
 
 def value(v: float | None, unit: str) -> str:
@@ -45,7 +56,8 @@ def verdict(row: dict) -> str:
         return ""
     who = "" if row["versus"] == "rootlesskit" else f" {row['limit_label']}"
     word = "ahead of" if adv >= 1 else "behind"
-    return f"{word}{who or ' rootlesskit'} {max(adv, 1 / adv):.2f}x"
+    rounds = f" (better in {row['wins'][0]}/{row['wins'][1]})" if row["wins"] else ""
+    return f"{word}{who or ' rootlesskit'} {max(adv, 1 / adv):.2f}x{rounds}"
 
 
 def summary(row: dict) -> str:
@@ -122,7 +134,8 @@ def svg_chart(all_rows: list[dict], subtitle: str) -> str:
                    f'{escape(label)}</text>')
         out.append(f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 1):.1f}" '
                    f'height="{row_h - 8}" fill="{colour}"/>')
-        text_x, anchor = (x1 + 4, "start") if adv >= 1 else (x0 - 4, "end")
+        # The figure on the other side of the middle line: it never runs into a label.
+        text_x, anchor = (mid - 4, "end") if adv >= 1 else (mid + 4, "start")
         out.append(f'<text x="{text_x:.1f}" y="{y + 16}" text-anchor="{anchor}">'
                    f'{"+" if adv >= 1 else "-"}{max(adv, 1 / adv):.2f}x</text>')
     out.append(f'<text x="10" y="{height - 12}" fill="#555">ratio of medians, turned so that '
