@@ -108,6 +108,9 @@ def main(argv=None) -> int:
                 return _fail(f"--only {args.only}: no such scenario")
         results = _header(runner, args, ours, theirs)
         return _run(runner, chosen, results, args)
+    except KeyboardInterrupt:  # before the first scenario (_run handles its own)
+        print("bench: interrupted; stopping what it started", file=sys.stderr)
+        return 130
     finally:
         # A second Ctrl-C must not cut the clean-up short.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
