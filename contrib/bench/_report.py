@@ -1,0 +1,144 @@
+"""Medians, ratios, the terminal table and the SVG chart (written by hand: no
+matplotlib needed)."""
+import math
+import statistics
+from xml.sax.saxutils import escape
+
+DIGITS = {"ms": 1, "Gbit/s": 2, "conn/s": 0, "MiB": 1, "%": 1}
+
+
+def rows(scenario, samples: dict, skipped: dict) -> list[dict]:
+    """One row a metric: medians of each side, ours / rootlesskit, and `advantage`
+    (above 1: ours is better, whichever way the metric is better)."""
+    out = []
+    for metric in scenario.metrics:
+        median = {side: statistics.median(values[metric.key])
+                  for side, values in samples.items() if values.get(metric.key)}
+        row = {"scenario": scenario.name, "label": metric.label, "unit": metric.unit,
+               "better": "higher" if metric.higher_better else "lower",
+               "samples": {side: values.get(metric.key, [])
+                           for side, values in samples.items()},
+               "median": median, "skipped": skipped, "limit_label": scenario.limit_label,
+               "ratio": None, "advantage": None, "versus": None, "wins": None}
+        ours = median.get("ours")
+        if metric.compare and ours:
+            for versus in ("rootlesskit", "limit"):  # the limit when rootlesskit has none
+                other = median.get(versus)
+                if other:
+                    row["versus"] = versus
+                    row["ratio"] = ours / other
+                    row["advantage"] = row["ratio"] if metric.higher_better else 1 / row["ratio"]
+                    row["wins"] = _wins(row["samples"]["ours"], row["samples"][versus],
+                                        metric.higher_better)
+                    break
+        out.append(row)
+    return out
+
+
+def _wins(ours: list, other: list, higher_better: bool) -> list[int] | None:
+    """[rounds where ours did better, rounds]: the sides ran in the same rounds, so
+    this says whether a ratio of medians holds round by round or is noise."""
+    if len(ours) != len(other):
+        return None  # a side stopped part-way: rounds no longer pair up
+    better = sum((a > b) if higher_better else (a < b) for a, b in zip(ours, other))
+    return [better, len(ours)]
+
+
+def value(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.{DIGITS.get(unit, 2)}f} {unit}"
+
+
+def verdict(row: dict) -> str:
+    adv = row["advantage"]
+    if adv is None:
+        return ""
+    who = "" if row["versus"] == "rootlesskit" else f" {row['limit_label']}"
+    word = "ahead of" if adv >= 1 else "behind"
+    rounds = f" (better in {row['wins'][0]}/{row['wins'][1]})" if row["wins"] else ""
+    return f"{word}{who or ' rootlesskit'} {max(adv, 1 / adv):.2f}x{rounds}"
+
+
+def summary(row: dict) -> str:
+    """One line: each side's median, then the verdict."""
+    m = row["median"]
+    names = {"ours": "rootless-run", "rootlesskit": "rootlesskit", "limit": row["limit_label"]}
+    parts = [f"{names[side]} {value(m[side], row['unit'])}" for side in names if side in m]
+    return ", ".join(parts or ["no figures"]) + (f"; {verdict(row)}" if verdict(row) else "")
+
+
+HEADER = ("scenario", "rootless-run", "rootlesskit", "ratio", "verdict", "limit")
+
+
+def table_lines(all_rows: list[dict]) -> list[list[str]]:
+    lines = []
+    for row in all_rows:
+        m = row["median"]
+        ratio = f"{row['ratio']:.2f}x" if row["ratio"] and row["versus"] == "rootlesskit" \
+            else "-"
+        limit = value(m.get("limit"), row["unit"])
+        if "limit" in m:
+            limit += f" ({row['limit_label']})"
+        lines.append([row["label"], value(m.get("ours"), row["unit"]),
+                      value(m.get("rootlesskit"), row["unit"]), ratio, verdict(row), limit])
+    return lines
+
+
+def terminal_table(all_rows: list[dict]) -> str:
+    lines = [list(HEADER)] + table_lines(all_rows)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+                     for line in lines)
+
+
+def markdown_table(all_rows: list[dict]) -> str:
+    lines = [list(HEADER), ["---"] * len(HEADER)] + table_lines(all_rows)
+    return "\n".join("| " + " | ".join(cell.replace("|", "\\|") for cell in line) + " |"
+                     for line in lines)
+
+
+def svg_chart(all_rows: list[dict], subtitle: str) -> str:
+    """Horizontal bars of `advantage` on a log scale: right of the middle line
+    rootless-run is ahead, left it is behind."""
+    shown = [row for row in all_rows if row["advantage"]]
+    label_w, plot_w, row_h, top = 440, 380, 24, 64
+    span = 3.0  # log2: 1/8x .. 8x
+    width, height = label_w + plot_w + 30, top + row_h * len(shown) + 40
+    mid = label_w + plot_w / 2
+
+    def x(adv: float) -> float:
+        return mid + max(-span, min(span, math.log2(adv))) / span * plot_w / 2
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           '<text x="10" y="20" font-size="15" font-weight="bold">rootless-run vs '
+           'rootlesskit (right: rootless-run ahead; log scale)</text>',
+           f'<text x="10" y="38" fill="#555">{escape(subtitle)}</text>']
+    for tick in (1 / 8, 1 / 4, 1 / 2, 1, 2, 4, 8):
+        tx = x(tick)
+        text = f"{tick:g}x" if tick >= 1 else f"1/{1 / tick:g}x"
+        out.append(f'<line x1="{tx:.1f}" y1="{top - 8}" x2="{tx:.1f}" '
+                   f'y2="{top + row_h * len(shown)}" stroke="{"#000" if tick == 1 else "#ddd"}"/>')
+        out.append(f'<text x="{tx:.1f}" y="{top - 12}" text-anchor="middle" '
+                   f'fill="#555">{text}</text>')
+    for i, row in enumerate(shown):
+        y = top + i * row_h
+        adv = row["advantage"]
+        label = row["label"] + ("" if row["versus"] == "rootlesskit"
+                                else f" (vs {row['limit_label']})")
+        x0, x1 = sorted((mid, x(adv)))
+        colour = "#2a9d4b" if adv >= 1 else "#d1495b"
+        out.append(f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end">'
+                   f'{escape(label)}</text>')
+        out.append(f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 1):.1f}" '
+                   f'height="{row_h - 8}" fill="{colour}"/>')
+        # The figure on the other side of the middle line: it never runs into a label.
+        text_x, anchor = (mid - 4, "end") if adv >= 1 else (mid + 4, "start")
+        out.append(f'<text x="{text_x:.1f}" y="{y + 16}" text-anchor="{anchor}">'
+                   f'{"+" if adv >= 1 else "-"}{max(adv, 1 / adv):.2f}x</text>')
+    out.append(f'<text x="10" y="{height - 12}" fill="#555">ratio of medians, turned so that '
+               f'right is better (less time or memory, more throughput)</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"

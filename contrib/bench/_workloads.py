@@ -1,0 +1,204 @@
+"""What the scenarios run: iperf3 on both ends, a small echo server and client for
+short connections, an instance of a supervisor publishing a port, and the memory of
+a supervisor's processes. Everything talks over the host's loopback or the
+namespace's own addresses, nothing else."""
+import json
+import socket
+import time
+from contextlib import contextmanager
+
+from ._procs import Runner, Skip, cmdline, last_error, memory, parent, tree
+
+# The echo server: one thread a connection, echoes until EOF. Short connections
+# exchange 4 bytes each way. Run as `python3 -c ECHO_SERVER PORT`.
+ECHO_SERVER = """
+import socket, sys, threading
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])), backlog=1024)
+def serve(c):
+    with c:
+        while data := c.recv(65536):
+            c.sendall(data)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
+# The client: one connection after another (connect, 4 bytes there and back, close)
+# for SECONDS or COUNT connections; prints {"done": N, "seconds": S}.
+# Run as `python3 -c CLIENT PORT SECONDS COUNT` (0 = no limit of that kind).
+CLIENT = """
+import json, socket, sys, time
+port, seconds, count = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
+done, start = 0, time.perf_counter()
+deadline = start + seconds if seconds else float("inf")
+while (not count or done < count) and time.perf_counter() < deadline:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+        c.sendall(b"ping")
+        got = b""
+        while len(got) < 4:
+            chunk = c.recv(4 - len(got))
+            if not chunk:
+                sys.exit(f"connection {done + 1} closed before the echo came back")
+            got += chunk
+    done += 1
+print(json.dumps({"done": done, "seconds": time.perf_counter() - start}))
+"""
+
+ECHO_PORT = 5202
+IPERF_PORT = 5201
+
+
+def free_port() -> int:
+    """A port free for TCP and UDP on 127.0.0.1 (iperf3 uses both on one number)."""
+    for _ in range(50):
+        with socket.socket() as t:
+            t.bind(("127.0.0.1", 0))
+            port = t.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+    raise Skip("no free port on 127.0.0.1")
+
+
+def iperf_client(runner: Runner, argv_prefix: list[str], host: str, port: int,
+                 seconds: int, *, streams: int = 1, udp: bool = False) -> dict:
+    """Run an iperf3 client (under `argv_prefix`, e.g. a supervisor); returns
+    {"gbps": received Gbit/s[, "loss": percent]}."""
+    argv = argv_prefix + ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds),
+                          "-P", str(streams), "-J"]
+    if udp:
+        # As fast as it goes; datagrams of a typical size (not 32 KiB loopback ones).
+        argv += ["-u", "-b", "0", "-l", "1400"]
+    code, out = runner.run(argv, timeout=seconds + 30)
+    report = _json(out) or {}
+    received = report.get("end", {}).get("sum_received")
+    if code != 0 or not received:
+        raise Skip(f"iperf3 client failed: {report.get('error') or out.strip()[-200:] or code}")
+    result = {"gbps": received["bits_per_second"] / 1e9}
+    if udp:
+        result["loss"] = received["lost_percent"]
+    return result
+
+
+def _json(text: str) -> dict | None:
+    try:
+        return json.loads(text[text.index("{"):])
+    except ValueError:
+        return None
+
+
+@contextmanager
+def iperf_server(runner: Runner):
+    """An iperf3 server on the host's 127.0.0.1; yields its port once it listens."""
+    port = free_port()
+    proc = runner.start(["iperf3", "-s", "-B", "127.0.0.1", "-p", str(port)])
+    try:
+        _wait_listening(proc, port, "iperf3 -s")
+        yield port
+    finally:
+        runner.stop(proc)
+
+
+@contextmanager
+def echo_server(runner: Runner):
+    port = free_port()
+    proc = runner.start(["python3", "-c", ECHO_SERVER, str(port)])
+    try:
+        _wait_listening(proc, port, "the echo server")
+        yield port
+    finally:
+        runner.stop(proc)
+
+
+def listening(port: int, pid: str = "self") -> bool:
+    """Whether a TCP socket listens on `port` in the network namespace of `pid`.
+    Read from /proc rather than by connecting: a probe connection would be taken by
+    iperf3 for a test and make the real one fail."""
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{table}") as f:
+                next(f)
+                for line in f:
+                    local, state = line.split()[1], line.split()[3]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        return True
+        except (OSError, StopIteration):
+            pass
+    return False
+
+
+def _wait_listening(proc, port: int, what: str, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not listening(port):
+        if proc.poll() is not None:
+            raise Skip(f"{what} exited ({proc.returncode}): {last_error(proc)}")
+        if time.monotonic() > deadline:
+            raise Skip(f"{what} did not listen on 127.0.0.1:{port} within {seconds:.0f} s")
+        time.sleep(0.02)
+
+
+def connections(runner: Runner, port: int, seconds: float = 0, count: int = 0) -> dict:
+    """Short connections to 127.0.0.1:port, one after another: {"rate": per second,
+    "done": count}."""
+    code, out = runner.run(["python3", "-c", CLIENT, str(port), str(seconds), str(count)],
+                           timeout=(seconds or count / 100) + 60)
+    result = _json(out)
+    if code != 0 or not result:
+        raise Skip(f"the connection client failed (exit {code})")
+    return {"rate": result["done"] / result["seconds"], "done": result["done"]}
+
+
+@contextmanager
+def published(runner: Runner, supervisor: list[str], specs: list[str],
+              command: list[str], command_port: int):
+    """A supervisor (`supervisor` = binary and flags) publishing `specs` (with `{P}`
+    for a free host port) and running `command`, which listens on `command_port`;
+    yields (process, host port) once the supervisor listens on the host and the
+    command in its namespace. A supervisor that exits first is a Skip quoting its
+    error (e.g. a protocol our builtin driver does not support yet)."""
+    port = free_port()
+    argv = [*supervisor, *(f"--publish={s.format(P=port)}" for s in specs), "--", *command]
+    proc = runner.start(argv)
+    try:
+        deadline = time.monotonic() + 15
+        while not (listening(port) and _command_listening(proc.pid, command, command_port)):
+            if proc.poll() is not None:
+                raise Skip(f"exited ({proc.returncode}): {last_error(proc)}")
+            if time.monotonic() > deadline:
+                raise Skip(f"the published port or the command did not listen within 15 s")
+            time.sleep(0.02)
+        yield proc, port
+    finally:
+        runner.stop(proc)
+
+
+def _command_listening(root: int, command: list[str], port: int) -> bool:
+    return any(listening(port, str(pid)) for pid in tree(root) if cmdline(pid) == command)
+
+
+def supervisor_memory(root: int, command: list[str]) -> dict:
+    """PSS and RSS (MiB) of the supervisor's processes: `root` and its descendants,
+    less the command (the first process running `command`) and its descendants."""
+    pids = tree(root)
+    commands = {pid for pid in pids if cmdline(pid) == command}
+    mine = []
+    for pid in pids:
+        ancestor = pid
+        while ancestor and ancestor not in commands and ancestor != root:
+            ancestor = parent(ancestor)
+        if ancestor not in commands:
+            mine.append(pid)
+    if not commands:
+        raise Skip("could not tell the command from the supervisor's processes")
+    pss = rss = 0
+    for pid in mine:
+        try:
+            p, r = memory(pid)
+        except OSError:
+            continue  # gone in between
+        pss += p
+        rss += r
+    return {"pss": pss / 2**20, "rss": rss / 2**20, "processes": len(mine)}

@@ -1,0 +1,186 @@
+"""The scenarios of issue 6. Each has up to three sides, measured in turn every round:
+`ours` (rootless-run), `rootlesskit` (Debian's, the same flags) and `limit` (what the
+machine does without any supervisor: raw loopback, direct connections, raw pasta,
+bare namespaces). A side returns {metric key: value} for one round."""
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import _workloads as w
+from ._procs import Runner
+
+SIDES = ("ours", "rootlesskit", "limit")
+
+# Where to get a missing tool (Debian package names).
+PACKAGES = {"iperf3": "iperf3", "slirp4netns": "slirp4netns", "pasta": "passt",
+            "unshare": "util-linux", "python3": "python3"}
+
+# rootless-run's pasta driver, by hand: the same addresses and MTU, no forwarding.
+RAW_PASTA = ["pasta", "--config-net", "--ns-ifname", "tap0", "--mtu", "65520",
+             "--address", "10.0.2.100", "--netmask", "24", "--gateway", "10.0.2.2",
+             "--dns-forward", "10.0.2.3", "--ipv4-only", "--quiet",
+             "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--"]
+ECHO_COMMAND = ["python3", "-c", w.ECHO_SERVER, str(w.ECHO_PORT)]
+IPERF_COMMAND = ["iperf3", "-s", "-p", str(w.IPERF_PORT)]
+GATEWAY = "10.0.2.2"  # the host's 127.0.0.1, seen from the namespace
+
+
+@dataclass
+class Metric:
+    key: str
+    label: str
+    unit: str
+    higher_better: bool
+    compare: bool = True  # a ratio means something (not for a loss percentage)
+
+
+@dataclass
+class Scenario:
+    name: str  # for --only
+    metrics: list[Metric]
+    sides: dict[str, Callable[[], dict]]
+    rounds: int
+    needs: tuple[str, ...] = ()
+    limit_label: str = ""
+    skipped: dict[str, str] = field(default_factory=dict)  # side -> why, known up front
+    warmup: bool = False  # one unmeasured run of each side first (page cache)
+
+
+@dataclass
+class Settings:
+    startups: int
+    rounds: int
+    seconds: int
+    connections: int
+
+
+class Sides:
+    """The commands of each side, for one benchmark run."""
+
+    def __init__(self, runner: Runner, ours: str, theirs: str | None, settings: Settings):
+        self.runner, self.ours, self.theirs, self.s = runner, ours, theirs, settings
+
+    def binaries(self) -> dict[str, str]:
+        return {"ours": self.ours, **({"rootlesskit": self.theirs} if self.theirs else {})}
+
+    def each(self, make: Callable[[str], Callable[[], dict]]) -> dict:
+        """{side: make(binary)} for ours and rootlesskit (when installed)."""
+        return {side: make(binary) for side, binary in self.binaries().items()}
+
+
+def build(sides: Sides) -> list[Scenario]:
+    r, s = sides.runner, sides.s
+
+    def startup(flags):
+        return lambda binary: lambda: {"ms": r.time_once([binary, *flags, "true"]) * 1000}
+
+    def bare(flags):
+        return lambda: {"ms": r.time_once(["unshare", *flags, "true"]) * 1000}
+
+    def port_iperf(streams=1, udp=False):
+        specs = ["127.0.0.1:{P}:%d/tcp" % w.IPERF_PORT]
+        if udp:  # iperf3 keeps its control connection on TCP, the same port number
+            specs.append("127.0.0.1:{P}:%d/udp" % w.IPERF_PORT)
+
+        def make(binary):
+            def side():
+                supervisor = [binary, "--net=slirp4netns", "--port-driver=builtin"]
+                with w.published(r, supervisor, specs, IPERF_COMMAND,
+                                 w.IPERF_PORT) as (_, port):
+                    return w.iperf_client(r, [], "127.0.0.1", port, s.seconds,
+                                          streams=streams, udp=udp)
+            return side
+
+        def limit():
+            with w.iperf_server(r) as port:
+                return w.iperf_client(r, [], "127.0.0.1", port, s.seconds, streams=streams,
+                                      udp=udp)
+        return sides.each(make) | {"limit": limit}
+
+    def connection_rate(binary):
+        def side():
+            supervisor = [binary, "--net=slirp4netns", "--port-driver=builtin"]
+            spec = ["127.0.0.1:{P}:%d/tcp" % w.ECHO_PORT]
+            with w.published(r, supervisor, spec, ECHO_COMMAND, w.ECHO_PORT) as (_, port):
+                return w.connections(r, port, seconds=s.seconds)
+        return side
+
+    def direct_connections():
+        with w.echo_server(r) as port:
+            return w.connections(r, port, seconds=s.seconds)
+
+    def child_to_host(prefix):
+        def side():
+            with w.iperf_server(r) as port:
+                return w.iperf_client(r, prefix, GATEWAY, port, s.seconds)
+        return side
+
+    def loopback():
+        with w.iperf_server(r) as port:
+            return w.iperf_client(r, [], "127.0.0.1", port, s.seconds)
+
+    def memory(binary):
+        def side():
+            supervisor = [binary, "--net=slirp4netns", "--port-driver=builtin"]
+            spec = ["127.0.0.1:{P}:%d/tcp" % w.ECHO_PORT]
+            with w.published(r, supervisor, spec, ECHO_COMMAND,
+                             w.ECHO_PORT) as (proc, port):
+                time.sleep(0.5)  # settle: nothing but the idle port
+                idle = w.supervisor_memory(proc.pid, ECHO_COMMAND)
+                w.connections(r, port, count=s.connections)
+                time.sleep(0.5)
+                busy = w.supervisor_memory(proc.pid, ECHO_COMMAND)
+            return {"pss_idle": idle["pss"], "rss_idle": idle["rss"],
+                    "pss_busy": busy["pss"], "rss_busy": busy["rss"]}
+        return side
+
+    scenarios = [
+        Scenario("startup-host", [Metric("ms", "startup: X --net=host true", "ms", False)],
+                 sides.each(startup(["--net=host"])) | {"limit": bare(["-Urm"])},
+                 s.startups, ("unshare",), "unshare -Urm true", warmup=True),
+        Scenario("startup-slirp4netns",
+                 [Metric("ms", "startup: X --net=slirp4netns --copy-up=/etc "
+                               "--disable-host-loopback true", "ms", False)],
+                 sides.each(startup(["--net=slirp4netns", "--copy-up=/etc",
+                                     "--disable-host-loopback"]))
+                 | {"limit": bare(["-Urmn"])},
+                 s.startups, ("slirp4netns", "unshare"), "unshare -Urmn true", warmup=True),
+        Scenario("port-tcp-1", [Metric("gbps", "builtin port TCP host->child, 1 stream",
+                                       "Gbit/s", True)],
+                 port_iperf(1), s.rounds, ("iperf3", "slirp4netns"), "loopback iperf3"),
+        Scenario("port-tcp-4", [Metric("gbps", "builtin port TCP host->child, 4 streams",
+                                       "Gbit/s", True)],
+                 port_iperf(4), s.rounds, ("iperf3", "slirp4netns"), "loopback iperf3"),
+        Scenario("port-udp", [Metric("gbps", "builtin port UDP host->child (-b 0, 1400 B)",
+                                     "Gbit/s", True),
+                              Metric("loss", "  UDP datagrams lost", "%", False, False)],
+                 port_iperf(udp=True), s.rounds, ("iperf3", "slirp4netns"),
+                 "loopback iperf3"),
+        Scenario("connections", [Metric("rate", "builtin port: short connections/s",
+                                        "conn/s", True)],
+                 sides.each(connection_rate) | {"limit": direct_connections}, s.rounds,
+                 ("python3", "slirp4netns"), "direct"),
+        Scenario("net-slirp4netns", [Metric("gbps", "net child->host TCP, slirp4netns",
+                                            "Gbit/s", True)],
+                 sides.each(lambda b: child_to_host([b, "--net=slirp4netns", "--"]))
+                 | {"limit": loopback},
+                 s.rounds, ("iperf3", "slirp4netns"), "loopback iperf3"),
+        Scenario("net-pasta", [Metric("gbps", "net child->host TCP, pasta", "Gbit/s", True)],
+                 {"ours": child_to_host([sides.ours, "--net=pasta", "--"]),
+                  "limit": child_to_host(RAW_PASTA)},
+                 s.rounds, ("iperf3", "pasta"), "raw pasta",
+                 skipped={"rootlesskit": "rootlesskit 1.1 has no pasta driver"}),
+        Scenario("memory",
+                 [Metric("pss_idle", "memory PSS, idle, 1 port", "MiB", False),
+                  Metric("rss_idle", "memory RSS, idle, 1 port", "MiB", False),
+                  Metric("pss_busy", f"memory PSS after {s.connections} connections",
+                         "MiB", False),
+                  Metric("rss_busy", f"memory RSS after {s.connections} connections",
+                         "MiB", False)],
+                 sides.each(memory), min(s.rounds, 3), ("python3", "slirp4netns")),
+    ]
+    if not sides.theirs:
+        for scenario in scenarios:
+            scenario.skipped.setdefault("rootlesskit", "rootlesskit is not installed "
+                                                       "(apt-get install rootlesskit)")
+    return scenarios
