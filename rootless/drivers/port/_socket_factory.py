@@ -63,11 +63,29 @@ def start(state_dir: str, netns: str | None, transparent: bool) -> None:
 def _set_up_transparency() -> bytes:
     from . import _transparent
 
-    try:
-        _transparent.set_up_routing()
-    except OSError as exc:
-        return f"N{exc.strerror or exc}\n".encode()
-    return b"T\n"
+    why = _in_subprocess(_transparent.set_up_routing)
+    return f"N{why}\n".encode() if why else b"T\n"
+
+
+def _in_subprocess(function, *args) -> str:
+    """Run `function` in a short-lived child; returns "" or why it failed. The
+    factory lives as long as the command: pyroute2 (20 MiB) must not stay in it."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            try:
+                function(*args)
+            except OSError as exc:
+                os.write(write_end, (exc.strerror or str(exc) or "failed").encode()[:1000])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        why = f.read().decode(errors="replace")
+    os.waitpid(pid, 0)
+    return why
 
 
 def _serve(listener: socket.socket, hello: bytes) -> None:
@@ -91,11 +109,8 @@ def _answer(conn: socket.socket, op: bytes, family: bytes, count: int, port: int
     if op in (b"R", b"r"):
         from . import _transparent
 
-        try:
-            _transparent.udp_rule("add" if op == b"R" else "del", port)
-            conn.sendall(b"+")
-        except OSError as exc:
-            conn.sendall(f"-{exc.strerror or exc}\n".encode())
+        why = _in_subprocess(_transparent.udp_rule, "add" if op == b"R" else "del", port)
+        conn.sendall(f"-{why}\n".encode() if why else b"+")
         return True
     return False
 

@@ -32,12 +32,18 @@ def _idle_timeout(default: float = 60.0) -> float:
 
 MAX_FLOWS = 4096     # per port: beyond it, new clients' datagrams are dropped
 _MAX_DATAGRAM = 65535
+_BURST = 64  # datagrams read at most between two checkpoints
 # What a connected UDP socket reports for an earlier ICMP error: the next
 # datagram may well get through (the server may just be starting).
 _TRANSIENT = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
 
 
 class UdpPort:
+    """`host_sock`: a bound, non-blocking stdlib socket. The loops below use plain
+    sockets and read what is queued in bursts, waiting (a trio checkpoint) only when
+    nothing is: a datagram costs a few system calls, not a trip through the
+    scheduler."""
+
     def __init__(self, factory, host_sock, child_ip: str, child_port: int, transparent: bool):
         self.factory, self.host_sock = factory, host_sock
         self.child = (child_ip, child_port)
@@ -49,24 +55,33 @@ class UdpPort:
     async def serve(self) -> None:
         import trio
 
+        host = self.host_sock
         async with trio.open_nursery() as nursery:
             while True:
-                data, client = await self.host_sock.recvfrom(_MAX_DATAGRAM)
-                flow = self.flows.get(client)
-                if flow is None:
-                    if len(self.flows) >= MAX_FLOWS:
-                        _log.debug(f"UDP {self.child}: {MAX_FLOWS} flows: dropping {client}")
+                await trio.lowlevel.wait_readable(host)
+                now = trio.current_time()
+                for _ in range(_BURST):
+                    try:
+                        data, client = host.recvfrom(_MAX_DATAGRAM)
+                    except BlockingIOError:
+                        break
+                    except OSError as exc:  # an ICMP error of an earlier answer
+                        _log.debug(f"UDP {self.child}: {exc.strerror}")
                         continue
-                    flow = await self._open(client)
+                    flow = self.flows.get(client)
                     if flow is None:
-                        continue
-                    self.flows[client] = flow
-                    nursery.start_soon(self._answers, flow)
-                await flow.send(data)
+                        if len(self.flows) >= MAX_FLOWS:
+                            _log.debug(f"UDP {self.child}: {MAX_FLOWS} flows: dropping {client}")
+                            continue
+                        flow = await self._open(client)
+                        if flow is None:
+                            continue
+                        self.flows[client] = flow
+                        nursery.start_soon(self._answers, flow)
+                    flow.last = now
+                    flow.send(data)
 
     async def _open(self, client: tuple):
-        import trio
-
         try:
             sock = await self.factory.socket(self.family, socket.SOCK_DGRAM)
         except OSError as exc:
@@ -82,30 +97,39 @@ class UdpPort:
             sock.close()
             _log.debug(f"UDP {self.child}: flow for {client[:2]}: {exc.strerror}")
             return None
-        return _Flow(client, trio.socket.from_stdlib_socket(sock))
+        return _Flow(client, sock)
 
     async def _answers(self, flow: "_Flow") -> None:
         import trio
 
-        with flow.sock:
+        host, sock = self.host_sock, flow.sock
+        try:
             while True:
-                with trio.move_on_at(flow.last + self.idle):
+                with trio.move_on_at(flow.last + self.idle) as waited:
+                    await trio.lowlevel.wait_readable(sock)
+                if waited.cancelled_caught:
+                    if trio.current_time() >= flow.last + self.idle:
+                        return
+                    continue
+                flow.last = trio.current_time()
+                for _ in range(_BURST):
                     try:
-                        data = await flow.sock.recv(_MAX_DATAGRAM)
+                        data = sock.recv(_MAX_DATAGRAM)
+                    except BlockingIOError:
+                        break
                     except OSError as exc:
                         if exc.errno in _TRANSIENT:
                             continue
                         _log.debug(f"UDP flow of {flow.client[:2]}: {exc.strerror}")
-                        break
-                    flow.last = trio.current_time()
+                        return
                     try:
-                        await self.host_sock.sendto(data, flow.client)
-                    except OSError as exc:  # e.g. the client's network went away
-                        _log.debug(f"UDP answer to {flow.client[:2]}: {exc.strerror}")
-                    continue
-                if trio.current_time() >= flow.last + self.idle:
-                    break
-        del self.flows[flow.client]
+                        host.sendto(data, flow.client)
+                    except OSError as exc:  # a full buffer drops it, as a network would
+                        if exc.errno != errno.EAGAIN:
+                            _log.debug(f"UDP answer to {flow.client[:2]}: {exc.strerror}")
+        finally:
+            del self.flows[flow.client]
+            sock.close()
 
 
 class _Flow:
@@ -115,12 +139,9 @@ class _Flow:
         self.client, self.sock = client, sock
         self.last = trio.current_time()
 
-    async def send(self, data: bytes) -> None:
-        import trio
-
-        self.last = trio.current_time()
+    def send(self, data: bytes) -> None:
         try:
-            await self.sock.send(data)
+            self.sock.send(data)
         except OSError as exc:  # dropped, as the network would; the flow goes on
-            if exc.errno not in _TRANSIENT:
+            if exc.errno not in _TRANSIENT + (errno.EAGAIN,):
                 _log.debug(f"UDP to the child from {self.client[:2]}: {exc.strerror}")

@@ -64,7 +64,7 @@ class BuiltinPortDriver(PortDriver):
         udp = spec.proto.startswith("udp")
         sock = _host_socket(spec, udp)
         try:
-            await sock.bind(_listen_address(spec)[1:3])
+            sock.bind(_listen_address(spec)[1:3])
         except OSError as exc:
             sock.close()
             raise ApiFailure(409, f"cannot listen on {spec.parentIP}:{spec.parentPort}: "
@@ -72,11 +72,13 @@ class BuiltinPortDriver(PortDriver):
         if spec.parentPort == 0:
             spec = msgspec.structs.replace(spec, parentPort=sock.getsockname()[1])
         if udp:
+            sock.setblocking(False)
             await self._add_udp_rule(spec.childPort)
             serve = UdpPort(self.factory, sock, spec.childIP or "127.0.0.1", spec.childPort,
                             self.factory.transparent).serve
         else:
             sock.listen(1024)
+            sock = trio.socket.from_stdlib_socket(sock)
             serve = partial(self._accept_loop, sock, spec)
         scope, closed = trio.CancelScope(), trio.Event()
         self.nursery.start_soon(_until_closed, serve, sock, scope, closed)
@@ -166,11 +168,11 @@ async def _until_closed(serve, sock, scope, closed) -> None:
 
 
 def _host_socket(spec, udp: bool):
+    """A stdlib socket for `spec`, not yet bound."""
     import socket
-    import trio
 
     family, _, _, v6only = _listen_address(spec)
-    sock = trio.socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
     if not udp:  # a UDP port shared by accident would split the flows between sockets
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if family == socket.AF_INET6:
