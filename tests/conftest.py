@@ -100,6 +100,28 @@ def free_port(host: str = "127.0.0.1", kind: int = socket.SOCK_STREAM) -> int:
         return s.getsockname()[1]
 
 
+def has_ipv6_loopback() -> bool:
+    try:
+        free_port("::1")
+        return True
+    except OSError:
+        return False
+
+
+def write_user_files(user, directory: str, files: dict[str, str]) -> None:
+    """Write `files` (relative path -> text) under `directory`, with the directories
+    they need, all owned by `user`: what its servers in the child read."""
+    for relative, text in files.items():
+        path = os.path.join(directory, relative)
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            os.makedirs(parent)
+            os.chown(parent, user.uid, user.gid)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chown(path, user.uid, user.gid)
+
+
 def answers(unix_socket: str) -> bool:
     """Whether something accepts connections on `unix_socket` (e.g. STATE/api.sock)."""
     with socket.socket(socket.AF_UNIX) as s:

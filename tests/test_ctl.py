@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import RUN, VENV_BIN, free_port, wait_for_api
+from conftest import RUN, VENV_BIN, free_port, has_ipv6_loopback, wait_for_api
 
 CTL = os.path.join(VENV_BIN, "rootless-ctl")
 
@@ -73,14 +73,6 @@ def port_in_use(host: str, port: int) -> bool:
             return False
         except OSError:
             return True
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        free_port("::1")
-        return True
-    except OSError:
-        return False
 
 
 # -- info ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import free_port, wait_for_api
+from conftest import free_port, has_ipv6_loopback, wait_for_api, write_user_files
 
 # The servers in the child (all on its 127.0.0.1)
 HTTP = 8080      # busybox httpd serving TMP/www
@@ -77,14 +77,6 @@ serve({SPEAK}, speak_first)
 
 # -- helpers ------------------------------------------------------------------------------
 
-
-
-def has_ipv6_loopback() -> bool:
-    try:
-        free_port("::1")
-        return True
-    except OSError:
-        return False
 
 
 def until(what: str, check, timeout: float = 5.0):
@@ -195,14 +187,7 @@ def fd_count(pid: int) -> int:
 @pytest.fixture
 def tmp(user, user_tmp):
     """The test user's dir with www/file (for httpd) and servers.py."""
-    www = os.path.join(user_tmp, "www")
-    os.mkdir(www)
-    with open(os.path.join(www, "file"), "w") as f:
-        f.write(FILE_TEXT)
-    with open(os.path.join(user_tmp, "servers.py"), "w") as f:
-        f.write(SERVERS_PY)
-    for path in (www, os.path.join(www, "file"), os.path.join(user_tmp, "servers.py")):
-        os.chown(path, user.uid, user.gid)
+    write_user_files(user, user_tmp, {"www/file": FILE_TEXT, "servers.py": SERVERS_PY})
     return user_tmp
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import free_port, wait_for_api
+from conftest import free_port, wait_for_api, write_user_files
 from test_ports import api, connect, http_get, read_to_eof, until
 
 CHILD_IP = "10.0.2.100"
@@ -52,14 +52,7 @@ udp(sys.argv[2])
 
 @pytest.fixture
 def tmp(user, user_tmp):
-    www = os.path.join(user_tmp, "www")
-    os.mkdir(www)
-    with open(os.path.join(www, "file"), "w") as f:
-        f.write(FILE_TEXT)
-    with open(os.path.join(user_tmp, "servers.py"), "w") as f:
-        f.write(SERVERS_PY)
-    for path in (www, os.path.join(www, "file"), os.path.join(user_tmp, "servers.py")):
-        os.chown(path, user.uid, user.gid)
+    write_user_files(user, user_tmp, {"www/file": FILE_TEXT, "servers.py": SERVERS_PY})
     return user_tmp
 
 

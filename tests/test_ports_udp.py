@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import free_port, wait_for_api
+from conftest import free_port, wait_for_api, write_user_files
 from test_ports import until
 
 TCP_PEER = 9000   # tells each connection its peer "IP PORT\n" and closes
@@ -47,10 +47,8 @@ udp()
 def instance(user, rootless_run, state_dir, spawned, user_tmp):
     """start(*specs, flags=(), env=None): a running instance publishing `specs`, its
     command the servers above."""
+    write_user_files(user, user_tmp, {"server.py": SERVER_PY})
     script = os.path.join(user_tmp, "server.py")
-    with open(script, "w") as f:
-        f.write(SERVER_PY)
-    os.chown(script, user.uid, user.gid)
 
     def start(*specs, flags=(), env=None, command=None):
         args = [rootless_run, "--net=slirp4netns", "--port-driver=builtin",
