@@ -7,6 +7,7 @@ user, servers on the child's 127.0.0.1, clients on the host's 127.0.0.1 only.
 """
 import errno
 import hashlib
+import json
 import os
 import random
 import resource
@@ -19,8 +20,8 @@ import pytest
 
 from rootless.drivers.port import _relay, _socket_factory
 from conftest import free_port
-from test_ports import (connect, closed_within, fd_count, instance, read_to_eof,  # noqa: F401
-                        recv_exactly, tmp, until)
+from test_ports import (api, connect, closed_within, fd_count, instance,  # noqa: F401
+                        read_to_eof, recv_exactly, tmp, until)
 
 ECHO = 9000      # echoes, one thread and epoll: thousands of connections cheaply
 BOTH = 9001      # sends SIZE bytes of random.Random(SEED) and half-closes, meanwhile
@@ -93,6 +94,22 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
+
+
+def worker_cpu_ns(pid: int) -> int:
+    """CPU time of the process's worker threads: trio names them (its loop runs in a
+    thread named as the process, and so does the supervision)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                if not f.read().startswith(("Trio thread", "rootless relay")):
+                    continue
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # the thread ended meanwhile
+    return total
 
 
 def pipe_fds(pid: int) -> int:
@@ -313,6 +330,7 @@ def test_half_close_big_payloads_through_splice(server, client_first):
     port = free_port()
     inst = server(f"127.0.0.1:{port}:{BOTH}/tcp")
     before = pipe_fds(inst.pid)  # no connection yet: no relay pipe
+    workers = worker_cpu_ns(inst.pid)
     stop, seen = threading.Event(), []
     watcher = threading.Thread(target=_watch_pipes, args=(inst.pid, stop, seen))
     watcher.start()
@@ -323,6 +341,42 @@ def test_half_close_big_payloads_through_splice(server, client_first):
         stop.set()
         watcher.join()
     assert max(seen) >= before + 2, "no pipe in use: the data did not go through splice"
+    # 32 MiB take a few ms of splicing: done by worker threads, not by trio's.
+    assert worker_cpu_ns(inst.pid) - workers > 1_000_000, \
+        "no worker thread took the bulk transfer"
+
+
+def test_removing_a_port_ends_a_bulk_transfer(user, server):
+    """A direction copied by a worker thread ends at once with its port: the thread
+    is woken, not left copying into a closed connection."""
+    port = free_port()
+    inst = server(f"127.0.0.1:{port}:{BOTH}/tcp")
+    workers = worker_cpu_ns(inst.pid)
+    until("the server", lambda: connect(port, timeout=1).close() or True)
+    with connect(port, timeout=10) as s:
+        sending = threading.Event()
+
+        def send():
+            chunk = os.urandom(1 << 20)
+            try:
+                while True:
+                    s.sendall(chunk)
+                    sending.set()
+            except OSError:
+                pass  # the connection ended, as it should
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        assert sending.wait(10)
+        until("a worker thread", lambda: worker_cpu_ns(inst.pid) - workers > 1_000_000,
+              timeout=10)
+        status, body = api(user, inst.sock, "GET", "/v1/ports")
+        assert status == 200, body
+        [port_id] = [p["id"] for p in json.loads(body) if p["spec"]["parentPort"] == port]
+        assert api(user, inst.sock, "DELETE", f"/v1/ports/{port_id}")[0] == 200
+        assert closed_within(s, 3), "the bulk transfer outlived its port"
+        sender.join(5)
+        assert not sender.is_alive()
+    assert inst.proc.poll() is None
 
 
 HOG_PY = '''

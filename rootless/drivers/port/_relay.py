@@ -3,7 +3,9 @@
 Bytes go through a pipe with splice(2): socket -> pipe -> socket, never through
 Python. Every fd is non-blocking (trio's sockets, and the pipe); on EAGAIN the task
 waits for the fd with trio, and each loop has a checkpoint, so a busy connection can
-be cancelled and does not starve the others.
+be cancelled and does not starve the others. A direction that keeps its pipe full
+moves to a worker thread while the data flows (`_bulk`), so bulk connections use
+every CPU.
 
 Pipes come from a pool and are held only while data is in flight: a direction takes a
 pipe when its source has data, and gives it back, empty, before it waits for more.
@@ -28,13 +30,16 @@ import socket
 import time
 
 from ... import _log
+from . import _bulk
 
-_SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_SPLICE = _bulk.SPLICE_FLAGS
 _PIPE_SIZES = (1 << 20, 512 << 10, 256 << 10, 128 << 10)
 _MIN_PIPE = 64 << 10    # smaller (a user over quota gets 8 KiB): copy through a buffer
 _BUFFER = 64 << 10      # that buffer
 _KEEP_IDLE = 16         # pipes kept for reuse; their memory counts in the user's quota
 _RETRY_AFTER = 1.0      # s: no new pipe is tried this long after one was refused
+_BULK = 4 << 20         # bytes in a burst that make a direction a bulk transfer
+_QUIET = 0.01           # s: a source quiet this long ends a burst
 _LINGER_RESET = b"\1\0\0\0\0\0\0\0"  # struct linger {on, 0 s}: close() sends a reset
 
 
@@ -155,13 +160,19 @@ async def _copy(source, sink) -> None:
     # wait for it rather than spend a read on EAGAIN (half the syscalls of a short
     # exchange).
     drained = False
+    # Bytes moved since the source was last quiet for _QUIET s: past _BULK, the
+    # direction is a bulk transfer and goes to a worker thread.
+    burst = 0
     try:
         while True:
             if drained:
                 if pipe is not None:
                     pipes.put(pipe)  # empty: others may use it while this one waits
                     pipe = None
+                waited = time.monotonic()
                 await wait_readable(src)
+                if time.monotonic() - waited > _QUIET:
+                    burst = 0
                 drained, streak = False, 0
             if pipe is None:
                 pipe = pipes.get()
@@ -181,6 +192,7 @@ async def _copy(source, sink) -> None:
                 _shutdown(sink)
                 return
             drained = queued < pipe.size
+            burst += queued
             while queued:
                 try:
                     queued -= os.splice(pipe.r, dst, queued, flags=_SPLICE)
@@ -190,6 +202,17 @@ async def _copy(source, sink) -> None:
                 except OSError as exc:
                     _debug("writing", exc)
                     return
+            if burst >= _BULK and _bulk.available():  # give it a CPU of its own
+                copy = _bulk.Copy(src, dst, pipe)
+                try:
+                    await _bulk.copy_in_thread(copy)
+                finally:
+                    queued = copy.queued  # not 0 if cancelled while writing
+                if copy.how != _bulk.IDLE:
+                    _thread_ended(copy, sink)
+                    return
+                drained, burst = True, 0  # quiet: wait for the source on trio's thread
+                continue
             streak += 1
             if streak > 1:
                 await checkpoint()
@@ -200,6 +223,17 @@ async def _copy(source, sink) -> None:
                 pipes.drop(pipe)  # data of a dead connection in it
             else:
                 pipes.put(pipe)
+
+
+def _thread_ended(copy, sink) -> None:
+    """The direction ended on a worker thread: end it here as `_copy` would."""
+    if copy.how == _bulk.EOF:
+        _shutdown(sink)
+    elif copy.how == _bulk.READ_FAILED:
+        _debug("reading", copy.error)
+        raise _Reset
+    elif copy.how == _bulk.WRITE_FAILED:
+        _debug("writing", copy.error)
 
 
 async def _copy_some(src: int, dst: int, sink) -> bool:
