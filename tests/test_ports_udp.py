@@ -139,6 +139,34 @@ def test_udp_clients_get_their_own_answers(instance):
             assert b.recv(100).startswith(b"b%d from 127.0.0.3 " % i)
 
 
+def test_udp_bursts_from_several_clients(instance):
+    """Three clients send interleaved bursts without waiting, in sizes up to 1.2 KB
+    (all of them fit the child server's socket buffer): the relay reads them many at a
+    time (recvmmsg), and each datagram still goes into its own client's flow, whole
+    and in order."""
+    port = free_port()
+    instance(f"127.0.0.1:{port}:{UDP_ECHO}/udp")
+    udp_ready(port)
+    clients = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+    try:
+        for n, s in enumerate(clients):
+            s.bind((f"127.0.0.{n + 2}", 0))
+            s.settimeout(5)
+        sent = {n: [] for n in range(len(clients))}
+        for i in range(20):
+            for n, s in enumerate(clients):
+                payload = (b"%d:%d:" % (n, i)).ljust((i * 229 + n * 71) % 1200, b"x")
+                s.sendto(payload, ("127.0.0.1", port))
+                sent[n].append(payload)
+        for n, s in enumerate(clients):
+            got = [s.recv(65535) for _ in sent[n]]
+            suffix = f" from 127.0.0.{n + 2} ".encode()
+            assert [g[:g.rindex(suffix)] for g in got] == sent[n]
+    finally:
+        for s in clients:
+            s.close()
+
+
 def test_udp_flow_ends_when_idle(instance):
     """A flow is kept while used and ends after the idle timeout: the child sees the
     same source port within a flow and a new one after it expired."""
