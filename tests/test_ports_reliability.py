@@ -112,6 +112,18 @@ def worker_cpu_ns(pid: int) -> int:
     return total
 
 
+def relay_threads(pid: int) -> int:
+    """Worker threads copying a connection now (trio names a thread for its job)."""
+    count = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                count += f.read().strip() == "rootless relay"
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return count
+
+
 def pipe_fds(pid: int) -> int:
     n = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -392,6 +404,25 @@ while True:  # take the user's whole pipe quota
 print(len(pipes), fcntl.fcntl(os.pipe()[1], fcntl.F_GETPIPE_SZ), flush=True)
 time.sleep(600)
 '''
+
+
+def test_a_stalled_bulk_transfer_gives_back_its_thread(server):
+    """A client that stops reading in the middle of a download: its worker thread
+    goes back (a stalled connection must not hold the few workers there are), and
+    the rest of the data comes whole once the client reads again."""
+    port = free_port()
+    inst = server(f"127.0.0.1:{port}:{BOTH}/tcp")
+    expected = hashlib.sha256(random.Random(SEED).randbytes(SIZE)).hexdigest()
+    until("the server", lambda: connect(port, timeout=1).close() or True)
+    workers = worker_cpu_ns(inst.pid)
+    with connect(port, timeout=20) as s:
+        head = recv_exactly(s, 16 << 20)  # half the server's stream
+        assert worker_cpu_ns(inst.pid) - workers > 200_000, "no worker took the stream"
+        time.sleep(0.5)  # not reading: the host side fills up
+        assert relay_threads(inst.pid) == 0, "the stalled connection holds a worker"
+        s.shutdown(socket.SHUT_WR)  # nothing to send: the server may finish
+        data = head + read_to_eof(s)
+    assert len(data) == SIZE and hashlib.sha256(data).hexdigest() == expected
 
 
 @pytest.mark.parametrize("client_first", [True, False], ids=["client-first", "server-first"])

@@ -8,10 +8,10 @@ few microseconds a megabyte, so bulk connections copy on several CPUs, as Go's
 goroutines do for rootlesskit. Short exchanges never get here: they stay on
 trio's thread, where a connection costs no thread hand-off.
 
-A thread gives the direction back to trio once its source has been quiet for
-_IDLE_MS, so an idle connection holds no thread, and at once when trio cancels the
-direction (the connection ends, or its port is removed): cancellation writes an
-eventfd the thread polls along with its fds.
+A thread gives the direction back to trio once its source has been quiet, or its sink
+full, for _IDLE_MS, so an idle or stalled connection holds no thread, and at once
+when trio cancels the direction (the connection ends, or its port is removed):
+cancellation writes an eventfd the thread polls along with its fds.
 """
 import os
 import select
@@ -21,7 +21,8 @@ _IDLE_MS = 50
 _WAKE = select.POLLIN
 
 # How a thread's copy ended (what trio does next is `_relay`'s business).
-IDLE, EOF, READ_FAILED, WRITE_FAILED, CANCELLED = "idle", "eof", "read", "write", "cancelled"
+IDLE, STALLED, EOF, READ_FAILED, WRITE_FAILED, CANCELLED = (
+    "idle", "stalled", "eof", "read", "write", "cancelled")
 
 
 class Copy:
@@ -110,7 +111,11 @@ def _copy(copy: Copy, wake: int) -> None:
             try:
                 copy.queued -= os.splice(pipe.r, dst, copy.queued, flags=SPLICE_FLAGS)
             except BlockingIOError:
-                if any(fd == wake for fd, _ in writable.poll()):
+                events = writable.poll(_IDLE_MS)
+                if not events:
+                    copy.how = STALLED  # trio writes the rest when the sink takes it
+                    return
+                if any(fd == wake for fd, _ in events):
                     return  # CANCELLED, with data in the pipe
             except OSError as exc:
                 copy.how, copy.error = WRITE_FAILED, exc

@@ -149,7 +149,7 @@ async def _copy(source, sink) -> None:
     import trio
 
     src, dst = source.fileno(), sink.fileno()
-    wait_readable, wait_writable = trio.lowlevel.wait_readable, trio.lowlevel.wait_writable
+    wait_readable = trio.lowlevel.wait_readable
     checkpoint = trio.lowlevel.checkpoint
     pipe, queued = None, 0  # bytes read into the pipe, not yet written out
     # Chunks moved since the last wait (a wait is a checkpoint): the second one in a
@@ -169,9 +169,9 @@ async def _copy(source, sink) -> None:
                 if pipe is not None:
                     pipes.put(pipe)  # empty: others may use it while this one waits
                     pipe = None
-                waited = time.monotonic()
+                since = time.monotonic()
                 await wait_readable(src)
-                if time.monotonic() - waited > _QUIET:
+                if time.monotonic() - since > _QUIET:
                     burst = 0
                 drained, streak = False, 0
             if pipe is None:
@@ -193,22 +193,22 @@ async def _copy(source, sink) -> None:
                 return
             drained = queued < pipe.size
             burst += queued
-            while queued:
-                try:
-                    queued -= os.splice(pipe.r, dst, queued, flags=_SPLICE)
-                except BlockingIOError:
-                    await wait_writable(dst)
-                    streak = 0
-                except OSError as exc:
-                    _debug("writing", exc)
-                    return
+            queued, waited = await _write_out(pipe, queued, dst)
+            if queued:
+                return  # the sink failed
+            if waited:
+                streak = 0
             if burst >= _BULK and _bulk.available():  # give it a CPU of its own
                 copy = _bulk.Copy(src, dst, pipe)
                 try:
                     await _bulk.copy_in_thread(copy)
                 finally:
                     queued = copy.queued  # not 0 if cancelled while writing
-                if copy.how != _bulk.IDLE:
+                if copy.how == _bulk.STALLED:  # the sink is slow: wait for it here
+                    queued, _ = await _write_out(pipe, queued, dst)
+                    if queued:
+                        return
+                elif copy.how != _bulk.IDLE:
                     _thread_ended(copy, sink)
                     return
                 drained, burst = True, 0  # quiet: wait for the source on trio's thread
@@ -223,6 +223,24 @@ async def _copy(source, sink) -> None:
                 pipes.drop(pipe)  # data of a dead connection in it
             else:
                 pipes.put(pipe)
+
+
+async def _write_out(pipe: _Pipe, queued: int, dst: int) -> tuple[int, bool]:
+    """Write the pipe's `queued` bytes to `dst`: (what is left, only if the sink
+    failed; whether it had to wait for the sink)."""
+    import trio
+
+    waited = False
+    while queued:
+        try:
+            queued -= os.splice(pipe.r, dst, queued, flags=_SPLICE)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(dst)
+            waited = True
+        except OSError as exc:
+            _debug("writing", exc)
+            break
+    return queued, waited
 
 
 def _thread_ended(copy, sink) -> None:
