@@ -167,6 +167,28 @@ def test_udp_bursts_from_several_clients(instance):
             s.close()
 
 
+@pytest.mark.parametrize("proto", ["udp", "udp4"])
+def test_udp_answers_come_from_the_address_the_client_used(instance, proto):
+    """A port on the wildcard address, a client that sends to another address of the
+    host (127.0.0.2 here; a second interface's address in life): the answer comes
+    from that address, so a connected client accepts it. (rootlesskit answers from
+    the address routing picks, 127.0.0.1, which such a client drops.)"""
+    port = free_port()
+    instance(f"0.0.0.0:{port}:{UDP_ECHO}/{proto}")
+    udp_ready(port)
+    for address in ("127.0.0.2", "127.0.0.1"):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.connect((address, port))  # the kernel drops datagrams from elsewhere
+            s.send(b"where")
+            assert s.recv(100).startswith(b"where from 127.0.0.1 ")
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(2)
+            s.sendto(b"who", (address, port))
+            data, sender = s.recvfrom(100)
+            assert sender == (address, port) and data.startswith(b"who from ")
+
+
 def test_udp_flow_ends_when_idle(instance):
     """A flow is kept while used and ends after the idle timeout: the child sees the
     same source port within a flow and a new one after it expired."""

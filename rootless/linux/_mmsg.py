@@ -1,8 +1,9 @@
 """recvmmsg(2) and sendmmsg(2), which Python lacks: many datagrams a system call.
 
 A `Datagrams` holds `count` slots, each a buffer for one datagram and room for its
-sender's address. recv() fills the first n slots from one socket; send() passes a
-run of them on to a connected socket, as they came. The kernel structures are built
+sender's address (and, optionally, for the address it was sent to: the PKTINFO the
+socket is asked for). recv() fills the first n slots from one socket; send() passes
+a run of them on to a connected socket, as they came. The kernel structures are built
 once: a batch costs two ctypes calls and a few slices, not a Python call per datagram.
 """
 import array
@@ -43,22 +44,35 @@ _IOV_WORDS = ctypes.sizeof(_iovec) // 8
 _IOV_LEN_WORD = _iovec.iov_len.offset // 8
 
 _NAME_SIZE = {socket.AF_INET: 16, socket.AF_INET6: 28}  # sockaddr_in, sockaddr_in6
+_CONTROL = 64     # room for one cmsg of in_pktinfo or in6_pktinfo, and to spare
+_CMSG_LEVEL = ctypes.sizeof(ctypes.c_size_t)  # struct cmsghdr {size_t len; int level, type}
+_CMSG_DATA = _CMSG_LEVEL + 8
+# (level, type) of the PKTINFO a socket of the family receives, and where in it the
+# packet's destination address is: in_pktinfo.ipi_addr, in6_pktinfo.ipi6_addr.
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # linux/in.h; Python 3.11 lacks it
+PKTINFO = {socket.AF_INET: (socket.IPPROTO_IP, IP_PKTINFO, 8, 4),
+           socket.AF_INET6: (socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, 0, 16)}
 
 
 class Datagrams:
-    def __init__(self, count: int, size: int, family: int):
+    def __init__(self, count: int, size: int, family: int, pktinfo: bool = False):
         self.count, self.namelen = count, _NAME_SIZE[family]
+        self.family = family
         # Anonymous memory, so that only the pages datagrams have used are resident
         # (64 KiB slots for datagrams of 1.4 KB: 4 KiB each, not 64).
         self._data = mmap.mmap(-1, count * size)
         self._names = ctypes.create_string_buffer(count * self.namelen)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._data))
         names = ctypes.addressof(self._names)
-        # Receiving: every slot its whole buffer and its name.
+        control = _CONTROL if pktinfo else 0
+        self._control = ctypes.create_string_buffer(count * control or 1)
+        controls = ctypes.addressof(self._control)
+        # Receiving: every slot its whole buffer, its name and its control buffer.
         self._riov = (_iovec * count)(*[_iovec(base + i * size, size) for i in range(count)])
         self._rhdr = (_mmsghdr * count)(*[
             _mmsghdr(_msghdr(names + i * self.namelen, self.namelen,
-                             ctypes.addressof(self._riov[i]), 1, None, 0, 0), 0)
+                             ctypes.addressof(self._riov[i]), 1,
+                             controls + i * control if control else None, control, 0), 0)
             for i in range(count)])
         # recvmmsg overwrites msg_namelen and msg_len: restored from this before each call.
         self._pristine = bytes(self._rhdr)
@@ -86,6 +100,21 @@ class Datagrams:
     def sender(self, i: int) -> bytes:
         """Slot i's sender, as the kernel's sockaddr (a dict key; see address())."""
         return self._name_view[i * self.namelen:(i + 1) * self.namelen].tobytes()
+
+    def destination(self, i: int) -> bytes | None:
+        """The address slot i was sent to (4 or 16 bytes, as in the packet), when the
+        socket gives PKTINFO (Datagrams(pktinfo=True), and the socket option set)."""
+        hdr = self._rhdr[i].msg_hdr
+        if hdr.msg_controllen < _CMSG_DATA:
+            return None
+        level, kind, offset, length = PKTINFO[self.family]
+        at = i * _CONTROL
+        got = (int.from_bytes(self._control[at + _CMSG_LEVEL:at + _CMSG_LEVEL + 4], sys.byteorder),
+               int.from_bytes(self._control[at + _CMSG_LEVEL + 4:at + _CMSG_DATA], sys.byteorder))
+        if got != (level, kind):
+            return None
+        start = at + _CMSG_DATA + offset
+        return self._control[start:start + length]
 
     def send(self, fd: int, start: int, end: int) -> int:
         """Send slots start..end-1 on the connected socket `fd`, without waiting:

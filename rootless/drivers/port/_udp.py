@@ -56,7 +56,7 @@ class UdpPort:
         from ...linux._mmsg import Datagrams
 
         host = self.host_sock
-        batch = Datagrams(_BURST, _MAX_DATAGRAM + 1, host.family)
+        batch = Datagrams(_BURST, _MAX_DATAGRAM + 1, host.family, self._ask_destinations())
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
             while True:
@@ -73,13 +73,29 @@ class UdpPort:
                 for i in range(1, n + 1):
                     sender = batch.sender(i) if i < n else None
                     if sender != client:
-                        flow = self.flows.get(client) or await self._new_flow(client)
+                        flow = (self.flows.get(client)
+                                or await self._new_flow(client, batch.destination(start)))
                         if flow is not None:
                             flow.last = trio.current_time()
                             flow.send(batch, start, i)
                         start, client = i, sender
 
-    async def _new_flow(self, sockaddr: bytes):
+    def _ask_destinations(self) -> bool:
+        """On a wildcard address, have the socket tell each datagram's destination, so
+        that answers go out from the address the client sent to (from the one routing
+        picks, a client that sent to another address of the host would drop them, as
+        rootlesskit's do)."""
+        from ...linux._mmsg import IP_PKTINFO, PKTINFO
+
+        host = self.host_sock
+        if host.getsockname()[0] not in ("0.0.0.0", "::"):
+            return False
+        level = PKTINFO[host.family][0]
+        option = socket.IPV6_RECVPKTINFO if host.family == socket.AF_INET6 else IP_PKTINFO
+        host.setsockopt(level, option, 1)
+        return True
+
+    async def _new_flow(self, sockaddr: bytes, destination: bytes | None):
         from ...linux._mmsg import address
 
         client = address(sockaddr)
@@ -89,6 +105,7 @@ class UdpPort:
         flow = await self._open(client)
         if flow is not None:
             flow.key = sockaddr
+            flow.source = _source(self.host_sock.family, destination)
             self.flows[sockaddr] = flow
             self.nursery.start_soon(self._answers, flow)
         return flow
@@ -135,7 +152,10 @@ class UdpPort:
                         _log.debug(f"UDP flow of {flow.client[:2]}: {exc.strerror}")
                         return
                     try:
-                        host.sendto(data, flow.client)
+                        if flow.source:
+                            host.sendmsg([data], flow.source, 0, flow.client)
+                        else:
+                            host.sendto(data, flow.client)
                     except OSError as exc:  # a full buffer drops it, as a network would
                         if exc.errno != errno.EAGAIN:
                             _log.debug(f"UDP answer to {flow.client[:2]}: {exc.strerror}")
@@ -150,6 +170,7 @@ class _Flow:
 
         self.client, self.sock = client, sock
         self.key = b""
+        self.source = []  # ancillary data for sendmsg: answers from where the client sent
         self.last = trio.current_time()
 
     def send(self, batch, start: int, end: int) -> None:
@@ -165,3 +186,15 @@ class _Flow:
                 if exc.errno not in _TRANSIENT:
                     _log.debug(f"UDP to the child from {self.client[:2]}: {exc.strerror}")
                 start += 1  # the one that failed
+
+
+def _source(family: int, destination: bytes | None) -> list:
+    """sendmsg's ancillary data that sends from `destination` (a PKTINFO)."""
+    if destination is None:
+        return []
+    if family == socket.AF_INET6:  # in6_pktinfo: address, interface (any)
+        return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, destination + bytes(4))]
+    from ...linux._mmsg import IP_PKTINFO
+
+    # in_pktinfo: interface (any), the source to use, (the destination: ignored)
+    return [(socket.IPPROTO_IP, IP_PKTINFO, bytes(4) + destination + bytes(4))]
