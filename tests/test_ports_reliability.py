@@ -337,12 +337,8 @@ def _watch_pipes(pid: int, stop: threading.Event, seen: list) -> None:
         time.sleep(0.005)
 
 
-@pytest.mark.parametrize("client_first", [True, False], ids=["client-first", "server-first"])
-def test_half_close_big_payloads_through_splice(server, client_first):
-    port = free_port()
-    inst = server(f"127.0.0.1:{port}:{BOTH}/tcp")
-    before = pipe_fds(inst.pid)  # no connection yet: no relay pipe
-    workers = worker_cpu_ns(inst.pid)
+def _pipes_during_transfer(inst, port: int, client_first: bool) -> list[int]:
+    """_both_ways through `port`; the parent's count of pipe fds, sampled meanwhile."""
     stop, seen = threading.Event(), []
     watcher = threading.Thread(target=_watch_pipes, args=(inst.pid, stop, seen))
     watcher.start()
@@ -352,6 +348,16 @@ def test_half_close_big_payloads_through_splice(server, client_first):
     finally:
         stop.set()
         watcher.join()
+    return seen
+
+
+@pytest.mark.parametrize("client_first", [True, False], ids=["client-first", "server-first"])
+def test_half_close_big_payloads_through_splice(server, client_first):
+    port = free_port()
+    inst = server(f"127.0.0.1:{port}:{BOTH}/tcp")
+    before = pipe_fds(inst.pid)  # no connection yet: no relay pipe
+    workers = worker_cpu_ns(inst.pid)
+    seen = _pipes_during_transfer(inst, port, client_first)
     assert max(seen) >= before + 2, "no pipe in use: the data did not go through splice"
     # 32 MiB take a few ms of splicing: done by worker threads, not by trio's.
     assert worker_cpu_ns(inst.pid) - workers > 1_000_000, \
@@ -436,15 +442,7 @@ def test_half_close_big_payloads_without_pipes(user, server, spawned, client_fir
     port = free_port()
     inst = server(f"127.0.0.1:{port}:{BOTH}/tcp")
     before = pipe_fds(inst.pid)
-    stop, seen = threading.Event(), []
-    watcher = threading.Thread(target=_watch_pipes, args=(inst.pid, stop, seen))
-    watcher.start()
-    try:
-        until("the server", lambda: connect(port, timeout=1).close() or True)
-        _both_ways(port, inst.result, client_first)
-    finally:
-        stop.set()
-        watcher.join()
+    seen = _pipes_during_transfer(inst, port, client_first)
     # (a pipe the pool tries and closes at once, being too small, may show briefly)
     assert sum(n > before for n in seen) <= len(seen) // 20, \
         "pipes were used despite the exhausted quota"

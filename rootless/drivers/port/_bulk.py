@@ -18,7 +18,6 @@ import select
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _IDLE_MS = 50
-_WAKE = select.POLLIN
 
 # How a thread's copy ended (what trio does next is `_relay`'s business).
 IDLE, STALLED, EOF, READ_FAILED, WRITE_FAILED, CANCELLED = (
@@ -56,7 +55,7 @@ def available() -> bool:
     return _limiter().available_tokens > 0
 
 
-async def copy_in_thread(copy: Copy) -> Copy:
+async def copy_in_thread(copy: Copy) -> None:
     """Run `copy` on a worker thread until its source is quiet, it ends or trio
     cancels it; the thread is always done when this returns or raises."""
     import trio
@@ -87,9 +86,9 @@ def _copy(copy: Copy, wake: int) -> None:
     src, dst, pipe = copy.src, copy.dst, copy.pipe
     readable, writable = select.poll(), select.poll()
     readable.register(src, select.POLLIN)
-    readable.register(wake, _WAKE)
+    readable.register(wake, select.POLLIN)
     writable.register(dst, select.POLLOUT)
-    writable.register(wake, _WAKE)
+    writable.register(wake, select.POLLIN)
     while True:
         try:
             copy.queued = os.splice(src, pipe.w, pipe.size, flags=SPLICE_FLAGS)
