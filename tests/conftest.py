@@ -178,6 +178,9 @@ def nothing_left_behind(request):
     users = [User(TEST_USER), User(NOSUB_USER)]
     for u in users:
         _kill_all(u)
+    # The test users' dirs (user_tmp, state_dir): removed last, once none of their
+    # processes is left to write there (a dying one could keep a dir from going).
+    request.node.user_dirs = []
     yield
     deadline = time.monotonic() + 3
     left = []
@@ -188,15 +191,17 @@ def nothing_left_behind(request):
         time.sleep(0.05)
     for u in users:
         _kill_all(u)
+    for path in request.node.user_dirs:
+        subprocess.run(["rm", "-rf", path], check=False)
     assert not left, f"processes left running: {left}"
 
 
 @pytest.fixture
-def state_dir(user):
+def state_dir(user, request):
     """A path (not yet created) for --state-dir, under the user's runtime dir."""
     path = os.path.join(user.runtime_dir, "state-" + uuid.uuid4().hex[:8])
-    yield path
-    subprocess.run(["rm", "-rf", path], check=False)
+    request.node.user_dirs.append(path)
+    return path
 
 
 @pytest.fixture
@@ -217,13 +222,13 @@ def rootlesskit_link(rootless_run):
 
 
 @pytest.fixture
-def user_tmp(user):
+def user_tmp(user, request):
     """A private dir of the test user, for TMPDIR: whatever a run leaves there shows."""
     path = f"/tmp/rlt-tmp-{uuid.uuid4().hex[:8]}"
     os.mkdir(path, 0o700)
     os.chown(path, user.uid, user.gid)
-    yield path
-    subprocess.run(["rm", "-rf", path], check=False)
+    request.node.user_dirs.append(path)
+    return path
 
 
 @pytest.fixture
