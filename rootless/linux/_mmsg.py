@@ -9,11 +9,11 @@ once: a batch costs two ctypes calls and a few slices, not a Python call per dat
 import array
 import ctypes
 import mmap
-import os
 import socket
+import struct
 import sys
 
-from ._libc import _libc
+from ._libc import _check, _libc
 
 
 class _iovec(ctypes.Structure):
@@ -90,8 +90,7 @@ class Datagrams:
         (BlockingIOError when nothing is); they are then ready to send()."""
         ctypes.memmove(self._rhdr, self._pristine, len(self._pristine))
         n = _recvmmsg(fd, self._rhdr, self.count, socket.MSG_DONTWAIT, None)
-        if n < 0:
-            _raise()
+        _check(n, "recvmmsg")
         lens = self._lens[_LEN_WORD:_LEN_WORD + n * _HDR_WORDS:_HDR_WORDS]
         self._send_lens[_IOV_LEN_WORD:_IOV_LEN_WORD + n * _IOV_WORDS:_IOV_WORDS] = \
             array.array("Q", lens.tolist())
@@ -109,9 +108,7 @@ class Datagrams:
             return None
         level, kind, offset, length = PKTINFO[self.family]
         at = i * _CONTROL
-        got = (int.from_bytes(self._control[at + _CMSG_LEVEL:at + _CMSG_LEVEL + 4], sys.byteorder),
-               int.from_bytes(self._control[at + _CMSG_LEVEL + 4:at + _CMSG_DATA], sys.byteorder))
-        if got != (level, kind):
+        if struct.unpack_from("=ii", self._control, at + _CMSG_LEVEL) != (level, kind):
             return None
         start = at + _CMSG_DATA + offset
         return self._control[start:start + length]
@@ -121,8 +118,7 @@ class Datagrams:
         how many went (at least one), or OSError for the first."""
         sent = _sendmmsg(fd, ctypes.addressof(self._shdr) + start * ctypes.sizeof(_mmsghdr),
                          end - start, socket.MSG_DONTWAIT)
-        if sent < 0:
-            _raise()
+        _check(sent, "sendmmsg")
         return sent
 
 
@@ -134,7 +130,3 @@ def address(sockaddr: bytes) -> tuple:
     return (socket.inet_ntop(socket.AF_INET6, sockaddr[8:24]), port,
             int.from_bytes(sockaddr[4:8], "big"), int.from_bytes(sockaddr[24:28], sys.byteorder))
 
-
-def _raise():
-    err = ctypes.get_errno()
-    raise OSError(err, os.strerror(err))
