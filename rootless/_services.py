@@ -4,10 +4,18 @@ the port driver, under trio, in a thread of their own.
 The main thread keeps the supervision (signal handlers run only there) and does not
 wait for this thread to start: trio's import (60 ms) stays off the path to the
 command. It also stays off the exit of a short command: the thread lets the first
-moments pass before it imports anything, so a command that is done by then never
+moments pass before it does anything, so a command that is done by then never
 competes with it for the GIL.
+
+Nor does the thread load trio while nobody needs it. It binds the API socket with the
+standard library and, unless the port driver has -p ports to publish, waits for the
+first client before it loads anything: clients wait in the socket's backlog meanwhile.
+Loading trio, h11 and the port driver takes 60-100 ms of a CPU, and taken just when the
+command starts, that stalled a command busy on every CPU (iperf3 through slirp4netns
+lost 0.2-0.7 s of traffic); an instance nobody calls also stays small.
 """
 import os
+import select
 import threading
 
 from . import __version__, _log
@@ -24,6 +32,8 @@ class Services:
         # the run. It is not printed here: when the run is ending anyway (the command
         # exited, a helper died), the failure is only a consequence, not news.
         self.failed_r, self._failed_w = os.pipe()
+        # stop() writes here: it wakes the thread wherever it waits before trio runs.
+        self._wake_r, self._wake_w = os.pipe()
         self._lock = threading.Lock()
         self._stopping = False
         self._active = False
@@ -31,9 +41,9 @@ class Services:
         # Set once the port driver and the API listen (or the services gave up):
         # what --notify=ready waits for before READY=1.
         self.started = threading.Event()
-        self._stop_requested = threading.Event()
         self._token = None
         self._scope = None
+        self._listener = None
         self._thread = threading.Thread(target=self._run, name="rootless-services",
                                         daemon=True)
 
@@ -41,11 +51,11 @@ class Services:
         self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        self._stop_requested.set()
         with self._lock:
             self._stopping = True
             active = self._active
-        if active:  # else it never touches the state dir: no need to wait for it
+        os.write(self._wake_w, b"x")
+        if active:
             import trio
 
             if self._running.wait(timeout):
@@ -53,30 +63,54 @@ class Services:
                     trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
                 except trio.RunFinishedError:
                     pass
-            self._thread.join(timeout)
-        os.close(self.failed_r)
-        os.close(self._failed_w)
+        # Also when it never loaded trio: it may hold the API socket in the state dir.
+        self._thread.join(timeout)
+        for fd in (self.failed_r, self._failed_w, self._wake_r, self._wake_w):
+            os.close(fd)
 
     def _run(self) -> None:
         try:
             self._serve()
+        except BaseException as exc:  # noqa: B902 - reported, then the run ends
+            if not self._stopping:
+                os.write(self._failed_w, _describe(exc).encode()[:4000] or b"?")
         finally:
             self.started.set()  # whatever happened, nobody waits for it any longer
+            if self._listener is not None:
+                self._listener.close()
 
     def _serve(self) -> None:
-        if self._stop_requested.wait(_GRACE):
+        if self._woken(_GRACE):
             return
+        from .api import listen
+
+        with self._lock:  # not after stop() has begun: the state dir is going
+            if self._stopping:
+                return
+            self._listener = listen(self.state.file("api.sock"))
+        if not self.ports.has_work_at_start():
+            _log.debug(f"API on {self.state.file('api.sock')}; the services load at "
+                       f"its first connection")
+            self.started.set()
+            if self._woken(None, also=self._listener.fileno()):
+                return
         import trio
 
         with self._lock:
             if self._stopping:
                 return
             self._active = True
-        try:
-            trio.run(self._main)
-        except BaseException as exc:  # noqa: B902 - reported, then the run ends
-            if not self._stopping:
-                os.write(self._failed_w, _describe(exc).encode()[:4000] or b"?")
+        trio.run(self._main)
+
+    def _woken(self, timeout: float | None, also: int | None = None) -> bool:
+        """Wait `timeout` seconds (None: no limit) or until `also` is readable; True if
+        stop() woke us instead."""
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if also is not None:
+            poller.register(also, select.POLLIN)
+        ready = poller.poll(None if timeout is None else timeout * 1000)
+        return any(fd == self._wake_r for fd, _ in ready)
 
     async def _main(self) -> None:
         import trio
@@ -89,8 +123,7 @@ class Services:
             self._token = trio.lowlevel.current_trio_token()
             self._running.set()
             await nursery.start(self.ports.serve, self.state.path)
-            await nursery.start(serve, self.state.file("api.sock"),
-                                Router(self.info, self.ports))
+            await nursery.start(serve, self._listener, Router(self.info, self.ports))
             _log.debug(f"API on {self.state.file('api.sock')}")
             self.started.set()
 

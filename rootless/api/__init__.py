@@ -1,3 +1,25 @@
 """rootlesskit's REST API (1.1.1) on STATE/api.sock: models, a pure router, the h11
 server on trio, and a small sync client for rootless-ctl."""
+import os
+
 API_VERSION = "1.1.1"
+
+
+def listen(path: str):
+    """The API's listening unix socket at `path` (only its owner may connect): bound
+    with the standard library, so that clients can queue before trio is loaded."""
+    import socket
+
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        os.chmod(path, 0o600)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

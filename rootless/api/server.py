@@ -2,7 +2,7 @@
 
 Malformed HTTP gets a 400 and the connection closes; nothing a client sends can end
 the server. The host part of the URL is ignored, as rootlesskit does."""
-import os
+import socket
 from http import HTTPStatus
 
 import h11
@@ -15,16 +15,10 @@ MAX_BODY = 1 << 20
 _IDLE_TIMEOUT = 60.0
 
 
-async def serve(path: str, router: Router, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    sock = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await sock.bind(path)
-    os.chmod(path, 0o600)
-    sock.listen(128)
-    listener = trio.SocketListener(sock)
+async def serve(sock: socket.socket, router: Router, *,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve on `sock`, a listening socket from `rootless.api.listen`."""
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     async with listener:
         task_status.started()
         await trio.serve_listeners(lambda stream: _connection(stream, router), [listener])

@@ -32,6 +32,11 @@ class PortDriver:
         """Driver data for the child, sent in ParentInitPortDriverCompleted."""
         return {}
 
+    def has_work_at_start(self) -> bool:
+        """Whether serve() must run as the command starts (to publish the -p ports);
+        if not, the parent loads it at the API's first connection."""
+        return bool(self.config.publish)
+
     @staticmethod
     def start_child(config, state_dir: str, netns: str | None) -> None:
         """Child side: start what the parent needs inside the namespaces."""
