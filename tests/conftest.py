@@ -122,6 +122,12 @@ def write_user_files(user, directory: str, files: dict[str, str]) -> None:
         os.chown(path, user.uid, user.gid)
 
 
+def rss_kib(pid: int) -> int:
+    """The resident memory of process `pid`, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+
+
 def answers(unix_socket: str) -> bool:
     """Whether something accepts connections on `unix_socket` (e.g. STATE/api.sock)."""
     with socket.socket(socket.AF_UNIX) as s:

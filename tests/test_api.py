@@ -6,6 +6,8 @@ import time
 
 import pytest
 
+from conftest import rss_kib
+
 
 @pytest.fixture
 def instance(user, rootless_run, state_dir, spawned):
@@ -112,11 +114,6 @@ def test_debian_rootlessctl_info(user, instance, state_dir):
     assert json.loads(r.stdout)["stateDir"] == state_dir
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
-
-
 def test_services_load_at_the_first_connection(user, instance, spawned):
     """Without -p ports the parent loads nothing (trio, h11, the port driver) until a
     client connects: loading takes 60-100 ms of a CPU, and taken as the command started
@@ -125,9 +122,9 @@ def test_services_load_at_the_first_connection(user, instance, spawned):
     sock = instance()
     parent = spawned[-1].pid  # setpriv execs: the Popen's pid is rootless-run's parent
     time.sleep(0.5)  # well past the moment the services used to load
-    idle = _rss_kib(parent)
+    idle = rss_kib(parent)
     assert curl(user, sock, "GET", "/v1/info")[0] == 200
-    loaded = _rss_kib(parent)
+    loaded = rss_kib(parent)
     assert loaded - idle > 5 * 1024, f"RSS {idle} KiB idle, {loaded} KiB after a request"
     assert curl(user, sock, "GET", "/v1/ports")[0] == 200
 

@@ -465,6 +465,22 @@ def test_api_add_list_remove(user, instance):
     wait_http(port)
 
 
+def test_p_port_taken_on_the_host(user, rootless_run, state_dir):
+    """A -p port that cannot be bound ends the run with one line naming the spec as
+    given; the command is stopped."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = user.run([rootless_run, "--net=slirp4netns", "--port-driver=builtin",
+                      f"--state-dir={state_dir}", "-p", f"127.0.0.1:{port}:{HTTP}/tcp",
+                      "--", "sleep", "20"], timeout=15)
+    assert r.returncode == 1
+    assert r.stderr.splitlines() == [f"rootless-run: error: -p 127.0.0.1:{port}:{HTTP}/tcp: "
+                                     f"cannot listen on 127.0.0.1:{port}: Address already "
+                                     f"in use"], r.stderr
+
+
 def test_api_port_taken_on_the_host(user, instance):
     inst = instance()
     with socket.socket() as taken:

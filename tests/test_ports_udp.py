@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import free_port, wait_for_api, write_user_files
+from conftest import free_port, rss_kib, wait_for_api, write_user_files
 from test_ports import until
 
 TCP_PEER = 9000   # tells each connection its peer "IP PORT\n" and closes
@@ -237,6 +237,47 @@ def test_udp_before_the_server_starts(instance, user_tmp):
         open(trigger, "w").close()
         until("an answer once the server runs",
               lambda: udp_ask(port, b"late", sock=s, timeout=0.3).startswith(b"late from"), 10)
+
+
+def _bound(port: int, udp: bool, netns_of: int | None = None) -> bool:
+    """Whether a socket is bound to `port` on the host, or in the netns of the process
+    `netns_of` (read as root)."""
+    enter = ["nsenter", "-t", str(netns_of), "-n"] if netns_of else []
+    r = subprocess.run([*enter, "ss", "-Hln", "-u" if udp else "-t", f"sport = :{port}"],
+                       capture_output=True, text=True, check=True)
+    return bool(r.stdout.strip())
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_ports_load_at_their_first_client(user, rootless_run, state_dir, spawned, user_tmp,
+                                          proto):
+    """A -p port listens from the start, but the parent loads the relays (trio, the port
+    driver) only when its first client comes, as for the API: the client that wakes it
+    is served (its connection or datagram waited in the socket), and the load shows in
+    the parent's memory. Nothing here touches api.sock, which would load them too."""
+    write_user_files(user, user_tmp, {"server.py": SERVER_PY})
+    port = free_port()
+    inner = UDP_ECHO if proto == "udp" else TCP_PEER
+    proc = user.popen([rootless_run, "--net=slirp4netns", "--port-driver=builtin",
+                       f"--state-dir={state_dir}", "-p", f"127.0.0.1:{port}:{inner}/{proto}",
+                       "--", "python3", os.path.join(user_tmp, "server.py")])
+    spawned.append(proc)
+    pid_file = os.path.join(state_dir, "child_pid")
+    until("the child's pid", lambda: os.path.exists(pid_file), 20)
+    with open(pid_file) as f:
+        child_pid = int(f.read())
+    udp = proto == "udp"
+    until("the -p port and the server in the child",
+          lambda: _bound(port, udp) and _bound(inner, udp, netns_of=child_pid), 20)
+    assert proc.poll() is None, proc.stderr.read()
+    time.sleep(0.3)  # well past the moment the services used to load
+    idle = rss_kib(proc.pid)  # setpriv execs: the Popen's pid is rootless-run's parent
+    if udp:
+        assert udp_ask(port, b"first", timeout=5).startswith(b"first from 127.0.0.1 ")
+    else:
+        assert tcp_peer(port)[0] == "127.0.0.1"
+    loaded = rss_kib(proc.pid)
+    assert loaded - idle > 5 * 1024, f"RSS {idle} KiB idle, {loaded} KiB after a client"
 
 
 def test_udp_over_ipv6_loopback(instance):

@@ -55,6 +55,12 @@ def start(state_dir: str, netns: str | None, transparent: bool) -> None:
             os.close(fd)
         # After the fork: pyroute2's import (~0.3 s) is not on the command's path.
         hello = _set_up_transparency() if transparent else b"Noff\n"
+        if hello != b"T\n" and transparent:
+            from ... import _log
+
+            _log.warning(f"the child will see connections through published ports come "
+                         f"from its own address, not the client's: "
+                         f"{hello[1:].decode(errors='replace').strip()}")
         _serve(listener, hello)
     finally:
         os._exit(0)
@@ -63,18 +69,23 @@ def start(state_dir: str, netns: str | None, transparent: bool) -> None:
 def _set_up_transparency() -> bytes:
     from . import _transparent
 
-    why = _in_subprocess(_transparent.set_up_routing)
+    # At the lowest priority: it runs while the command starts, and pyroute2's import
+    # (0.3 s of a CPU) must not take the CPU from a command that needs every one.
+    why = _in_subprocess(_transparent.set_up_routing, background=True)
     return f"N{why}\n".encode() if why else b"T\n"
 
 
-def _in_subprocess(function, *args) -> str:
-    """Run `function` in a short-lived child; returns "" or why it failed. The
-    factory lives as long as the command: pyroute2 (20 MiB) must not stay in it."""
+def _in_subprocess(function, *args, background: bool = False) -> str:
+    """Run `function` in a short-lived child (at nice 19 if `background`); returns ""
+    or why it failed. The factory lives as long as the command: pyroute2 (20 MiB)
+    must not stay in it."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read_end)
+            if background:
+                os.nice(19)
             try:
                 function(*args)
             except OSError as exc:

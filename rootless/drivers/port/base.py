@@ -32,10 +32,15 @@ class PortDriver:
         """Driver data for the child, sent in ParentInitPortDriverCompleted."""
         return {}
 
-    def has_work_at_start(self) -> bool:
-        """Whether serve() must run as the command starts (to publish the -p ports);
-        if not, the parent loads it at the API's first connection."""
-        return bool(self.config.publish)
+    def listen_early(self) -> list[int] | None:
+        """In the service thread, before trio loads: bind now, with the standard library,
+        what must listen from the start, and return the fds whose first traffic must
+        load trio and serve(). None: serve() must run at once (by default, when there
+        are -p ports to publish)."""
+        return None if self.config.publish else []
+
+    def close_early(self) -> None:
+        """Close what listen_early() bound and serve() did not take over."""
 
     @staticmethod
     def start_child(config, state_dir: str, netns: str | None) -> None:

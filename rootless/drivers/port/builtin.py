@@ -25,15 +25,35 @@ class BuiltinPortDriver(PortDriver):
             raise UsageError("--port-driver=builtin needs a network namespace: use it with "
                              "--net=slirp4netns, pasta or none")
         self.initial = [validate(parse(text)) for text in self.config.publish]
-        for spec in self.initial:
+        self._early = {}  # spec text -> its socket, bound by listen_early()
+        for text, spec in zip(self.config.publish, self.initial):
             if spec.proto not in self.protos:
-                raise UsageError(f"-p {_socket_text(spec)}: {spec.proto} is not supported by "
+                raise UsageError(f"-p {text}: {spec.proto} is not supported by "
                                  f"the builtin port driver (it supports "
                                  f"{', '.join(self.protos)})")
 
     @staticmethod
     def start_child(config, state_dir: str, netns: str | None) -> None:
         _socket_factory.start(state_dir, netns, config.source_ip_transparent)
+
+    def listen_early(self) -> list[int]:
+        """The -p ports listen from the start; the relays load at their first client."""
+        from ...errors import DriverError
+
+        self._early = {}
+        for text, spec in zip(self.config.publish, self.initial):
+            try:
+                self._early[_spec_key(spec)] = _bind(spec)
+            except OSError as exc:
+                self.close_early()
+                raise DriverError(f"-p {text}: cannot listen on "
+                                  f"{spec.parentIP}:{spec.parentPort}: {exc.strerror}") from None
+        return [sock.fileno() for sock in self._early.values()]
+
+    def close_early(self) -> None:
+        for sock in self._early.values():
+            sock.close()
+        self._early = {}
 
     async def serve(self, state_dir: str, *, task_status) -> None:
         import trio
@@ -43,10 +63,6 @@ class BuiltinPortDriver(PortDriver):
         self._udp_rules: dict[int, int] = {}  # child port -> published UDP ports using it
         await self.factory.connect()
         try:
-            if self.config.source_ip_transparent and not self.factory.transparent:
-                _log.warning(f"the child will see connections through published ports come "
-                             f"from its own address, not the client's: "
-                             f"{self.factory.why_not_transparent}")
             async with trio.open_nursery() as nursery:
                 self.nursery = nursery
                 for spec in self.initial:
@@ -62,13 +78,13 @@ class BuiltinPortDriver(PortDriver):
         from ...api.router import ApiFailure
 
         udp = spec.proto.startswith("udp")
-        sock = _host_socket(spec, udp)
-        try:
-            sock.bind(_listen_address(spec)[1:3])
-        except OSError as exc:
-            sock.close()
-            raise ApiFailure(409, f"cannot listen on {spec.parentIP}:{spec.parentPort}: "
-                             f"{exc.strerror}") from None
+        sock = self._early.pop(_spec_key(spec), None)
+        if sock is None:
+            try:
+                sock = _bind(spec)
+            except OSError as exc:
+                raise ApiFailure(409, f"cannot listen on {spec.parentIP}:{spec.parentPort}: "
+                                 f"{exc.strerror}") from None
         if spec.parentPort == 0:
             spec = msgspec.structs.replace(spec, parentPort=sock.getsockname()[1])
         if udp:
@@ -77,7 +93,6 @@ class BuiltinPortDriver(PortDriver):
             serve = UdpPort(self.factory, sock, spec.childIP or "127.0.0.1", spec.childPort,
                             self.factory.transparent).serve
         else:
-            sock.listen(1024)
             sock = trio.socket.from_stdlib_socket(sock)
             serve = partial(self._accept_loop, sock, spec)
         scope, closed = trio.CancelScope(), trio.Event()
@@ -167,16 +182,25 @@ async def _until_closed(serve, sock, scope, closed) -> None:
         closed.set()
 
 
-def _host_socket(spec, udp: bool):
-    """A stdlib socket for `spec`, not yet bound."""
+def _bind(spec):
+    """The host's stdlib socket for `spec`, bound (and listening, for TCP); OSError if
+    it cannot be."""
     import socket
 
-    family, _, _, v6only = _listen_address(spec)
+    udp = spec.proto.startswith("udp")
+    family, ip, port, v6only = _listen_address(spec)
     sock = socket.socket(family, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
-    if not udp:  # a UDP port shared by accident would split the flows between sockets
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+    try:
+        if not udp:  # a UDP port shared by accident would split the flows between sockets
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        sock.bind((ip, port))
+        if not udp:
+            sock.listen(1024)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -193,5 +217,5 @@ def _listen_address(spec):
     return socket.AF_INET, ip, port, True
 
 
-def _socket_text(spec) -> str:
+def _spec_key(spec) -> str:
     return f"{spec.parentIP}:{spec.parentPort}:{spec.childIP}:{spec.childPort}/{spec.proto}"

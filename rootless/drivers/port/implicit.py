@@ -139,8 +139,8 @@ class ImplicitPortDriver(PortDriver):
                              f"--port-driver=builtin")
         self.initial = initial_specs(self.config) if self.mode == RULES else []
 
-    def has_work_at_start(self) -> bool:
-        return False  # pasta forwards the -p ports itself: serve() only lists them
+    def listen_early(self) -> list[int]:
+        return []  # pasta forwards the -p ports itself: serve() only lists them
 
     async def serve(self, state_dir: str, *, task_status) -> None:
         import trio
