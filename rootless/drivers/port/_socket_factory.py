@@ -69,14 +69,16 @@ def start(state_dir: str, netns: str | None, transparent: bool) -> None:
 def _set_up_transparency() -> bytes:
     from . import _transparent
 
-    # At the lowest priority: it runs while the command starts, and pyroute2's import
-    # (0.3 s of a CPU) must not take the CPU from a command that needs every one.
+    # At a low priority: it runs while the command starts, and pyroute2's import (0.3 s
+    # of a CPU) must not take a CPU from a command that needs every one. Not the
+    # lowest: a port's first client waits for it, and at nice 10 it still gets a tenth
+    # of a CPU that the command keeps busy (3 s at worst), where nice 19 gets 1/70.
     why = _in_subprocess(_transparent.set_up_routing, background=True)
     return f"N{why}\n".encode() if why else b"T\n"
 
 
 def _in_subprocess(function, *args, background: bool = False) -> str:
-    """Run `function` in a short-lived child (at nice 19 if `background`); returns ""
+    """Run `function` in a short-lived child (at nice 10 if `background`); returns ""
     or why it failed. The factory lives as long as the command: pyroute2 (20 MiB)
     must not stay in it."""
     read_end, write_end = os.pipe()
@@ -85,7 +87,7 @@ def _in_subprocess(function, *args, background: bool = False) -> str:
         try:
             os.close(read_end)
             if background:
-                os.nice(19)
+                os.nice(10)
             try:
                 function(*args)
             except OSError as exc:
