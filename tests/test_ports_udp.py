@@ -272,12 +272,16 @@ def test_ports_load_at_their_first_client(user, rootless_run, state_dir, spawned
     assert proc.poll() is None, proc.stderr.read()
     time.sleep(0.3)  # well past the moment the services used to load
     idle = rss_kib(proc.pid)  # setpriv execs: the Popen's pid is rootless-run's parent
+    # Nor is the routing for clients' addresses set up yet (made as the command
+    # started, it stalled the command's own first transfers).
+    assert "fwmark" not in child_rules(child_pid)
     if udp:
         assert udp_ask(port, b"first", timeout=5).startswith(b"first from 127.0.0.1 ")
     else:
         assert tcp_peer(port)[0] == "127.0.0.1"
     loaded = rss_kib(proc.pid)
     assert loaded - idle > 5 * 1024, f"RSS {idle} KiB idle, {loaded} KiB after a client"
+    assert "fwmark 0x524c" in child_rules(child_pid)
 
 
 def test_udp_over_ipv6_loopback(instance):

@@ -6,7 +6,7 @@ A socket belongs to the netns it was created in: the parent connects such a sock
 itself, and the connection is made inside the child's namespace. The parent asks in
 batches, so a connection through a published port costs no round trip to the child.
 The factory also does, in the netns, what the client's source address needs there
-(`_transparent`): the routing at start, a rule per published UDP port.
+(`_transparent`): the routing at the first connection, a rule per published UDP port.
 
 Protocol, on STATE/.ports.sock. On connect the factory says whether the child can
 see clients' addresses: b"T\\n", or b"N" + why + b"\\n". Then requests of 5 bytes
@@ -53,41 +53,39 @@ def start(state_dir: str, netns: str | None, transparent: bool) -> None:
             fd = os.open(netns, os.O_RDONLY)
             setns(fd, CLONE_NEWNET)
             os.close(fd)
-        # After the fork: pyroute2's import (~0.3 s) is not on the command's path.
-        hello = _set_up_transparency() if transparent else b"Noff\n"
-        if hello != b"T\n" and transparent:
-            from ... import _log
-
-            _log.warning(f"the child will see connections through published ports come "
-                         f"from its own address, not the client's: "
-                         f"{hello[1:].decode(errors='replace').strip()}")
-        _serve(listener, hello)
+        _serve(listener, transparent)
     finally:
         os._exit(0)
 
 
-def _set_up_transparency() -> bytes:
+def _hello(transparent: bool) -> bytes:
+    """What the factory says on connect; sets up the routing for clients' addresses
+    first, when asked to. Not before the parent's first connection, which comes with
+    the first client of a port: made as the command started, pyroute2's import (0.3 s
+    of a CPU) and the routing change stalled the command's first transfers (iperf3
+    through slirp4netns lost its first 0.2-0.6 s in half the runs)."""
+    if not transparent:
+        return b"Noff\n"
     from . import _transparent
 
-    # At a low priority: it runs while the command starts, and pyroute2's import (0.3 s
-    # of a CPU) must not take a CPU from a command that needs every one. Not the
-    # lowest: a port's first client waits for it, and at nice 10 it still gets a tenth
-    # of a CPU that the command keeps busy (3 s at worst), where nice 19 gets 1/70.
-    why = _in_subprocess(_transparent.set_up_routing, background=True)
-    return f"N{why}\n".encode() if why else b"T\n"
+    why = _in_subprocess(_transparent.set_up_routing)
+    if why:
+        from ... import _log
+
+        _log.warning(f"the child will see connections through published ports come from "
+                     f"its own address, not the client's: {why}")
+        return f"N{why}\n".encode()
+    return b"T\n"
 
 
-def _in_subprocess(function, *args, background: bool = False) -> str:
-    """Run `function` in a short-lived child (at nice 10 if `background`); returns ""
-    or why it failed. The factory lives as long as the command: pyroute2 (20 MiB)
-    must not stay in it."""
+def _in_subprocess(function, *args) -> str:
+    """Run `function` in a short-lived child; returns "" or why it failed. The
+    factory lives as long as the command: pyroute2 (20 MiB) must not stay in it."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:
         try:
             os.close(read_end)
-            if background:
-                os.nice(10)
             try:
                 function(*args)
             except OSError as exc:
@@ -101,10 +99,13 @@ def _in_subprocess(function, *args, background: bool = False) -> str:
     return why
 
 
-def _serve(listener: socket.socket, hello: bytes) -> None:
+def _serve(listener: socket.socket, transparent: bool) -> None:
+    hello = None
     while True:
         conn, _ = listener.accept()
         with conn:
+            if hello is None:
+                hello = _hello(transparent)
             conn.sendall(hello)
             while True:
                 request = _recv_exactly(conn, _REQUEST.size)
