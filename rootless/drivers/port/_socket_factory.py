@@ -153,7 +153,6 @@ class Factory:
         self._path = os.path.join(state_dir, FACTORY_SOCKET)
         self._pools: dict[tuple[bytes, bytes], list[int]] = {}
         self.transparent = False
-        self.why_not_transparent = ""
 
     async def connect(self) -> None:
         import trio
@@ -165,7 +164,6 @@ class Factory:
         self._sock.setblocking(False)
         hello = await self._line()
         self.transparent = hello == "T"
-        self.why_not_transparent = hello[1:]
 
     def close(self) -> None:
         self._sock.close()

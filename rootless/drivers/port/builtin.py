@@ -25,7 +25,7 @@ class BuiltinPortDriver(PortDriver):
             raise UsageError("--port-driver=builtin needs a network namespace: use it with "
                              "--net=slirp4netns, pasta or none")
         self.initial = [validate(parse(text)) for text in self.config.publish]
-        self._early = {}  # spec text -> its socket, bound by listen_early()
+        self._early = {}  # _spec_key(spec) -> its socket, bound by listen_early()
         for text, spec in zip(self.config.publish, self.initial):
             if spec.proto not in self.protos:
                 raise UsageError(f"-p {text}: {spec.proto} is not supported by "
@@ -40,7 +40,6 @@ class BuiltinPortDriver(PortDriver):
         """The -p ports listen from the start; the relays load at their first client."""
         from ...errors import DriverError
 
-        self._early = {}
         for text, spec in zip(self.config.publish, self.initial):
             try:
                 self._early[_spec_key(spec)] = _bind(spec)
