@@ -192,12 +192,18 @@ def test_units_verify(user, user_tmp, unit):
     target = os.path.join(user_tmp, name)
     shutil.copy(os.path.join(UNITS, unit), target)
     os.chmod(user_tmp, 0o755)
-    r = user.run(["systemd-analyze", "--user", "verify", target])
+    # systemd-analyze leaves a systemd/ dir in XDG_RUNTIME_DIR: give it one that goes
+    # with the test's own dir, not the user's /run/user/UID.
+    runtime = os.path.join(user_tmp, "runtime")
+    os.mkdir(runtime, 0o700)
+    os.chown(runtime, user.uid, user.gid)
+    env = {"XDG_RUNTIME_DIR": runtime}
+    r = user.run(["systemd-analyze", "--user", "verify", target], env=env)
     assert r.returncode == 0 and r.stderr == "", r.stderr
     # The check can fail: a misspelt value is reported.
     with open(target) as f:
         text = f.read()
     with open(target, "w") as f:
         f.write(text.replace("KillMode=mixed", "KillMode=mixd"))
-    r = user.run(["systemd-analyze", "--user", "verify", target])
+    r = user.run(["systemd-analyze", "--user", "verify", target], env=env)
     assert "KillMode" in r.stderr or "kill mode" in r.stderr
