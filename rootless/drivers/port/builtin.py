@@ -43,8 +43,7 @@ class BuiltinPortDriver(PortDriver):
         for text, spec in zip(self.config.publish, self.initial):
             try:
                 self._early[_spec_key(spec)] = _bind(spec)
-            except OSError as exc:
-                self.close_early()
+            except OSError as exc:  # those bound so far: close_early(), as always
                 raise DriverError(f"-p {text}: cannot listen on "
                                   f"{spec.parentIP}:{spec.parentPort}: {exc.strerror}") from None
         return [sock.fileno() for sock in self._early.values()]
