@@ -128,3 +128,30 @@ def test_ctrl_c_stops_everything(user, rootless_run, tmp_path):
     assert user.processes() == []
     with open(tmp_path / "bench.json") as f:
         assert json.load(f)["interrupted"] is True
+
+
+def test_a_ratio_within_the_noise_is_called_level():
+    """The verdict weighs a ratio against how much the rounds vary: round figures
+    that swing as slirp4netns' do (13 or 18 Gbit/s, stalls) give a tie, a lead that
+    holds every round does not. (Report arithmetic only: no timing.)"""
+    sys.path.insert(0, REPO)
+    from contrib.bench import _report
+    from contrib.bench.scenarios import Metric, Scenario
+
+    def row(ours, theirs, higher_better=True):
+        scenario = Scenario("s", [Metric("x", "x", "Gbit/s", higher_better)], {}, len(ours))
+        return _report.rows(scenario, {"ours": {"x": ours}, "rootlesskit": {"x": theirs}},
+                            {})[0]
+
+    swinging = row([13.2, 17.9, 11.0, 13.4, 18.2, 13.1, 12.6],
+                   [13.5, 18.5, 13.3, 9.8, 17.7, 13.0, 13.4])
+    lo, hi = swinging["ci"]
+    assert lo < 1 < hi
+    assert _report.verdict(swinging).startswith("level with rootlesskit")
+    steady = row([20.1, 20.5, 19.8, 20.9, 20.3, 21.0], [11.2, 11.0, 10.9, 11.5, 11.1, 11.3],
+                 higher_better=False)  # start-up times: ours slower every round
+    assert 1.7 < steady["ci"][0] <= steady["ratio"] <= steady["ci"][1] < 2.0
+    assert _report.verdict(steady).startswith("behind rootlesskit 1.8")
+    # Too few rounds, or rounds that do not pair up: no interval, no tie claimed.
+    assert row([1.0, 2.0], [2.0, 1.0])["ci"] is None
+    assert _report.ratio_interval([1.0] * 6, [1.0] * 5) is None

@@ -1,6 +1,7 @@
 """Medians, ratios, the terminal table and the SVG chart (written by hand: no
 matplotlib needed)."""
 import math
+import random
 import statistics
 from xml.sax.saxutils import escape
 
@@ -19,7 +20,7 @@ def rows(scenario, samples: dict, skipped: dict) -> list[dict]:
                "samples": {side: values.get(metric.key, [])
                            for side, values in samples.items()},
                "median": median, "skipped": skipped, "limit_label": scenario.limit_label,
-               "ratio": None, "advantage": None, "versus": None, "wins": None}
+               "ratio": None, "advantage": None, "versus": None, "wins": None, "ci": None}
         ours = median.get("ours")
         if metric.compare and ours:
             for versus in ("rootlesskit", "limit"):  # the limit when rootlesskit has none
@@ -30,6 +31,7 @@ def rows(scenario, samples: dict, skipped: dict) -> list[dict]:
                     row["advantage"] = row["ratio"] if metric.higher_better else 1 / row["ratio"]
                     row["wins"] = _wins(row["samples"]["ours"], row["samples"][versus],
                                         metric.higher_better)
+                    row["ci"] = ratio_interval(row["samples"]["ours"], row["samples"][versus])
                     break
         out.append(row)
     return out
@@ -44,6 +46,27 @@ def _wins(ours: list, other: list, higher_better: bool) -> list[int] | None:
     return [better, len(ours)]
 
 
+def ratio_interval(ours: list, other: list, draws: int = 2000) -> list[float] | None:
+    """A 95 % interval for the ratio of medians, by resampling whole rounds (each
+    round's pair of figures together, as they shared the machine's state): a ratio
+    whose interval spans 1 is a tie, however far from 1 the median landed. Seeded, so
+    the same samples give the same interval."""
+    if len(ours) != len(other) or len(ours) < 5:
+        return None  # unpaired, or too few rounds to say anything
+    pick = random.Random(0).choices
+    rounds = range(len(ours))
+    ratios = []
+    for _ in range(draws):
+        chosen = pick(rounds, k=len(ours))
+        theirs = statistics.median(other[i] for i in chosen)
+        if theirs:
+            ratios.append(statistics.median(ours[i] for i in chosen) / theirs)
+    if len(ratios) < draws // 2:
+        return None
+    ratios.sort()
+    return [ratios[int(0.025 * len(ratios))], ratios[int(0.975 * len(ratios)) - 1]]
+
+
 def value(v: float | None, unit: str) -> str:
     if v is None:
         return "-"
@@ -54,10 +77,17 @@ def verdict(row: dict) -> str:
     adv = row["advantage"]
     if adv is None:
         return ""
-    who = "" if row["versus"] == "rootlesskit" else f" {row['limit_label']}"
+    who = " rootlesskit" if row["versus"] == "rootlesskit" else f" {row['limit_label']}"
+    notes = [f"better in {row['wins'][0]}/{row['wins'][1]}"] if row["wins"] else []
+    if row.get("ci"):
+        # The interval in the advantage's terms (above 1: ours is better).
+        lo, hi = sorted(c if row["better"] == "higher" else 1 / c for c in row["ci"])
+        if lo <= 1 <= hi:
+            return f"level with{who} " + f"({'; '.join([f'{adv:.2f}x, 95 % {lo:.2f}-{hi:.2f}x', *notes])})"
+        lo, hi = (lo, hi) if adv >= 1 else (1 / hi, 1 / lo)
+        notes.insert(0, f"95 % {lo:.2f}-{hi:.2f}x")
     word = "ahead of" if adv >= 1 else "behind"
-    rounds = f" (better in {row['wins'][0]}/{row['wins'][1]})" if row["wins"] else ""
-    return f"{word}{who or ' rootlesskit'} {max(adv, 1 / adv):.2f}x{rounds}"
+    return f"{word}{who} {max(adv, 1 / adv):.2f}x" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def summary(row: dict) -> str:
@@ -129,16 +159,22 @@ def svg_chart(all_rows: list[dict], subtitle: str) -> str:
         label = row["label"] + ("" if row["versus"] == "rootlesskit"
                                 else f" (vs {row['limit_label']})")
         x0, x1 = sorted((mid, x(adv)))
-        colour = "#2a9d4b" if adv >= 1 else "#d1495b"
+        colour = "#999" if verdict(row).startswith("level") else \
+            "#2a9d4b" if adv >= 1 else "#d1495b"
         out.append(f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end">'
                    f'{escape(label)}</text>')
         out.append(f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 1):.1f}" '
                    f'height="{row_h - 8}" fill="{colour}"/>')
+        if row.get("ci"):  # the 95 % interval, as a whisker across the bar
+            lo, hi = sorted(x(c if row["better"] == "higher" else 1 / c) for c in row["ci"])
+            out.append(f'<line x1="{lo:.1f}" y1="{y + row_h / 2}" x2="{hi:.1f}" '
+                       f'y2="{y + row_h / 2}" stroke="#333" stroke-width="1.5"/>')
         # The figure on the other side of the middle line: it never runs into a label.
         text_x, anchor = (mid - 4, "end") if adv >= 1 else (mid + 4, "start")
         out.append(f'<text x="{text_x:.1f}" y="{y + 16}" text-anchor="{anchor}">'
                    f'{"+" if adv >= 1 else "-"}{max(adv, 1 / adv):.2f}x</text>')
     out.append(f'<text x="10" y="{height - 12}" fill="#555">ratio of medians, turned so that '
-               f'right is better (less time or memory, more throughput)</text>')
+               f'right is better (less time or memory, more throughput); whisker: 95 % '
+               f'interval</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"

@@ -168,7 +168,7 @@ def published(runner: Runner, supervisor: list[str], specs: list[str],
             if proc.poll() is not None:
                 raise Skip(f"exited ({proc.returncode}): {last_error(proc)}")
             if time.monotonic() > deadline:
-                raise Skip(f"the published port or the command did not listen within 15 s")
+                raise Skip("the published port or the command did not listen within 15 s")
             time.sleep(0.02)
         yield proc, port
     finally:

@@ -32,8 +32,8 @@ def parse(argv):
                         help=f"a smoke run, under 2 minutes ({QUICK})")
     parser.add_argument("--startups", type=int, help=f"start-ups a side ({FULL['startups']})")
     parser.add_argument("--rounds", type=int,
-                        help=f"rounds of the other scenarios ({FULL['rounds']}; memory: "
-                             f"at most 3)")
+                        help=f"rounds of the other scenarios ({FULL['rounds']}; "
+                             f"net-slirp4netns: twice as many; memory: at most 3)")
     parser.add_argument("--seconds", type=int, help=f"length of a throughput or connection "
                                                     f"round, whole seconds ({FULL['seconds']})")
     parser.add_argument("--connections", type=int,
