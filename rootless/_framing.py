@@ -1,9 +1,10 @@
 """Frames on the parent/child pipes: a 4-byte big-endian length, then a msgpack payload.
 
 The payload-free handshake messages (each message type's default instance) are kept
-here pre-encoded, so a run whose handshake carries no data never imports msgspec
-(11 ms here: more than rootlesskit's whole start-up) on the way to the command.
-tests/test_messages.py checks every constant against msgspec's own encoding.
+here pre-encoded, and the one that carries data on the way to the command (the network
+driver's NetworkInfo) is encoded by hand (`_msgpack`), so a handshake never imports
+msgspec (9-11 ms here: half of rootlesskit's whole start-up) unless something fails.
+tests/test_messages.py checks both against msgspec's own encoding.
 """
 import os
 import select
@@ -27,6 +28,24 @@ CONSTANT_PAYLOADS: dict[str, bytes] = {
     "ChildCommandStarted": b"\x81\xa4type\xb3ChildCommandStarted",
 }
 _NAME_OF_PAYLOAD = {payload: name for name, payload in CONSTANT_PAYLOADS.items()}
+# The network message with a NetworkInfo: its constant form, but for the value.
+_NETWORK = "ParentInitNetworkDriverCompleted"
+_NETWORK_PREFIX = CONSTANT_PAYLOADS[_NETWORK][:-1]
+
+
+class NetworkCompleted:
+    """ParentInitNetworkDriverCompleted carrying a NetworkInfo, as decoded by hand."""
+
+    __slots__ = ("network",)
+
+    def __init__(self, network):
+        self.network = network
+
+
+def network_payload(info) -> bytes:
+    """The payload of ParentInitNetworkDriverCompleted(network=info)."""
+    from ._msgpack import pack
+    return _NETWORK_PREFIX + pack(info.to_wire())
 
 
 def frame(payload: bytes) -> bytes:
@@ -65,6 +84,11 @@ def classify(payload: bytes):
     name = _NAME_OF_PAYLOAD.get(payload)
     if name is not None:
         return name, None
+    if payload.startswith(_NETWORK_PREFIX):
+        from ._msgpack import unpack
+        from .netinfo import NetworkInfo
+        return _NETWORK, NetworkCompleted(NetworkInfo.from_wire(
+            unpack(payload[len(_NETWORK_PREFIX):])))
     from .messages import decode
     message = decode(payload)
     return type(message).__name__, message
@@ -86,6 +110,13 @@ class Channel:
         else:
             from .messages import encode
             payload = encode(message)
+        self._write(payload)
+
+    def send_network(self, info) -> None:
+        """ParentInitNetworkDriverCompleted with `info` (a netinfo.NetworkInfo)."""
+        self._write(network_payload(info))
+
+    def _write(self, payload: bytes) -> None:
         data = frame(payload)
         while data:
             data = data[os.write(self.wfd, data):]

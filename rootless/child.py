@@ -118,8 +118,6 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
     channel.send("ChildInitUserNSCompleted")
 
     driver = network.get(config.net)
-    if driver.sends_info:
-        from . import messages  # noqa: F401  (decodes NetworkInfo; imported while we wait)
     completed = _expect(channel, "ParentInitNetworkDriverCompleted")
     info = completed.network if completed else None
     configure = driver.configure_child

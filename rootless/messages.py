@@ -1,12 +1,15 @@
 """Parent/child handshake messages: one tagged union of msgspec Structs, msgpack-encoded.
 
 Framing and the pipes are in `_framing` (no msgspec there): the payload-free messages
-travel as pre-encoded frames, so a run with nothing to configure never imports msgspec
-before its command starts. No trio import: the child uses this module.
+travel as pre-encoded frames and the network driver's message is encoded by hand, so a
+run without errors never imports msgspec before its command starts; these Structs are
+the schema that both must match (tests/test_messages.py). No trio import: the child
+uses this module.
 """
 import msgspec
 
 from .errors import ProtocolError
+from .netinfo import FIELDS
 
 PROTOCOL_VERSION = 1
 
@@ -34,20 +37,13 @@ class ChildInitUserNSCompleted(Message):
     pass
 
 
-class NetworkInfo(msgspec.Struct, frozen=True):
-    """What the network driver tells the child to configure on its interface."""
-
-    ifname: str = ""
-    ip: str = ""
-    netmask: int = 0
-    gateway: str = ""
-    dns: tuple[str, ...] = ()
-    mtu: int = 0
-    opaque: dict[str, str] = {}
+#: The wire schema of netinfo.NetworkInfo (a plain class, encoded by hand in _framing):
+#: built from its FIELDS, so the two cannot drift apart.
+NetworkInfoStruct = msgspec.defstruct("NetworkInfo", FIELDS, frozen=True)
 
 
 class ParentInitNetworkDriverCompleted(Message):
-    network: NetworkInfo | None = None  # None: nothing to configure (host, none)
+    network: NetworkInfoStruct | None = None  # None: nothing to configure (host, none)
 
 
 class ParentInitPortDriverCompleted(Message):

@@ -190,8 +190,7 @@ def _handshake(config, state, child, net, ports, uid, gid, user, subids):
     if info is None:
         child.channel.send("ParentInitNetworkDriverCompleted")
     else:
-        from .messages import ParentInitNetworkDriverCompleted
-        child.channel.send(ParentInitNetworkDriverCompleted(network=info))
+        child.channel.send_network(info)
     opaque = ports.opaque()
     if opaque:
         from .messages import ParentInitPortDriverCompleted

@@ -2,12 +2,26 @@
 msgspec's own encoding, the frame splitter, and the channel over real pipes."""
 import os
 import struct
+import subprocess
+import sys
 
+import msgspec
 import pytest
 
 from rootless import messages
-from rootless._framing import CONSTANT_PAYLOADS, MAX_FRAME, Channel, FrameSplitter, classify, frame
+from rootless import _msgpack
+from rootless._framing import (CONSTANT_PAYLOADS, MAX_FRAME, Channel, FrameSplitter, classify,
+                               frame, network_payload)
 from rootless.errors import ProtocolError
+from rootless.netinfo import NetworkInfo
+
+NETWORKS = [
+    NetworkInfo(),
+    NetworkInfo(ifname="tap0", ip="10.0.2.100", netmask=24, gateway="10.0.2.2",
+                dns=("10.0.2.3",), mtu=65520, opaque={"api_socket": "/run/user/1001/x.sock"}),
+    NetworkInfo(ifname="eth-with-a-long-name", ip="fd00::100", netmask=64, gateway="fd00::2",
+                dns=("fd00::3", "10.0.2.3"), mtu=1280, opaque={f"k{i}": "v" * 300 for i in range(20)}),
+]
 
 
 @pytest.mark.parametrize("cls", messages.CONSTANT, ids=lambda c: c.__name__)
@@ -22,6 +36,60 @@ def test_constants_cover_exactly_the_constant_messages():
 @pytest.mark.parametrize("cls", messages.CONSTANT, ids=lambda c: c.__name__)
 def test_constant_payload_decodes_to_default(cls):
     assert messages.decode(CONSTANT_PAYLOADS[cls.__name__]) == cls()
+
+
+def _msgspec_network_payload(info):
+    struct = messages.NetworkInfoStruct(**info.to_wire())
+    return messages.encode(messages.ParentInitNetworkDriverCompleted(network=struct))
+
+
+@pytest.mark.parametrize("info", NETWORKS, ids=["defaults", "slirp4netns", "long"])
+def test_network_payload_is_msgspec_encoding(info):
+    # Encoded by hand so that msgspec stays unimported: the same bytes as msgspec's.
+    assert network_payload(info) == _msgspec_network_payload(info)
+    name, decoded = classify(_msgspec_network_payload(info))
+    assert name == "ParentInitNetworkDriverCompleted" and decoded.network == info
+    struct = messages.decode(network_payload(info)).network
+    assert NetworkInfo(**msgspec.structs.asdict(struct)) == info
+
+
+@pytest.mark.parametrize("value", [None, True, False, 0, 127, 128, 65536, 2**32, -1, -33,
+                                   -2**31 - 1, "", "é" * 40, "x" * 70000, [1] * 16,
+                                   {str(i): [i] for i in range(16)}], ids=repr)
+def test_msgpack_subset_matches_msgspec(value):
+    assert _msgpack.pack(value) == msgspec.msgpack.encode(value)
+    assert _msgpack.unpack(msgspec.msgpack.encode(value)) == value
+
+
+_GOOD = NetworkInfo().to_wire()
+
+
+@pytest.mark.parametrize("tail", [
+    _msgpack.pack({"ifname": "tap0"}),
+    _msgpack.pack(_GOOD | {"netmask": "24"}),
+    _msgpack.pack(_GOOD | {"dns": "10.0.2.3"}),
+    _msgpack.pack(_GOOD | {"opaque": {"a": 1}}),
+    _msgpack.pack(_GOOD | {"extra": ""}),
+    _msgpack.pack(_GOOD) + b"\xc0",
+    _msgpack.pack(_GOOD)[:-3],
+    b"\x81\x01\x01",
+], ids=["missing-fields", "netmask-str", "dns-str", "opaque-int", "unknown-field", "trailing",
+        "truncated", "int-key"])
+def test_malformed_network_payload_is_protocol_error(tail):
+    with pytest.raises(ProtocolError):
+        classify(CONSTANT_PAYLOADS["ParentInitNetworkDriverCompleted"][:-1] + tail)
+
+
+def test_the_handshake_imports_no_msgspec():
+    # What the parent and the child run on the way to the command, in a fresh interpreter.
+    code = ("import os, sys; from rootless._framing import Channel; "
+            "from rootless.netinfo import NetworkInfo; r, w = os.pipe(); c = Channel(r, w); "
+            "c.send_network(NetworkInfo(ifname='tap0', dns=('10.0.2.3',))); "
+            "c.send('ChildCommandStarted'); name, m = c.recv(1); assert m.network.dns; "
+            "assert c.recv(1) == ('ChildCommandStarted', None); "
+            "print('msgspec' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 def test_splitter_one_byte_at_a_time():

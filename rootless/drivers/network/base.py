@@ -17,7 +17,7 @@ class NetworkDriver:
         """Parent side, once the child's namespaces exist: start helpers, wait until the
         network is up. The netns is the child's, or with --detach-netns the one at
         `netns_path` (owned by the child's user namespace). Returns a
-        messages.NetworkInfo, or None for nothing to configure."""
+        netinfo.NetworkInfo, or None for nothing to configure."""
         return None
 
     def helpers(self) -> list:
@@ -26,10 +26,6 @@ class NetworkDriver:
 
     def stop(self) -> None:
         """Stop the helpers; idempotent."""
-
-    #: Whether start() returns a NetworkInfo: the child then needs msgspec to read it
-    #: and imports it early, while the parent starts the network.
-    sends_info: bool = False
 
     @staticmethod
     def configure_child(info) -> None:
@@ -40,7 +36,6 @@ class HelperDriver(NetworkDriver):
     """A driver whose network comes from a user-mode helper (slirp4netns, pasta) that
     configures the child's interface itself: addresses from --cidr, /dev/net/tun."""
 
-    sends_info = True
     binary_flag = ""  # e.g. --slirp4netns-binary
     package = ""      # the Debian package that ships the binary
 
@@ -57,13 +52,8 @@ class HelperDriver(NetworkDriver):
     def binary_name(self) -> str:
         return getattr(self.config, self.binary_flag.removeprefix("--").replace("-", "_"))
 
-    @staticmethod
-    def prepare_info() -> None:
-        """Import msgspec (10 ms) while a helper starts up, not after it is ready."""
-        from ... import messages  # noqa: F401
-
     def info(self, **opaque: str):
-        from ...messages import NetworkInfo
+        from ...netinfo import NetworkInfo
 
         a = self.addressing
         return NetworkInfo(ifname=self.config.ifname, ip=a.child, netmask=a.prefixlen,

@@ -49,7 +49,6 @@ class PastaDriver(HelperDriver):
         log = os.path.join(state_dir, "pasta.log")
         pidfile = os.path.join(state_dir, "pasta.pid")
         starter = spawn(self.argv(child_pid, pidfile, netns_path), log)
-        self.prepare_info()  # while pasta starts
         status = _wait_with_timeout(starter, _START_TIMEOUT)
         if status is None:
             os.kill(starter, signal.SIGKILL)

@@ -60,7 +60,6 @@ class Slirp4netnsDriver(HelperDriver):
             os.close(ready_w)
             os.close(exit_r)
         self.helper = Helper("slirp4netns", pid, log)
-        self.prepare_info()  # while slirp4netns starts
         try:
             ready = select.select([ready_r], [], [], _READY_TIMEOUT)[0] and os.read(ready_r, 16)
         finally:
