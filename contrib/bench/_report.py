@@ -73,18 +73,31 @@ def value(v: float | None, unit: str) -> str:
     return f"{v:.{DIGITS.get(unit, 2)}f} {unit}"
 
 
+def advantage_interval(row: dict) -> tuple[float, float] | None:
+    """The ratio's interval in the advantage's terms (above 1: ours is better)."""
+    if not row.get("ci"):
+        return None
+    lo, hi = sorted(c if row["better"] == "higher" else 1 / c for c in row["ci"])
+    return lo, hi
+
+
+def is_level(row: dict) -> bool:
+    interval = advantage_interval(row)
+    return interval is not None and interval[0] <= 1 <= interval[1]
+
+
 def verdict(row: dict) -> str:
     adv = row["advantage"]
     if adv is None:
         return ""
     who = " rootlesskit" if row["versus"] == "rootlesskit" else f" {row['limit_label']}"
     notes = [f"better in {row['wins'][0]}/{row['wins'][1]}"] if row["wins"] else []
-    if row.get("ci"):
-        # The interval in the advantage's terms (above 1: ours is better).
-        lo, hi = sorted(c if row["better"] == "higher" else 1 / c for c in row["ci"])
-        if lo <= 1 <= hi:
-            return f"level with{who} " + f"({'; '.join([f'{adv:.2f}x, 95 % {lo:.2f}-{hi:.2f}x', *notes])})"
-        lo, hi = (lo, hi) if adv >= 1 else (1 / hi, 1 / lo)
+    interval = advantage_interval(row)
+    if is_level(row):
+        notes.insert(0, f"{adv:.2f}x, 95 % {interval[0]:.2f}-{interval[1]:.2f}x")
+        return f"level with{who} ({'; '.join(notes)})"
+    if interval:
+        lo, hi = interval if adv >= 1 else (1 / interval[1], 1 / interval[0])
         notes.insert(0, f"95 % {lo:.2f}-{hi:.2f}x")
     word = "ahead of" if adv >= 1 else "behind"
     return f"{word}{who} {max(adv, 1 / adv):.2f}x" + (f" ({'; '.join(notes)})" if notes else "")
@@ -159,14 +172,14 @@ def svg_chart(all_rows: list[dict], subtitle: str) -> str:
         label = row["label"] + ("" if row["versus"] == "rootlesskit"
                                 else f" (vs {row['limit_label']})")
         x0, x1 = sorted((mid, x(adv)))
-        colour = "#999" if verdict(row).startswith("level") else \
-            "#2a9d4b" if adv >= 1 else "#d1495b"
+        colour = "#999" if is_level(row) else "#2a9d4b" if adv >= 1 else "#d1495b"
         out.append(f'<text x="{label_w - 8}" y="{y + 16}" text-anchor="end">'
                    f'{escape(label)}</text>')
         out.append(f'<rect x="{x0:.1f}" y="{y + 4}" width="{max(x1 - x0, 1):.1f}" '
                    f'height="{row_h - 8}" fill="{colour}"/>')
-        if row.get("ci"):  # the 95 % interval, as a whisker across the bar
-            lo, hi = sorted(x(c if row["better"] == "higher" else 1 / c) for c in row["ci"])
+        interval = advantage_interval(row)
+        if interval:  # the 95 % interval, as a whisker across the bar
+            lo, hi = x(interval[0]), x(interval[1])
             out.append(f'<line x1="{lo:.1f}" y1="{y + row_h / 2}" x2="{hi:.1f}" '
                        f'y2="{y + row_h / 2}" stroke="#333" stroke-width="1.5"/>')
         # The figure on the other side of the middle line: it never runs into a label.
