@@ -22,8 +22,10 @@ class NetworkInfo:
             raise TypeError(f"NetworkInfo has no field {', '.join(sorted(unknown))}")
         for name, _, default in FIELDS:
             value = values.get(name, default)
-            object.__setattr__(self, name, dict(value) if name == "opaque" else value)
-        object.__setattr__(self, "dns", tuple(self.dns))
+            # Own copies, so that the caller's list or dict cannot change it later.
+            if name in ("dns", "opaque"):
+                value = (tuple if name == "dns" else dict)(value)
+            object.__setattr__(self, name, value)
 
     def __setattr__(self, name, value):
         raise AttributeError("NetworkInfo is immutable")
