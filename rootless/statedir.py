@@ -148,5 +148,8 @@ def _remove_tree(path: str) -> None:
         if entry.is_dir(follow_symlinks=False):
             _remove_tree(entry.path)
         else:
-            os.unlink(entry.path)
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass  # a helper winding down removed it first (slirp4netns its API socket)
     os.rmdir(path)
