@@ -155,3 +155,19 @@ def test_a_ratio_within_the_noise_is_called_level():
     # Too few rounds, or rounds that do not pair up: no interval, no tie claimed.
     assert row([1.0, 2.0], [2.0, 1.0])["ci"] is None
     assert _report.ratio_interval([1.0] * 6, [1.0] * 5) is None
+
+
+def test_slirp_ab_counts_stalls_and_paired_wins():
+    """contrib/bench/slirp_ab.py's summary on given intervals (arithmetic only: the A/B
+    itself takes minutes of iperf3 and is run by hand, README, Performance)."""
+    sys.path.insert(0, REPO)
+    from contrib.bench import slirp_ab
+
+    rounds = {"ours": [[13.0, 13.0, 0.0, 13.0], [18.0, 18.0, 18.0, 18.0]],
+              "rootlesskit": [[12.0, 12.0, 12.0, 12.0], [18.5, 2.9, 18.5, 18.5]]}
+    text = slirp_ab.summary(rounds)
+    ours, theirs, paired = text.splitlines()
+    assert "rounds with a stall 1, stalled intervals 1" in ours
+    assert "rounds with a stall 1, stalled intervals 1" in theirs  # 2.9 < 3 Gbit/s
+    assert "median 0.1 s interval 15.50" in ours
+    assert paired.startswith("ours better in 1/2 paired rounds")

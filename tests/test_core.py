@@ -116,8 +116,11 @@ def test_signal_reaches_command(user, rootless_run, start, name):
 
 
 @pytest.mark.parametrize("flags", [[], ["--pidns"], ["--net=pasta"], ["--net=pasta", "--pidns"],
-                                   ["--net=slirp4netns", "--port-driver=builtin"]],
-                         ids=["no-pidns", "pidns", "pasta", "pasta-pidns", "slirp4netns"])
+                                   ["--net=slirp4netns", "--port-driver=builtin"],
+                                   ["--net=slirp4netns", "--port-driver=slirp4netns"],
+                                   ["--net=slirp4netns", "--detach-netns"]],
+                         ids=["no-pidns", "pidns", "pasta", "pasta-pidns", "slirp4netns",
+                              "slirp4netns-api", "slirp4netns-detached"])
 def test_sigkill_of_supervisor_kills_everything(user, rootless_run, start, state_dir, flags):
     proc = start([rootless_run, f"--state-dir={state_dir}", *flags, "--",
                   "sh", "-c", "sleep 1000 & sleep 1000"])

@@ -393,6 +393,64 @@ def test_slirp4netns_sandbox_and_seccomp(user, rootless_run, start, http_server,
     assert ("--enable-seccomp" in argv) == enabled, argv
 
 
+# -- what slirp4netns watches ----------------------------------------------------------
+
+def slirp4netns_argv(user) -> list[str]:
+    helpers = helper_processes(user, "slirp4netns")
+    assert len(helpers) == 1, helpers
+    with open(f"/proc/{helpers[0][0]}/cmdline", "rb") as f:
+        return f.read().decode().split("\0")
+
+
+@pytest.mark.parametrize("port_driver", ["builtin", "slirp4netns"])
+def test_slirp4netns_polls_only_the_fds_it_needs(user, rootless_run, start, state_dir,
+                                                 port_driver):
+    """slirp4netns polls every fd it watches once per packet: the API socket only for
+    the port driver that uses it, and no exit fd where setpriv's parent-death signal
+    does that job (test_core's SIGKILL test checks that it does)."""
+    proc = start([rootless_run, f"--state-dir={state_dir}", *net_flags("slirp4netns"),
+                  f"--port-driver={port_driver}", "--", "sleep", "60"])
+    assert wait_until(lambda: helper_processes(user, "slirp4netns")
+                      and any(p[2] == "sleep 60" for p in user.processes()), 15), \
+        (user.processes(), proc.poll())
+    argv = slirp4netns_argv(user)
+    api = os.path.join(state_dir, "slirp4netns.sock")
+    assert not any(a.startswith("--exit-fd") for a in argv), argv
+    assert (f"--api-socket={api}" in argv) == (port_driver == "slirp4netns"), argv
+    assert os.path.exists(api) == (port_driver == "slirp4netns")
+    proc.terminate()  # forwarded to the command
+    proc.wait(timeout=15)
+    assert wait_until(lambda: not user.processes(), 5), user.processes()
+
+
+def test_slirp4netns_exit_fd_without_setpriv(user, rootless_run, spawned, user_tmp,
+                                             state_dir):
+    """Without setpriv on PATH, slirp4netns gets --exit-fd, and still goes when the
+    supervisor is SIGKILLed."""
+    bin_dir = tempfile.mkdtemp(prefix="rlt-nosetpriv-")
+    try:
+        os.chmod(bin_dir, 0o755)
+        for tool in ("newuidmap", "newgidmap", "slirp4netns", "sh", "sleep"):
+            os.symlink(shutil.which(tool), os.path.join(bin_dir, tool))
+        # env sets PATH after setpriv (the harness's own step) has been found
+        proc = user.popen(["/usr/bin/env", f"PATH={bin_dir}", rootless_run,
+                           f"--state-dir={state_dir}", *net_flags("slirp4netns"),
+                           "--port-driver=builtin", "--", "sleep", "60"],
+                          env={"TMPDIR": user_tmp})
+        spawned.append(proc)
+        assert wait_until(lambda: helper_processes(user, "slirp4netns")
+                          and any(p[2] == "sleep 60" for p in user.processes()), 15), \
+            (user.processes(), proc.poll(), proc.poll() is not None and proc.stderr.read())
+        argv = slirp4netns_argv(user)
+        assert any(a.startswith("--exit-fd=") for a in argv), argv
+        proc.kill()
+        proc.wait(timeout=10)
+        assert wait_until(lambda: not user.processes(), 3), \
+            f"still running after SIGKILL of the supervisor: {user.processes()}"
+    finally:
+        shutil.rmtree(bin_dir)
+
+
 # -- --detach-netns -------------------------------------------------------------------
 
 @pytest.mark.parametrize("driver", ["slirp4netns", "pasta", "none"])
