@@ -42,6 +42,20 @@ def helper_processes(user, name: str) -> list[tuple[int, str, str]]:
             if p[2] and os.path.basename(p[2].split()[0]).startswith(name)]
 
 
+def helper_and_command_up(user, name: str):
+    """For wait_until: the helper `name` runs, and so does the command `sleep 60`."""
+    return (any(p[2] == "sleep 60" for p in user.processes())
+            and helper_processes(user, name))
+
+
+def slirp4netns_argv(user) -> list[str]:
+    """The argv of the one slirp4netns the user runs."""
+    helpers = helper_processes(user, "slirp4netns")
+    assert len(helpers) == 1, helpers
+    with open(f"/proc/{helpers[0][0]}/cmdline", "rb") as f:
+        return f.read().decode().split("\0")
+
+
 def json_docs(text: str) -> list:
     decoder, docs, i = json.JSONDecoder(), [], 0
     while i < len(text):
@@ -250,11 +264,8 @@ def test_helper_death_ends_run(user, rootless_run, start, state_dir, driver):
     proc = start([rootless_run, f"--state-dir={state_dir}", *net_flags(driver), "--",
                   "sleep", "60"])
 
-    def running():
-        return (any(p[2] == "sleep 60" for p in user.processes())
-                and helper_processes(user, driver))
-
-    assert wait_until(running, 15), (user.processes(), proc.poll())
+    assert wait_until(lambda: helper_and_command_up(user, driver), 15), \
+        (user.processes(), proc.poll())
     helpers = helper_processes(user, driver)
     if driver == "pasta":  # the daemon, not the short-lived starter
         with open(os.path.join(state_dir, "pasta.pid")) as f:
@@ -381,10 +392,7 @@ def test_slirp4netns_sandbox_and_seccomp(user, rootless_run, start, http_server,
                   " ".join(curl(port)) + "; echo; read line"], stdin=subprocess.PIPE)
     lines = Lines(proc.stdout)
     assert lines.next(timeout=20) == token, "no connectivity to the host's loopback"
-    helpers = helper_processes(user, "slirp4netns")
-    assert len(helpers) == 1, helpers
-    with open(f"/proc/{helpers[0][0]}/cmdline", "rb") as f:
-        argv = f.read().decode().split("\0")
+    argv = slirp4netns_argv(user)
     proc.stdin.write("done\n")
     proc.stdin.flush()
     assert proc.wait(timeout=15) == 0, proc.stderr.read()
@@ -395,13 +403,6 @@ def test_slirp4netns_sandbox_and_seccomp(user, rootless_run, start, http_server,
 
 # -- what slirp4netns watches ----------------------------------------------------------
 
-def slirp4netns_argv(user) -> list[str]:
-    helpers = helper_processes(user, "slirp4netns")
-    assert len(helpers) == 1, helpers
-    with open(f"/proc/{helpers[0][0]}/cmdline", "rb") as f:
-        return f.read().decode().split("\0")
-
-
 @pytest.mark.parametrize("port_driver", ["builtin", "slirp4netns"])
 def test_slirp4netns_polls_only_the_fds_it_needs(user, rootless_run, start, state_dir,
                                                  port_driver):
@@ -410,8 +411,7 @@ def test_slirp4netns_polls_only_the_fds_it_needs(user, rootless_run, start, stat
     does that job (test_core's SIGKILL test checks that it does)."""
     proc = start([rootless_run, f"--state-dir={state_dir}", *net_flags("slirp4netns"),
                   f"--port-driver={port_driver}", "--", "sleep", "60"])
-    assert wait_until(lambda: helper_processes(user, "slirp4netns")
-                      and any(p[2] == "sleep 60" for p in user.processes()), 15), \
+    assert wait_until(lambda: helper_and_command_up(user, "slirp4netns"), 15), \
         (user.processes(), proc.poll())
     argv = slirp4netns_argv(user)
     api = os.path.join(state_dir, "slirp4netns.sock")
@@ -438,8 +438,7 @@ def test_slirp4netns_exit_fd_without_setpriv(user, rootless_run, spawned, user_t
                            "--port-driver=builtin", "--", "sleep", "60"],
                           env={"TMPDIR": user_tmp})
         spawned.append(proc)
-        assert wait_until(lambda: helper_processes(user, "slirp4netns")
-                          and any(p[2] == "sleep 60" for p in user.processes()), 15), \
+        assert wait_until(lambda: helper_and_command_up(user, "slirp4netns"), 15), \
             (user.processes(), proc.poll(), proc.poll() is not None and proc.stderr.read())
         argv = slirp4netns_argv(user)
         assert any(a.startswith("--exit-fd=") for a in argv), argv
