@@ -64,14 +64,18 @@ def free_port() -> int:
 
 
 def iperf_client(runner: Runner, argv_prefix: list[str], host: str, port: int,
-                 seconds: int, *, streams: int = 1, udp: bool = False) -> dict:
+                 seconds: int, *, streams: int = 1, udp: bool = False,
+                 interval: float | None = None) -> dict:
     """Run an iperf3 client (under `argv_prefix`, e.g. a supervisor); returns
-    {"gbps": received Gbit/s[, "loss": percent]}."""
+    {"gbps": received Gbit/s[, "loss": percent][, "intervals": Gbit/s of each
+    `interval` seconds]}."""
     argv = argv_prefix + ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds),
                           "-P", str(streams), "-J"]
     if udp:
         # As fast as it goes; datagrams of a typical size (not 32 KiB loopback ones).
         argv += ["-u", "-b", "0", "-l", "1400"]
+    if interval:
+        argv += ["-i", str(interval)]
     code, out = runner.run(argv, timeout=seconds + 30)
     report = _json(out) or {}
     received = report.get("end", {}).get("sum_received")
@@ -80,6 +84,9 @@ def iperf_client(runner: Runner, argv_prefix: list[str], host: str, port: int,
     result = {"gbps": received["bits_per_second"] / 1e9}
     if udp:
         result["loss"] = received["lost_percent"]
+    if interval:
+        result["intervals"] = [i["sum"]["bits_per_second"] / 1e9
+                               for i in report.get("intervals", [])]
     return result
 
 
