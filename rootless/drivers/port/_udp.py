@@ -192,9 +192,10 @@ def _source(family: int, destination: bytes | None) -> list:
     """sendmsg's ancillary data that sends from `destination` (a PKTINFO)."""
     if destination is None:
         return []
-    if family == socket.AF_INET6:  # in6_pktinfo: address, interface (any)
-        return [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, destination + bytes(4))]
-    from ...linux._mmsg import IP_PKTINFO
+    from ...linux._mmsg import PKTINFO
 
+    level, kind, _, _ = PKTINFO[family]
+    if family == socket.AF_INET6:  # in6_pktinfo: address, interface (any)
+        return [(level, kind, destination + bytes(4))]
     # in_pktinfo: interface (any), the source to use, (the destination: ignored)
-    return [(socket.IPPROTO_IP, IP_PKTINFO, bytes(4) + destination + bytes(4))]
+    return [(level, kind, bytes(4) + destination + bytes(4))]
