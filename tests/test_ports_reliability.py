@@ -25,7 +25,9 @@ from test_ports import (api, connect, closed_within, fd_count, instance,  # noqa
 
 ECHO = 9000      # echoes, one thread and epoll: thousands of connections cheaply
 BOTH = 9001      # sends SIZE bytes of random.Random(SEED) and half-closes, meanwhile
-                 # reads to EOF and writes "N SHA256" to TMP/result
+                 # reads to EOF and writes "N SHA256" to TMP/result (only if N > 0:
+                 # a readiness probe sends nothing, and its result must not stand in
+                 # for a transfer's)
 NOTHING = 9999   # nothing listens there
 SEED, SIZE = 5, 32 << 20
 
@@ -46,6 +48,8 @@ def both(conn):
         digest.update(data)
     sender.join()
     conn.close()
+    if n == 0:
+        return
     with open(sys.argv[1] + ".tmp", "w") as f:
         f.write(f"{{n}} {{digest.hexdigest()}}")
     os.rename(sys.argv[1] + ".tmp", sys.argv[1])
@@ -307,6 +311,13 @@ def test_no_listener_refuses_promptly_under_load(server, many_fds):
     echo_once(echo)  # the port driver is unharmed
 
 
+def both_server_up(port: int) -> bool:
+    """The BOTH server itself answers, not just the parent's listener (which accepts
+    before the child side is tried): its stream's first byte arrives."""
+    with connect(port, timeout=1) as s:
+        return s.recv(1) != b""
+
+
 def _both_ways(port: int, result: str, client_first: bool) -> None:
     """32 MiB each way on one connection; the client half-closes first (it sends all
     before it reads) or last (it reads the server's all and its EOF first)."""
@@ -343,7 +354,7 @@ def _pipes_during_transfer(inst, port: int, client_first: bool) -> list[int]:
     watcher = threading.Thread(target=_watch_pipes, args=(inst.pid, stop, seen))
     watcher.start()
     try:
-        until("the server", lambda: connect(port, timeout=1).close() or True)
+        until("the server", lambda: both_server_up(port))
         _both_ways(port, inst.result, client_first)
     finally:
         stop.set()
@@ -370,7 +381,7 @@ def test_removing_a_port_ends_a_bulk_transfer(user, server):
     port = free_port()
     inst = server(f"127.0.0.1:{port}:{BOTH}/tcp")
     workers = worker_cpu_ns(inst.pid)
-    until("the server", lambda: connect(port, timeout=1).close() or True)
+    until("the server", lambda: both_server_up(port))
     with connect(port, timeout=10) as s:
         sending = threading.Event()
 
@@ -419,7 +430,7 @@ def test_a_stalled_bulk_transfer_gives_back_its_thread(server):
     port = free_port()
     inst = server(f"127.0.0.1:{port}:{BOTH}/tcp")
     expected = hashlib.sha256(random.Random(SEED).randbytes(SIZE)).hexdigest()
-    until("the server", lambda: connect(port, timeout=1).close() or True)
+    until("the server", lambda: both_server_up(port))
     workers = worker_cpu_ns(inst.pid)
     with connect(port, timeout=20) as s:
         head = recv_exactly(s, 16 << 20)  # half the server's stream
