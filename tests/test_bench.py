@@ -171,3 +171,8 @@ def test_slirp_ab_counts_stalls_and_paired_wins():
     assert "rounds with a stall 1, stalled intervals 1" in theirs  # 2.9 < 3 Gbit/s
     assert "median 0.1 s interval 15.50" in ours
     assert paired.startswith("ours better in 1/2 paired rounds")
+    # --calibrate's sides: the pairs count the first side's wins, whatever the names
+    first, second, paired = slirp_ab.summary(
+        {"ours": [[10.0], [10.0], [4.0]], "ours again": [[5.0], [5.0], [8.0]]}).splitlines()
+    assert first.startswith("ours ") and second.startswith("ours again ")
+    assert paired == "ours better in 2/3 paired rounds, median ratio 2.000x"

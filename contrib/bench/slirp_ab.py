@@ -8,10 +8,12 @@ with a fresh iperf3 server on the host's 127.0.0.1, reached at the gateway 10.0.
 Ours runs under rootlesskit's name, which gives it rootlesskit's defaults.
 
     python3 -m contrib.bench.slirp_ab [--rounds N] [--seconds S] [--json FILE]
-        [--rootless-run PATH] [--user NAME] [-- EXTRA FLAGS FOR OURS]
+        [--rootless-run PATH] [--user NAME] [--calibrate] [-- EXTRA FLAGS FOR OURS]
 
 Extra flags after `--` go to ours only (e.g. `--slirp4netns-binary=WRAPPER`, to try a
-variant of the invocation).
+variant of the invocation). `--calibrate` runs ours on both sides ("ours" and "ours
+again", the same build and flags): how far apart two identical sides come out is the
+noise any real difference has to stand out of.
 """
 import argparse
 import json
@@ -39,6 +41,8 @@ def one_round(runner: Runner, supervisor: list[str], seconds: int) -> list[float
 
 
 def summary(rounds: dict[str, list[list[float]]]) -> str:
+    """Each side's medians and stalls, then the pairs: in how many the first side did
+    better, and the median of first / second."""
     lines = []
     for side, rows in rounds.items():
         means = [statistics.mean(r) for r in rows]
@@ -47,10 +51,10 @@ def summary(rounds: dict[str, list[list[float]]]) -> str:
             f"{side:12} rounds {len(rows)}, median {statistics.median(means):.2f} Gbit/s, "
             f"median 0.1 s interval {statistics.median(x for r in rows for x in r):.2f}, "
             f"rounds with a stall {sum(1 for s in stalls if s)}, stalled intervals {sum(stalls)}")
-    ours, theirs = rounds["ours"], rounds["rootlesskit"]
+    (first, ours), (_, theirs) = rounds.items()
     wins = sum(1 for a, b in zip(ours, theirs) if statistics.mean(a) > statistics.mean(b))
     ratios = [statistics.mean(a) / statistics.mean(b) for a, b in zip(ours, theirs)]
-    lines.append(f"ours better in {wins}/{len(ratios)} paired rounds, "
+    lines.append(f"{first} better in {wins}/{len(ratios)} paired rounds, "
                  f"median ratio {statistics.median(ratios):.3f}x")
     return "\n".join(lines)
 
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rootless-run", default=shutil.which("rootless-run") or
                         "/opt/rootless/venv/bin/rootless-run")
     parser.add_argument("--user", help="run as this user (root only; default rlt-test)")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="ours on both sides: the A/A noise")
     parser.add_argument("extra", nargs="*", help="flags for ours only, after --")
     args = parser.parse_args(argv)
     if args.rounds < 1:
@@ -74,8 +80,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     link_dir = make_link_dir(os.path.realpath(args.rootless_run), "rootlesskit")
     try:
-        sides = {"ours": [os.path.join(link_dir, "rootlesskit"), *args.extra],
-                 "rootlesskit": [runner.which("rootlesskit")]}
+        ours = [os.path.join(link_dir, "rootlesskit"), *args.extra]
+        sides = {"ours": ours,
+                 **({"ours again": ours} if args.calibrate else
+                    {"rootlesskit": [runner.which("rootlesskit")]})}
         rounds: dict[str, list[list[float]]] = {side: [] for side in sides}
         for i in range(args.rounds):
             order = list(sides) if i % 2 == 0 else list(sides)[::-1]
