@@ -57,12 +57,30 @@ def validate(config: Config) -> None:
                          f"driver's default")
     if config.mtu and config.ipv6 and config.mtu < 1280:
         raise UsageError(f"--mtu={config.mtu} is too small for --ipv6: IPv6 needs at least 1280")
+    if config.net not in ("host", "none"):
+        _check_ifname(config.ifname)
     if config.reuse and not config.state_dir:
         raise UsageError("--reuse needs --state-dir DIR: the dir of the instance to join "
                          "or to start")
     for directory in config.copy_up:
         if not directory.startswith("/"):
             raise UsageError(f"--copy-up={directory}: needs an absolute path, e.g. /etc")
+
+
+def _check_ifname(name: str) -> None:
+    """The kernel's rules for an interface name (dev_valid_name). slirp4netns would
+    silently cut a long one to 15 bytes, and fail on others with an ioctl's errno."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif len(name.encode()) > 15:
+        problem = f"is {len(name.encode())} bytes long, more than an interface name's 15"
+    elif name in (".", ".."):
+        problem = "is not a name an interface can have"
+    elif any(c in "/:" or c.isspace() for c in name):
+        problem = "has a '/', ':' or a space, which an interface name cannot have"
+    if problem:
+        raise UsageError(f"--ifname={name}: {problem}; use a name such as tap0")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -328,6 +328,9 @@ BAD_NET_INPUT = [  # (driver, flags, what the error line must name)
     *[(d, ["--mtu=67"], ["--mtu=67"]) for d in HELPERS],
     *[(d, ["--mtu=70000"], ["--mtu=70000"]) for d in HELPERS],
     *[(d, ["--mtu=1200", "--ipv6"], ["--mtu=1200", "IPv6"]) for d in HELPERS],
+    *[(d, [f"--ifname={name}"], [f"--ifname={name}", why]) for d in HELPERS
+      for name, why in (("", "empty"), ("averyveryverylongif0", "15"), ("a/b", "'/'"),
+                        ("tap 0", "space"), ("..", "not a name"))],
     ("slirp4netns", ["--slirp4netns-sandbox=bogus"], ["--slirp4netns-sandbox=bogus"]),
     ("slirp4netns", ["--slirp4netns-seccomp=bogus"], ["--slirp4netns-seccomp=bogus"]),
 ]
