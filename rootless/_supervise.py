@@ -5,7 +5,7 @@ keeping trio out of this loop keeps it off the path of short commands.
 """
 import os
 import select
-import signal
+import _signal as signal  # the C module: see _process.py
 
 from . import _log
 from ._process import exit_code

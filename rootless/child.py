@@ -5,7 +5,7 @@ No trio, ever: unshare(CLONE_NEWUSER) is refused in a multi-threaded process.
 """
 import errno
 import os
-import signal
+import _signal as signal  # the C module: see _process.py
 
 from . import _log
 from ._paths import which

@@ -14,7 +14,7 @@ msgspec, h11): it is on the path of every `rootless-ctl enter`.
 """
 import errno
 import os
-import signal
+import _signal as signal  # the C module: see _process.py
 import time
 
 from . import _log

@@ -7,7 +7,7 @@ child's and the helpers' pidfds (see _supervise).
 """
 import os
 import select
-import signal
+import _signal as signal  # the C module: see _process.py
 
 from . import _log
 from ._process import exit_code, forward_signals, wait_for

@@ -96,7 +96,7 @@ class Watchdog:
     the namespace alive. It waits for EOF on a pipe only we hold the write end of."""
 
     def __init__(self, pid: int):
-        import signal
+        import _signal as signal  # the C module: see _process.py
 
         read_end, self._write_end = os.pipe()
         self.pid = os.fork()
@@ -113,7 +113,7 @@ class Watchdog:
 
     def cancel(self) -> None:
         """We stop the helper ourselves: the watchdog goes without killing anything."""
-        import signal
+        import _signal as signal  # the C module: see _process.py
 
         os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)

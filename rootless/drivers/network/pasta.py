@@ -4,7 +4,7 @@ pasta daemonizes once the namespace is configured, so its first process exiting
 with 0 is the readiness signal; the daemon's pid comes from its pid file.
 """
 import os
-import signal
+import _signal as signal  # the C module: see _process.py
 
 from ...errors import DriverError
 from ._helper import Helper, Watchdog, capture_output, helper_failed, spawn

@@ -1,7 +1,7 @@
 """slirp4netns: user-mode TCP/IP for the child's netns, as rootlesskit drives it."""
 import os
 import select
-import signal
+import _signal as signal  # the C module: see _process.py
 
 from ..._paths import which
 from ...errors import UsageError
