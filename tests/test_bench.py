@@ -45,6 +45,7 @@ def test_every_scenario_gives_figures(user, rootless_run, tmp_path):
     if have["iperf3"]:
         expected += ["builtin port TCP host->child, 1 stream",
                      "builtin port TCP host->child, 4 streams",
+                     "slirp4netns port TCP host->child, 1 stream",
                      "net child->host TCP, slirp4netns"]
     for label in expected:
         row = found[label]

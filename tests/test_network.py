@@ -11,9 +11,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 
@@ -182,6 +184,76 @@ def test_child_interface(user, rootless_run, driver, flags, ifname, address, gat
     # and the helper went with the run
     assert wait_until(lambda: not helper_processes(user, driver), 3), \
         f"{driver} still running after the run: {helper_processes(user, driver)}"
+
+
+SEGMENT = ("import socket, sys\n"
+           "s = socket.create_connection(('10.0.2.2', int(sys.argv[1])), timeout=5)\n"
+           "print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))\n"
+           "print(open('/sys/class/net/tap0/mtu').read().strip())\n")
+
+
+@pytest.mark.parametrize("mtu,slirp_mtu,mss", [
+    (0, 21885, 21845),    # the default 65520: slirp4netns works with the cap
+    (65520, 21885, 21845),
+    (1500, 1500, 1460),   # under the cap: as asked
+], ids=["default", "65520", "1500"])
+def test_slirp4netns_segments_fit_its_window(user, rootless_run, start, http_server,
+                                             mtu, slirp_mtu, mss):
+    """libslirp's TCP window is 65535 bytes, unscaled: at MTU 65520 the child would send
+    32767-byte segments (half the window) and stall on libslirp's window updates.
+    slirp4netns works at MTU 21885 instead, three segments to a window, while the
+    interface keeps the MTU asked for."""
+    port, _ = http_server()
+    flags = [*net_flags("slirp4netns"), *([f"--mtu={mtu}"] if mtu else [])]
+    r = user.run([rootless_run, *flags, "--", sys.executable, "-c", SEGMENT, str(port)])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(mss), str(mtu or 65520)]
+    assert 3 * mss <= 65535
+    proc = start([rootless_run, *flags, "--", "sleep", "60"])
+    assert wait_until(lambda: helper_and_command_up(user, "slirp4netns"), 15), \
+        (user.processes(), proc.poll())
+    assert f"--mtu={slirp_mtu}" in slirp4netns_argv(user)
+    proc.terminate()
+    proc.wait(timeout=15)
+
+
+UDP_ECHO = ("import socket, sys\n"
+            "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            "s.settimeout(5)\n"
+            "for size in (1000, 21856, 21857, 40000, 65000):\n"
+            "    s.sendto(bytes(range(256)) * (size // 256) + b'x' * (size % 256),\n"
+            "             ('10.0.2.2', int(sys.argv[1])))\n"
+            "    data = s.recv(65536)\n"
+            "    print(len(data), data == bytes(range(256)) * (size // 256) + b'x' * (size % 256))\n")
+
+
+def test_slirp4netns_big_datagrams_both_ways(user, rootless_run):
+    """Datagrams bigger than slirp4netns' capped MTU, up to the interface's, go to the
+    host and back whole (back, slirp4netns fragments them, and the child reassembles)."""
+    host = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    host.bind(("127.0.0.1", 0))
+    host.settimeout(0.2)
+    done = threading.Event()
+
+    def echo():
+        while not done.is_set():
+            try:
+                data, peer = host.recvfrom(65536)
+            except TimeoutError:
+                continue
+            host.sendto(data, peer)
+
+    thread = threading.Thread(target=echo, daemon=True)
+    thread.start()
+    try:
+        r = user.run([rootless_run, *net_flags("slirp4netns"), "--", sys.executable, "-c",
+                      UDP_ECHO, str(host.getsockname()[1])])
+    finally:
+        done.set()
+        thread.join(timeout=5)
+        host.close()
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[:-1] == [f"{n} True" for n in (1000, 21856, 21857, 40000, 65000)]
 
 
 # -- the host's loopback through the gateway ------------------------------------------

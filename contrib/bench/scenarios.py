@@ -77,14 +77,14 @@ def build(sides: Sides) -> list[Scenario]:
     def bare(flags):
         return lambda: {"ms": r.time_once(["unshare", *flags, "true"]) * 1000}
 
-    def port_iperf(streams=1, udp=False):
+    def port_iperf(streams=1, udp=False, driver="builtin"):
         specs = ["127.0.0.1:{P}:%d/tcp" % w.IPERF_PORT]
         if udp:  # iperf3 keeps its control connection on TCP, the same port number
             specs.append("127.0.0.1:{P}:%d/udp" % w.IPERF_PORT)
 
         def make(binary):
             def side():
-                supervisor = [binary, "--net=slirp4netns", "--port-driver=builtin"]
+                supervisor = [binary, "--net=slirp4netns", f"--port-driver={driver}"]
                 with w.published(r, supervisor, specs, IPERF_COMMAND,
                                  w.IPERF_PORT) as (_, port):
                     return w.iperf_client(r, [], "127.0.0.1", port, s.seconds,
@@ -155,6 +155,10 @@ def build(sides: Sides) -> list[Scenario]:
                                      "Gbit/s", True),
                               Metric("loss", "  UDP datagrams lost", "%", False, False)],
                  port_iperf(udp=True), s.rounds, ("iperf3", "slirp4netns"),
+                 "loopback iperf3"),
+        Scenario("port-slirp4netns", [Metric("gbps", "slirp4netns port TCP host->child, "
+                                                     "1 stream", "Gbit/s", True)],
+                 port_iperf(1, driver="slirp4netns"), s.rounds, ("iperf3", "slirp4netns"),
                  "loopback iperf3"),
         Scenario("connections", [Metric("rate", "builtin port: short connections/s",
                                         "conn/s", True)],

@@ -22,6 +22,7 @@ from ._libc import (
     mount,
     ns_owner_uid,
     set_child_subreaper,
+    set_mtu,
     set_parent_death_signal,
     setns,
     umount,
@@ -32,5 +33,5 @@ __all__ = [
     "CLONE_NEWCGROUP", "CLONE_NEWIPC", "CLONE_NEWNET", "CLONE_NEWNS", "CLONE_NEWPID",
     "CLONE_NEWUSER", "CLONE_NEWUTS", "MNT_DETACH", "MS_BIND", "MS_MOVE", "MS_NODEV",
     "MS_NOEXEC", "MS_NOSUID", "MS_PRIVATE", "MS_REC", "MS_SLAVE", "mount", "ns_owner_uid",
-    "set_child_subreaper", "set_parent_death_signal", "setns", "umount", "unshare",
+    "set_child_subreaper", "set_mtu", "set_parent_death_signal", "setns", "umount", "unshare",
 ]

@@ -25,8 +25,9 @@ def get(name: str) -> type[NetworkDriver]:
 
 def choose_auto(config) -> tuple[str, str]:
     """--net=auto: (driver, why). slirp4netns first: measured here, Debian 12's pasta
-    (2023-03) moves child-to-host TCP at 0.1-0.35 Gbps against slirp4netns' ~5 Gbps
-    (see the README's Performance section); pasta when slirp4netns is missing."""
+    (2023-03) stalls, moving child-to-host TCP at 0.1-4.8 Gbps from run to run, never
+    more than slirp4netns in the same run (5.7 Gbps; README, Performance); pasta when
+    slirp4netns is missing."""
     from ...errors import RootlessError
     from ._helper import check_tun, find_binary
 
