@@ -547,6 +547,7 @@ def test_detach_netns(user, rootless_run, http_server, driver):
         assert set(links) == {"lo"}
         return
     assert set(links) == {"lo", "tap0"}
+    assert links["tap0"]["mtu"] == 65520  # slirp4netns' own is capped; the child's is not
     addrs = [a["local"] for a in links["tap0"]["addr_info"] if a["family"] == "inet"]
     assert addrs == ["10.0.2.100"]
     assert rest.rstrip().endswith(token)  # a real connection out of the detached netns
