@@ -217,14 +217,15 @@ def test_slirp4netns_segments_fit_its_window(user, rootless_run, start, http_ser
     proc.wait(timeout=15)
 
 
+DATAGRAM_SIZES = (1000, 21856, 21857, 40000, 65000)  # around slirp4netns' MTU, and over
 UDP_ECHO = ("import socket, sys\n"
             "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
             "s.settimeout(5)\n"
-            "for size in (1000, 21856, 21857, 40000, 65000):\n"
-            "    s.sendto(bytes(range(256)) * (size // 256) + b'x' * (size % 256),\n"
-            "             ('10.0.2.2', int(sys.argv[1])))\n"
+            "for size in map(int, sys.argv[2:]):\n"
+            "    payload = bytes(range(256)) * (size // 256) + b'x' * (size % 256)\n"
+            "    s.sendto(payload, ('10.0.2.2', int(sys.argv[1])))\n"
             "    data = s.recv(65536)\n"
-            "    print(len(data), data == bytes(range(256)) * (size // 256) + b'x' * (size % 256))\n")
+            "    print(len(data), data == payload)\n")
 
 
 def test_slirp4netns_big_datagrams_both_ways(user, rootless_run):
@@ -247,13 +248,13 @@ def test_slirp4netns_big_datagrams_both_ways(user, rootless_run):
     thread.start()
     try:
         r = user.run([rootless_run, *net_flags("slirp4netns"), "--", sys.executable, "-c",
-                      UDP_ECHO, str(host.getsockname()[1])])
+                      UDP_ECHO, str(host.getsockname()[1]), *map(str, DATAGRAM_SIZES)])
     finally:
         done.set()
         thread.join(timeout=5)
         host.close()
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[:-1] == [f"{n} True" for n in (1000, 21856, 21857, 40000, 65000)]
+    assert r.stdout.splitlines() == [f"{n} True" for n in DATAGRAM_SIZES]
 
 
 # -- the host's loopback through the gateway ------------------------------------------

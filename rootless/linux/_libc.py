@@ -27,6 +27,8 @@ MNT_DETACH = 0x2
 _NS_GET_OWNER_UID = 0xB704
 
 # netdevice(7): an interface's MTU, through any socket of the netns
+_AF_INET = 2
+_SOCK_DGRAM = 2
 _SIOCSIFMTU = 0x8922
 _IFNAMSIZ = 16
 
@@ -65,7 +67,8 @@ class _IfreqMtu(ctypes.Structure):
 def set_mtu(ifname: str, mtu: int) -> None:
     """The MTU of `ifname` in the caller's netns: one ioctl, where pyroute2's import
     would cost the way to the command ~0.1 s."""
-    fd = _libc.socket(ctypes.c_int(2), ctypes.c_int(2 | os.O_CLOEXEC), ctypes.c_int(0))
+    fd = _libc.socket(ctypes.c_int(_AF_INET), ctypes.c_int(_SOCK_DGRAM | os.O_CLOEXEC),
+                      ctypes.c_int(0))
     _check(fd, "socket(AF_INET, SOCK_DGRAM)")
     try:
         ifr = _IfreqMtu(os.fsencode(ifname), mtu)

@@ -9,16 +9,17 @@ from ._helper import Helper, capture_output, helper_failed, spawn
 from .base import HelperDriver
 
 _READY_TIMEOUT = 10.0
-# libslirp (4.7 and before) does not scale TCP windows: 65535 bytes at most are in flight
+# libslirp (4.7.0 here) does not scale TCP windows: 65535 bytes at most are in flight
 # between it and the child, either way. At MTU 65520, Linux sends it segments of half
 # that (the most it sends into a peer's window at once) and libslirp's own segment size
 # is 65480, so it sends no window update until the window can take two of those, more
 # than the whole window: the child's TCP waits for its persist timer, >= 200 ms. At MTU
 # 21885 (segments of 21845 bytes, three to a window), by the time the child has to wait
-# the window has room for two of libslirp's segments, and the update comes. Measured here, child->host TCP: no stalled 0.1 s interval in 12
-# rounds against 94, 5.8 against 5.0 Gbit/s (README, Performance). The interface keeps
-# the MTU asked for (configure_child): datagrams up to it reach slirp4netns whole (it
-# reads frames of up to 64 KiB whatever its --mtu); only TCP segments are smaller.
+# the window has room for two of libslirp's segments, and the update comes. Measured
+# here, child->host TCP: no stalled 0.1 s interval in 12 rounds against 94, 5.8 against
+# 5.0 Gbit/s (README, Performance). The interface keeps the MTU asked for
+# (configure_child): datagrams up to it reach slirp4netns whole (it reads frames of up
+# to 64 KiB whatever its --mtu); only TCP segments are smaller.
 SLIRP_MTU_CAP = 21885
 API_SOCKET = "slirp4netns.sock"  # in the state dir; the slirp4netns port driver talks to it
 
