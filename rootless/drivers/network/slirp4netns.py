@@ -100,10 +100,11 @@ class Slirp4netnsDriver(HelperDriver):
     @staticmethod
     def configure_child(info) -> None:
         """slirp4netns --configure gave the interface slirp4netns' own, capped MTU: back
-        to the one asked for (a no-op when they are the same)."""
-        from ...linux import set_mtu
+        to the one asked for. Under the cap they are the same: nothing to do."""
+        if info.mtu > SLIRP_MTU_CAP:
+            from ...linux import set_mtu
 
-        set_mtu(info.ifname, info.mtu)
+            set_mtu(info.ifname, info.mtu)
 
     def stop(self) -> None:
         if self._exit_w >= 0:
