@@ -18,8 +18,21 @@ def listen(path: str):
     try:
         sock.bind(path)
         os.chmod(path, 0o600)
-        sock.listen(128)
+        sock.listen(backlog())
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def backlog() -> int:
+    """The system's listen backlog (net.core.somaxconn), as Go's net package takes for
+    rootlesskit: a burst of clients waits in the queue, where a backlog of 128 made
+    the 129th connect() fail with EAGAIN."""
+    import socket
+
+    try:
+        with open("/proc/sys/net/core/somaxconn", "rb") as f:
+            return max(int(f.read()), 1)
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
