@@ -1,7 +1,17 @@
-"""Requests to responses, apart from any I/O: (method, path, body) -> (status, body).
+"""Requests to responses, apart from any I/O: (method, target, body) -> (status, body).
+
+Routing is on the whole path, as rootlesskit's mux does: `/v1/info`, `/v1/ports` and
+`/v1/ports/ID`, nothing more (`DELETE /v1/ports/1/2` is a 404, not a removal of port
+2). The path is percent-decoded first and the query ignored, as there; a path that
+is not the canonical form (`//v1/info`, a trailing `/`) is a 404 (rootlesskit
+redirects some of those; a redirect would help no API client). HEAD is not served
+(405, as rootlesskit).
 
 The port operations are delegated to a PortManager (the port driver's parent side),
 whose errors carry their HTTP status."""
+import errno
+from urllib.parse import unquote
+
 import msgspec
 
 from ..errors import RootlessError
@@ -9,6 +19,12 @@ from .models import ErrorBody, PortSpec
 
 _json = msgspec.json.Encoder()
 _spec_decoder = msgspec.json.Decoder(PortSpec)
+
+INFO, PORTS, PORT = "/v1/info", "/v1/ports", "/v1/ports/{id}"
+_METHODS = {INFO: ("GET",), PORTS: ("GET", "POST"), PORT: ("DELETE",)}
+_ID_MAX = 2**63 - 1  # rootlesskit's port ids are Go ints
+# A handler's OSError that says "no resources just now": the request may work later.
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 class ApiFailure(RootlessError):
@@ -23,37 +39,73 @@ def error(status: int, message: str) -> tuple[int, bytes]:
     return status, _json.encode(ErrorBody(message=message))
 
 
+def clip(text: str, limit: int = 100) -> str:
+    """`text` cut to about `limit` characters: what a client sent may be huge."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def route(target: str) -> tuple[str, str] | None:
+    """(route, port id text) for a request target, or None when no route has its
+    whole path. Targets are origin-form (`/v1/info?x`) or absolute-form
+    (`http://host/v1/info`, RFC 9112 3.2.2); the host is ignored, as rootlesskit does."""
+    path = target.partition("?")[0]
+    if not path.startswith("/"):
+        scheme, sep, rest = path.partition("://")
+        if not sep or scheme.lower() not in ("http", "https"):
+            return None  # authority-form (CONNECT) or "*": nothing of ours
+        path = "/" + rest.partition("/")[2]
+    path = unquote(path)  # so "%2F" is a separator here too, as in rootlesskit
+    if path in (INFO, PORTS):
+        return path, ""
+    head, _, ident = path.rpartition("/")
+    if head == PORTS and ident:
+        return PORT, ident
+    return None
+
+
+def port_id(text: str) -> int:
+    """A port id as `GET /v1/ports` lists them: ASCII digits only (int() would also
+    take "+1", " 1" or "١"), at most a Go int."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 19 and int(text) <= _ID_MAX):
+        raise ApiFailure(400, f"bad port id {clip(text, 30)!r}: use an id that GET "
+                              f"/v1/ports lists (a number)")
+    return int(text)
+
+
 class Router:
     def __init__(self, info, ports):
         self._info = info      # () -> models.Info
         self._ports = ports    # a PortManager: list() / async add(spec) / async remove(id)
 
-    async def handle(self, method: str, path: str, body: bytes) -> tuple[int, bytes]:
-        path = path.split("?", 1)[0].rstrip("/")
+    async def handle(self, method: str, target: str, body: bytes) -> tuple[int, bytes]:
+        found = route(target)
+        if found is None:
+            return error(404, f"no such endpoint: {clip(target)}")
+        name, ident = found
+        allowed = _METHODS[name]
+        if method not in allowed:
+            return error(405, f"{clip(method, 20)} is not allowed on {clip(target)}: use "
+                              f"{' or '.join(allowed)}")
         try:
-            if path == "/v1/info" and method == "GET":
-                return 200, _json.encode(self._info())
-            if path == "/v1/ports":
-                if method == "GET":
-                    return 200, _json.encode(self._ports.list())
-                if method == "POST":
-                    return 201, _json.encode(await self._ports.add(self._spec(body)))
-                return error(405, f"{method} is not allowed on {path}: use GET or POST")
-            if path.startswith("/v1/ports/"):
-                if method != "DELETE":
-                    return error(405, f"{method} is not allowed on {path}: use DELETE")
-                ident = path.rsplit("/", 1)[1]
-                if not ident.isdigit():
-                    return error(400, f"port id {ident!r} is not a number")
-                await self._ports.remove(int(ident))
-                return 200, b""
-            if path in ("/v1/info",):
-                return error(405, f"{method} is not allowed on {path}: use GET")
-            return error(404, f"no such endpoint: {path}")
+            return await self._call(name, method, ident, body)
         except ApiFailure as exc:
             return error(exc.status, str(exc))
         except RootlessError as exc:  # bad input found by the shared parsers/validators
             return error(400, str(exc))
+        except OSError as exc:
+            if exc.errno not in CAPACITY_ERRNOS:
+                raise  # a bug: the server answers 500 and logs it
+            return error(503, f"out of resources ({exc.strerror}): try again later")
+
+    async def _call(self, name: str, method: str, ident: str, body: bytes):
+        if name == INFO:
+            return 200, _json.encode(self._info())
+        if name == PORT:
+            await self._ports.remove(port_id(ident))
+            return 200, b""
+        if method == "GET":
+            return 200, _json.encode(self._ports.list())
+        return 201, _json.encode(await self._ports.add(self._spec(body)))
 
     @staticmethod
     def _spec(body: bytes) -> PortSpec:
