@@ -39,9 +39,11 @@ def preflight(config, subids, net_was_auto: bool) -> None:
     need("newuidmap", "maps the image files' owners", "uidmap")
     need("newgidmap", "maps the image files' groups", "uidmap")
     if not subids.uids or not subids.gids:
-        user = os.environ.get("USER") or str(os.getuid())
-        problems.append(f"subordinate ids (images hold files of many owners): add "
-                        f"{user}:100000:65536 to /etc/subuid and /etc/subgid")
+        from .subid import add_command, current_user
+
+        problems.append(f"subordinate ids (images hold files of many owners): "
+                        + add_command(current_user(), uids=not subids.uids,
+                                      gids=not subids.gids))
     if config.net == "host":
         problems.append("a network namespace (dockerd makes its bridge and iptables rules "
                         "there): drop --net=host (rootless-run picks slirp4netns or pasta)")

@@ -6,10 +6,7 @@ from . import _log
 from ._paths import which
 from ._process import PYTHON_IGNORED_SIGNALS
 from .errors import IdmapError
-from .subid import Range, Subids
-
-FIX_NO_SUBIDS = ("add ranges with: sudo usermod --add-subuids 100000-165535 "
-                 "--add-subgids 100000-165535 {user}")
+from .subid import Range, Subids, add_command
 
 
 def map_args(host_id: int, ranges: list[Range]) -> list[str]:
@@ -94,6 +91,6 @@ def write_maps(pid: int, uid: int, gid: int, subids: Subids, user: str) -> None:
     missing = " and ".join(f for f, r in (("/etc/subuid", subids.uids), ("/etc/subgid", subids.gids))
                            if not r)
     _log.warning(f"no subordinate ids for {user} in {missing}: only root (0) is mapped inside, "
-                 f"as your uid {uid}; tools that switch users will fail; "
-                 + FIX_NO_SUBIDS.format(user=user))
+                 f"as your uid {uid}; tools that switch users will fail; to add ranges, "
+                 + add_command(user, uids=not subids.uids, gids=not subids.gids))
     write_single_maps(pid, uid, gid)

@@ -29,11 +29,7 @@ def parse_subid_file(text: str, user: str, uid: int, path: str = SUBUID_FILE) ->
     """
     keys = {user, str(uid)}
     ranges = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split(":")
+    for lineno, line, fields in _lines(text):
         if fields[0].strip() not in keys:
             continue
         where = f"{path} line {lineno} ({line!r})"
@@ -48,6 +44,14 @@ def parse_subid_file(text: str, user: str, uid: int, path: str = SUBUID_FILE) ->
             raise SubidError(f"{where}: range out of bounds; {fix}")
         ranges.append(Range(start, count))
     return ranges
+
+
+def _lines(text: str):
+    """(line number, line, its fields) of the lines that are not blank or comments."""
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            yield lineno, line, line.split(":")
 
 
 def read_subid_file(path: str, user: str, uid: int) -> list[Range]:
@@ -128,6 +132,79 @@ def _nsswitch_has_subid_service(path: str = "/etc/nsswitch.conf") -> bool:
     except OSError:
         pass
     return False
+
+
+# useradd's defaults for the ranges it gives new users (login.defs(5))
+_USERADD_DEFAULTS = {"MIN": 100000, "MAX": 600100000, "COUNT": 65536}
+LOGIN_DEFS = "/etc/login.defs"
+
+
+def _occupied(text: str) -> list[Range]:
+    """Every range of every user in subuid/subgid `text`; what cannot be read is
+    skipped (it is not ours to judge, and newuidmap skips it too)."""
+    ranges = []
+    for _, _, fields in _lines(text):
+        if len(fields) != 3:
+            continue
+        try:
+            start, count = int(fields[1]), int(fields[2])
+        except ValueError:
+            continue
+        if start >= 0 and count > 0:
+            ranges.append(Range(start, count))
+    return ranges
+
+
+def _useradd_setting(defs: str, kind: str, name: str) -> int:
+    """SUB_{kind}_{name} from login.defs text (its last line wins, as in shadow's
+    parser), else useradd's default."""
+    value = _USERADD_DEFAULTS[name]
+    for line in defs.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] == f"SUB_{kind}_{name}" and \
+                fields[1].isascii() and fields[1].isdigit():
+            value = int(fields[1])
+    return value
+
+
+def first_free_range(subuid: str, subgid: str, defs: str = "") -> Range | None:
+    """The first range free in both subuid and subgid texts, within the bounds useradd
+    gives new users (SUB_UID_MIN/MAX/COUNT and SUB_GID_* in login.defs): the range to
+    suggest to a user without any. A range overlapping another user's would let each
+    reach the other's files. None if no range fits."""
+    lo = max(_useradd_setting(defs, "UID", "MIN"), _useradd_setting(defs, "GID", "MIN"))
+    hi = min(_useradd_setting(defs, "UID", "MAX"), _useradd_setting(defs, "GID", "MAX"))
+    count = max(_useradd_setting(defs, "UID", "COUNT"), _useradd_setting(defs, "GID", "COUNT"))
+    taken = _occupied(subuid) + _occupied(subgid)
+    # The first fit starts at `lo` or right after a taken range.
+    for start in sorted({lo, *(r.start + r.count for r in taken)}):
+        end = start + count  # exclusive
+        if start < lo or end - 1 > hi or count <= 0:
+            continue
+        if all(end <= r.start or start >= r.start + r.count for r in taken):
+            return Range(start, count)
+    return None
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def add_command(user: str, uids: bool = True, gids: bool = True) -> str:
+    """What to run, as root, to give `user` the subordinate ids it lacks."""
+    free = first_free_range(_read(SUBUID_FILE), _read(SUBGID_FILE), _read(LOGIN_DEFS))
+    ids = f"{free.start}-{free.start + free.count - 1}" if free else "FIRST-LAST"
+    options = [f"--add-sub{kind}s {ids}" for kind, wanted in (("uid", uids), ("gid", gids))
+               if wanted]
+    command = f"usermod {' '.join(options)} {user}"
+    if free is None:
+        return (f"as root, run {command} with a range free in {SUBUID_FILE} and "
+                f"{SUBGID_FILE}")
+    return f"as root, run: {command}"
 
 
 def current_user() -> str:

@@ -6,6 +6,7 @@ sockets), removed afterwards; the harness kills whatever the test user left runn
 """
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import VENV_BIN, diagnostics
 from conftest import free_port
+from test_subid import _assert_free
 from test_systemd import NotifyListener
 
 DOCKERD_ROOTLESS = "/usr/share/docker.io/contrib/dockerd-rootless.sh"
@@ -229,4 +231,7 @@ def test_dockerd_preflight_path_without_sbin(user, docker_home):
 
 def test_dockerd_preflight_without_subids(nosub_user, docker_home):
     line = _preflight(nosub_user, {"PATH": docker_home["PATH"]}, "--", "dockerd")
-    assert f"add {nosub_user.name}:100000:65536 to /etc/subuid" in line
+    found = re.search(r"as root, run: usermod --add-subuids (\d+)-(\d+) "
+                      r"--add-subgids \1-\2 (\S+)", line)
+    assert found and found[3] == nosub_user.name, line
+    _assert_free(int(found[1]), int(found[2]))  # not a range another user has
