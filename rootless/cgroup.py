@@ -2,7 +2,7 @@
 itself holds none and controllers can be delegated to the child's cgroup namespace."""
 import os
 
-from .errors import RootlessError
+from .errors import RootlessError, UsageError
 
 _ROOT = "/sys/fs/cgroup"
 
@@ -25,8 +25,28 @@ def _is_cgroup2(path: str) -> bool:
     return False
 
 
+def check_name(name: str) -> None:
+    """--evacuate-cgroup2 names one sub-group of our cgroup: a path ('/x', '../x')
+    would move our processes, and write, outside it."""
+    problem = None
+    if not name:
+        problem = "is empty"
+    elif "/" in name:
+        problem = "is a path, not a name (it has a '/')"
+    elif name in (".", ".."):
+        problem = "is not a name a cgroup can have"
+    elif any(c < " " or c == "\x7f" for c in name):
+        problem = "has a control character (a newline, a NUL...)"
+    elif len(os.fsencode(name)) > 255:
+        problem = f"is {len(os.fsencode(name))} bytes long, more than a file name's 255"
+    if problem:
+        raise UsageError(f"--evacuate-cgroup2={name!r} {problem}: give the name of one "
+                         f"sub-group of our cgroup, e.g. --evacuate-cgroup2=init")
+
+
 def evacuate(name: str) -> str:
     """Returns the path of the cgroup the processes now live in."""
+    check_name(name)
     if not _is_cgroup2(_ROOT):
         raise RootlessError(f"--evacuate-cgroup2={name} needs cgroup v2 mounted at {_ROOT}, "
                             f"but this host uses cgroup v1 there: drop the flag, or boot with "

@@ -29,6 +29,9 @@ def build_config(program: str, argv: list[str]) -> Config | str:
         return _flags.help_text(program, {**FIELDS, **defaults})
     if action == "version":
         return f"{program} version {__version__} (rootlesskit API 1.1.1)\n"
+    if "evacuate_cgroup2" in values:  # given, even empty
+        from .cgroup import check_name
+        check_name(values["evacuate_cgroup2"])
     merged = {**defaults, **values}
     for field in ("copy_up", "publish", "command"):
         if field in merged:

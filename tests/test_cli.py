@@ -128,6 +128,18 @@ def test_bad_input_one_line(user, rootless_run, user_tmp, args, needles):
     assert os.listdir(user_tmp) == [], "a temp state dir was left behind"
 
 
+@pytest.mark.parametrize("name", ["/sys/fs/cgroup/x", "..", "../../x", ".", "a/b", "",
+                                  "a\nb", "a\x01b", "x" * 256])
+def test_evacuate_cgroup2_takes_one_name(user, rootless_run, user_tmp, name):
+    """A path or '..' would write outside our cgroup (on a cgroup v2 host: here, v1,
+    it used to fail later, on the missing v2, without a word on the name)."""
+    r = user.run([rootless_run, f"--evacuate-cgroup2={name}", "--pidns", "--cgroupns",
+                  "--", "echo", "ran"], env={"TMPDIR": user_tmp})
+    assert_one_line_error(r, "--evacuate-cgroup2=", "name of one sub-group",
+                          "--evacuate-cgroup2=init")
+    assert os.listdir(user_tmp) == []
+
+
 def test_evacuate_cgroup2_needs_cgroup_v2(user, rootless_run, user_tmp):
     with open("/proc/self/mountinfo") as f:
         if any(line.split()[4] == "/sys/fs/cgroup" and " - cgroup2 " in line for line in f):
