@@ -47,6 +47,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--port-driver",), "port_driver", STR, "how published ports reach the child "
          "(auto: builtin with a network namespace, else none)",
          ("auto", "none", "builtin", "slirp4netns", "implicit")),
+    Flag(("--pasta-auto-forward",), "pasta_auto_forward", BOOL,
+         "ours, not rootlesskit's: with --net=pasta, pasta publishes every port the "
+         "command listens on (its 127.0.0.1 services included) on all host addresses, "
+         "found by a scan; needs --disable-host-loopback=false, no -p"),
     Flag(("-p", "--publish"), "publish", LIST,
          "publish a port: [PARENT_IP:]PARENT_PORT:[CHILD_IP:]CHILD_PORT/PROTO (repeatable)",
          metavar="SPEC"),

@@ -62,12 +62,28 @@ def validate(config: Config) -> None:
         raise UsageError(f"--mtu={config.mtu} is too small for --ipv6: IPv6 needs at least 1280")
     if config.net not in ("host", "none"):
         _check_ifname(config.ifname)
+    if config.pasta_auto_forward:
+        _check_auto_forward(config)
     if config.reuse and not config.state_dir:
         raise UsageError("--reuse needs --state-dir DIR: the dir of the instance to join "
                          "or to start")
     for directory in config.copy_up:
         if not directory.startswith("/"):
             raise UsageError(f"--copy-up={directory}: needs an absolute path, e.g. /etc")
+
+
+def _check_auto_forward(config: Config) -> None:
+    """--pasta-auto-forward is pasta's own forwarding of every port: asked for alone."""
+    if config.net != "pasta":
+        raise UsageError(f"--pasta-auto-forward needs --net=pasta (it is pasta's own "
+                         f"forwarding), not --net={config.net}: add --net=pasta, or drop "
+                         f"the flag and publish with -p")
+    if config.port_driver not in ("implicit", "auto"):
+        raise UsageError(f"--pasta-auto-forward needs --port-driver=implicit (pasta "
+                         f"forwards), not --port-driver={config.port_driver}: drop one")
+    if config.publish:
+        raise UsageError("--pasta-auto-forward and -p do not go together: pasta either "
+                         "follows the -p rules or forwards every port; drop one")
 
 
 def _check_ifname(name: str) -> None:

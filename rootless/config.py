@@ -35,6 +35,7 @@ FIELDS: dict[str, object] = {
     "subid_source": "auto",
     "reuse": False,
     "notify": "none",  # ours: rootlesskit leaves readiness to the command
+    "pasta_auto_forward": False,  # ours: rootlesskit never turns it on
     "command": (),
 }
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from test_network import assert_one_line_error
-from conftest import free_port, wait_for_api
+from conftest import diagnostics, free_port, wait_for_api
 from test_ports import api, exchange, until
 
 # Echo servers in the child, on its 127.0.0.1: TCP (half-closes after EOF) and UDP.
@@ -164,9 +164,9 @@ def test_api_with_publish_rules(user, start, echo_py):
 def test_automatic_forwarding_of_a_port_bound_later(user, start, echo_py, user_tmp):
     port = free_port()
     trigger = os.path.join(user_tmp, "go")
-    inst = start(["--net=pasta", "--disable-host-loopback=false"],  # auto: implicit
+    inst = start(["--net=pasta", "--disable-host-loopback=false", "--pasta-auto-forward"],
                  ["sh", "-c", f"while [ ! -e {trigger} ]; do sleep 0.05; done; "
-                              f"exec python3 {echo_py} {port} 0"])
+                              f"exec python3 {echo_py} {port} 0"])  # auto: implicit
     assert info(user, inst)["portDriver"]["driver"] == "implicit"
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
@@ -196,6 +196,39 @@ def test_automatic_forwarding_of_a_port_bound_later(user, start, echo_py, user_t
     assert api(user, inst.sock, "DELETE", f"/v1/ports/{added['id']}")[0] == 200
     assert [p["id"] for p in json.loads(api(user, inst.sock, "GET", "/v1/ports")[1])] == \
         [added["id"] + 1]
+    # what is forwarded was said, in one line
+    assert diagnostics(stop(inst)) == [
+        "rootless-run: info: --pasta-auto-forward: pasta publishes every TCP and UDP port "
+        "the command listens on, its 127.0.0.1 services included, on all host IPv4 "
+        "addresses with the same port number, as it finds them"]
+
+
+def stop(inst) -> str:
+    """Stop the instance; what it wrote on stderr."""
+    inst.proc.terminate()
+    inst.proc.wait(timeout=10)
+    return inst.proc.stderr.read()
+
+
+@pytest.mark.parametrize("port_driver", ["auto", "implicit"])
+def test_no_automatic_forwarding_unless_asked(user, start, echo_py, port_driver):
+    """--disable-host-loopback=false with no -p used to turn on pasta's automatic
+    forwarding silently: every port the command listens on, its 127.0.0.1 services
+    included, on all host addresses. rootlesskit never does that implicitly."""
+    port = free_port()
+    inst = start(["--net=pasta", "--disable-host-loopback=false",
+                  f"--port-driver={port_driver}"], ["python3", echo_py, str(port), "0"])
+    # pasta found a new listener within 0.7-1.7 s when it forwarded: give it 5
+    with pytest.raises(AssertionError, match="not within"):
+        until("pasta forwarding the command's port", lambda: host_listeners(port), timeout=5)
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    driver = info(user, inst)["portDriver"]["driver"]
+    lines = diagnostics(stop(inst))
+    if port_driver == "auto":  # builtin: the API can still publish it
+        assert driver == "builtin" and lines == []
+    else:
+        assert driver == "implicit" and len(lines) == 1 and "forwards no port" in lines[0]
 
 
 def test_implicit_without_host_loopback_and_without_publish(user, start):
@@ -205,16 +238,21 @@ def test_implicit_without_host_loopback_and_without_publish(user, start):
                        {"proto": "tcp", "parentPort": 18000, "childPort": 18000})
     assert status == 400, body
     message = json.loads(body)["message"]
-    assert "--disable-host-loopback=false" in message and "--port-driver=builtin" in message
+    assert "--pasta-auto-forward" in message and "--port-driver=builtin" in message
+    assert diagnostics(stop(inst)) == [
+        "rootless-run: info: --port-driver=implicit: pasta forwards no port (no -p, and "
+        "--pasta-auto-forward is off); publish with -p, or use --port-driver=builtin to "
+        "publish through the API"]
 
 
 # -- --port-driver=auto on pasta -----------------------------------------------------------
 
 @pytest.mark.parametrize("flags,expected", [
     (["-p", "127.0.0.1:{port}:9000/tcp"], "implicit"),
-    (["--disable-host-loopback=false"], "implicit"),
+    (["--disable-host-loopback=false", "--pasta-auto-forward"], "implicit"),
+    (["--disable-host-loopback=false"], "builtin"),  # no automatic forwarding unasked
     ([], "builtin"),  # implicit would forward nothing: builtin serves the API
-], ids=["publish", "host-loopback", "default"])
+], ids=["publish", "auto-forward", "host-loopback", "default"])
 def test_auto_port_driver_on_pasta(user, start, flags, expected):
     flags = [f.format(port=free_port()) for f in flags]
     inst = start(["--net=pasta", *flags], ["sleep", "60"])
@@ -249,6 +287,13 @@ BAD = [  # (flags, what the error line names)
                                                                 "--port-driver=builtin"]),
     (["--net=pasta", "-p", "127.0.0.1:18000:80/sctp"], ["sctp", "not supported"]),
     (["--net=pasta", "-p", "127.0.0.1:18000:53/udp"], ["UDP", "53:53/udp"]),
+    (["--net=pasta", "--pasta-auto-forward"], ["--pasta-auto-forward",
+                                               "--disable-host-loopback=false"]),
+    (["--net=pasta", "--pasta-auto-forward", "--disable-host-loopback=false",
+      "-p", "127.0.0.1:18000:80/tcp"], ["--pasta-auto-forward", "-p", "drop one"]),
+    (["--net=pasta", "--pasta-auto-forward", "--disable-host-loopback=false",
+      "--port-driver=builtin"], ["--pasta-auto-forward", "--port-driver=implicit"]),
+    (["--net=slirp4netns", "--pasta-auto-forward"], ["--pasta-auto-forward", "--net=pasta"]),
 ]
 
 
@@ -257,3 +302,9 @@ def test_bad_input(user, rootless_run, user_tmp, flags, needles):
     r = user.run([rootless_run, *flags, "--", "echo", "ran"], env={"TMPDIR": user_tmp})
     assert_one_line_error(r, *needles)
     assert "ran" not in r.stdout
+
+
+def test_auto_forward_flag_in_help(user, rootless_run):
+    r = user.run([rootless_run, "--help"])
+    text = r.stdout.split("--pasta-auto-forward", 1)[1].split("\n  -", 1)[0]
+    assert "ours, not rootlesskit's" in text and "127.0.0.1" in text

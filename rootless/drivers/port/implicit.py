@@ -14,22 +14,27 @@ What Debian 12's pasta (passt 2023-03) can do, probed, not assumed:
   also forwards the host's ports into the namespace (`-T auto -U auto`, its default):
   with `-T none` nothing is ever forwarded. So automatic forwarding makes the host's
   loopback services reachable on the namespace's loopback, which --disable-host-loopback
-  forbids: it is used only when the host's loopback is mapped anyway.
+  forbids: it needs --disable-host-loopback=false.
+
+Automatic forwarding publishes whatever the command listens on, its 127.0.0.1-only
+services included, to every host address: it is never implied (rootlesskit never
+does it), only asked for with our --pasta-auto-forward, and said in one line.
 
 The namespace end is pasta's to choose: its loopback for clients on the host's
 loopback, its interface address for other clients.
 """
+from ... import _log
 from .base import FAMILY, PortDriver
 
 RULES, AUTO, OFF = "rules", "auto", "off"
 
 
 def mode(config) -> str:
-    """RULES: the -p specs; AUTO: pasta's automatic forwarding; OFF: neither is possible
-    (no -p, and automatic forwarding would expose the host's loopback)."""
+    """RULES: the -p specs; AUTO: pasta's automatic forwarding (--pasta-auto-forward);
+    OFF: neither, pasta forwards nothing."""
     if config.publish:
         return RULES
-    return OFF if config.disable_host_loopback else AUTO
+    return AUTO if config.pasta_auto_forward else OFF
 
 
 def can_forward(config) -> bool:
@@ -138,6 +143,24 @@ class ImplicitPortDriver(PortDriver):
                              f"ports itself); with --net={self.config.net} use "
                              f"--port-driver=builtin")
         self.initial = initial_specs(self.config) if self.mode == RULES else []
+        if self.mode == AUTO and self.config.disable_host_loopback:
+            raise UsageError("--pasta-auto-forward needs --disable-host-loopback=false: "
+                             "this pasta (2023-03) finds the ports the namespace listens "
+                             "on only while it maps the host's loopback into it; add "
+                             "--disable-host-loopback=false, or publish with -p")
+        self._say_what_is_forwarded()
+
+    def _say_what_is_forwarded(self) -> None:
+        """One line when what pasta forwards may surprise: everything, or nothing."""
+        if self.mode == AUTO:
+            where = "all host addresses" if self.config.ipv6 else "all host IPv4 addresses"
+            _log.info(f"--pasta-auto-forward: pasta publishes every TCP and UDP port the "
+                      f"command listens on, its 127.0.0.1 services included, on {where} "
+                      f"with the same port number, as it finds them")
+        elif self.mode == OFF:
+            _log.info("--port-driver=implicit: pasta forwards no port (no -p, and "
+                      "--pasta-auto-forward is off); publish with -p, or use "
+                      "--port-driver=builtin to publish through the API")
 
     def listen_early(self) -> list[int]:
         return []  # pasta forwards the -p ports itself: serve() only lists them
@@ -171,10 +194,10 @@ class ImplicitPortDriver(PortDriver):
                              "runs, and with -p its automatic forwarding is off: publish "
                              "the port with -p at start, or use --port-driver=builtin")
         if self.mode == OFF:
-            raise ApiFailure(400, "pasta (2023-03) forwards ports automatically only when "
-                             "it also maps the host's loopback into the namespace, which "
-                             "--disable-host-loopback forbids: publish with -p at start, "
-                             "add --disable-host-loopback=false, or use "
+            raise ApiFailure(400, "pasta forwards no port in this run (no -p, and "
+                             "--pasta-auto-forward is off) and cannot add one while it "
+                             "runs: publish with -p at start, start with "
+                             "--pasta-auto-forward --disable-host-loopback=false, or use "
                              "--port-driver=builtin")
         # AUTO: pasta forwards whatever the namespace binds, on the same port number and
         # on all host addresses. Adding is bookkeeping, valid only for what pasta does.
