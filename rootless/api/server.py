@@ -29,6 +29,8 @@ _REQUEST_TIMEOUT = 60.0  # seconds a request may take to arrive whole, once begu
 _SEND_TIMEOUT = 60.0     # seconds an answer may wait for a client that does not read
 _BUSY_RETRY = 0.1        # seconds between accepts while out of fds, with no fd to spare
 
+# accept() failing for one client only (it went away first): accept the next one.
+_CLIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO})
 # The client went away or stalled: nobody to answer, nothing to log.
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
 
@@ -95,9 +97,10 @@ async def _accept(sock: socket.socket, spare: "_SpareFd") -> socket.socket | Non
         if _hung_up(sock):
             raise ListenerFailed(_failed(sock, "it was shut down")) from None
     except OSError as exc:
-        if exc.errno not in CAPACITY_ERRNOS:
+        if exc.errno in CAPACITY_ERRNOS:
+            await _refuse_one(sock, spare, exc)
+        elif exc.errno not in _CLIENT_ERRNOS:
             raise ListenerFailed(_failed(sock, exc.strerror or str(exc))) from None
-        await _refuse_one(sock, spare, exc)
     return None
 
 
