@@ -154,10 +154,12 @@ class _SpareFd:
 async def _refuse_one(sock: socket.socket, spare: _SpareFd, exc: OSError) -> None:
     """accept() failed for want of resources: answer one waiting client 503 with the
     spare fd, or, without one, wait a little before accepting again."""
+    out_of_fds = exc.errno in (errno.EMFILE, errno.ENFILE)
     _log.limited("api-accept", f"API: cannot accept a connection ({exc.strerror}): new "
-                               f"clients get 503 until resources are freed")
+                               f"clients {'get 503' if out_of_fds else 'wait'} until "
+                               f"resources are freed")
     answered = False
-    if exc.errno in (errno.EMFILE, errno.ENFILE) and spare.release():
+    if out_of_fds and spare.release():
         try:
             conn, _ = sock.accept()  # non-blocking: BlockingIOError if it gave up
         except OSError:
