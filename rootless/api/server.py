@@ -24,7 +24,7 @@ from .router import CAPACITY_ERRNOS, Router, clip, error
 
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 * 1024
-_IDLE_TIMEOUT = 60.0     # seconds a kept-alive connection may wait for its next request
+_IDLE_TIMEOUT = 60.0     # seconds a connection may wait for the head of its next request
 _REQUEST_TIMEOUT = 60.0  # seconds a request may take to arrive whole, once begun
 _SEND_TIMEOUT = 60.0     # seconds an answer may wait for a client that does not read
 _BUSY_RETRY = 0.1        # seconds between accepts while out of fds, with no fd to spare
