@@ -176,6 +176,7 @@ def _handshake(config, state, child, net, ports, uid, gid, user, subids):
     hello = child.expect("ChildHello", "creating namespaces")
     anchor = hello.pid if hello and hello.pid else child.pid
     state.write("child_pid", str(anchor))
+    state.hold_userns(anchor)  # to remove what the command leaves owned by subids
     write_maps(anchor, uid, gid, subids, user)
     _log.debug("uid/gid maps written")
     child.channel.send("ParentInitIdmapCompleted")

@@ -2,28 +2,75 @@
 
 The lock (flock on STATE/lock) decides liveness: after a SIGKILL the kernel drops
 it, so the next start on the same dir clears what the dead run left and goes on.
+
+Other users must not be able to steer what a run writes or removes, even where
+fs.protected_symlinks is 0 (a symlink planted at a predictable path in /tmp would
+otherwise lead our run into a dir of the planter's choosing). So the dir is reached
+by a walk from / that looks names up one at a time, each relative to the dir before
+it, with O_NOFOLLOW (`_walk`):
+- a symlink on the way is followed only when root or the user owns it (the rule
+  protected_symlinks applies in sticky dirs, here applied everywhere);
+- names are looked up only in dirs that nobody but root and the user can change:
+  owned by one of them, and not writable by group or others unless sticky (in a
+  sticky dir such as /tmp others may add entries, but not rename or remove ours, and
+  what they add is refused by the owner checks).
+The state dir itself must be the user's. One writable by others is refused (files may
+have been planted in it, which a chmod would not remove); one only readable or
+searchable by others (rootlesskit creates its dirs 0755) is made 0700 on its fd: no
+other user can then reach anything in it, whatever they opened before, since every
+lookup checks the dir's mode. Everything is then done relative to the dir's fd.
+
+Once the walk has checked the path, no other user can change what it leads to: the
+paths handed to other processes (the child, slirp4netns' --api-socket, pasta's
+--pid, the sockets clients connect to) are as safe as the fd, and only the user can
+reach the sockets in it.
 """
 import errno
 import fcntl
 import os
+import stat
 
+from . import _log
 from .errors import StateDirError, StateDirLocked
 
 # The namespaces the instance created, as `KIND DEV INO` lines, written once the
 # command runs (see enter.py): joiners wait for it and check child_pid against it.
 NAMESPACES = "namespaces"
 
+# The unix sockets a run binds in the dir (the API's, the socket factory's, slirp4netns'
+# API): their paths must fit in sun_path.
+SOCKETS = ("api.sock", ".ports.sock", "slirp4netns.sock")
+_SUN_PATH = 107  # bytes of a socket's path (108 with the NUL some binders add)
+
 # Files a run writes; cleared at start (a crashed run may have left them) and at exit
 # (NAMESPACES first: joiners stop joining before the rest goes).
-RUN_FILES = (NAMESPACES, "child_pid", "api.sock", "resolv.conf", "hosts", "netns",
-             ".ports.sock", "slirp4netns.sock", "pasta.pid")
+RUN_FILES = (NAMESPACES, "child_pid", *SOCKETS, "resolv.conf", "hosts", "netns", "pasta.pid",
+             f".{NAMESPACES}.tmp", ".child_pid.tmp")
+
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MAX_LINKS = 40  # as the kernel's path walk
+_READ_LIMIT = 4096  # bytes: what child_pid or namespaces can hold
+
+# The temp state dirs this process has open: removed at exit, so no message should
+# name a file in them (see removed_at_exit).
+_temporary: set[str] = set()
+
+
+class StateDirMissing(StateDirError):
+    """The state dir (or a dir on its way) does not exist, and was not to be created."""
 
 
 class StateDir:
-    def __init__(self, path: str, temporary: bool, lock_fd: int):
-        self.path = path
+    def __init__(self, path: str, temporary: bool, lock_fd: int, dir_fd: int = -1,
+                 parent_fd: int = -1, name: str = ""):
+        self.path = path  # the real path: no symlink, every dir on the way checked
         self.temporary = temporary
         self._lock_fd = lock_fd
+        self._fd = dir_fd  # the dir itself, opened O_NOFOLLOW|O_DIRECTORY
+        self._parent_fd = parent_fd  # O_PATH of the dir that holds it, and its name there
+        self._name = name
+        self._userns_fd = -1  # see hold_userns
 
     def file(self, name: str) -> str:
         return os.path.join(self.path, name)
@@ -32,84 +79,405 @@ class StateDir:
     def open(cls, path: str) -> "StateDir":
         temporary = not path
         if temporary:
-            path = _make_temp_dir()
+            parent_fd, name, real = _make_temp_dir()
         else:
-            path = os.path.abspath(path)
-            _make_dir(path)
+            parent_fd, name, real = _open_parent(path)
         try:
-            fd = _lock(path)
+            dir_fd = _open_own_dir(parent_fd, name, real)
         except BaseException:
             if temporary:
-                os.rmdir(path)
+                os.rmdir(name, dir_fd=parent_fd)
+            os.close(parent_fd)
             raise
-        state = cls(path, temporary, fd)
+        try:
+            lock_fd = _lock(dir_fd, real)
+        except BaseException:
+            os.close(dir_fd)
+            if temporary:
+                os.rmdir(name, dir_fd=parent_fd)
+            os.close(parent_fd)
+            raise
+        state = cls(real, temporary, lock_fd, dir_fd, parent_fd, name)
+        if temporary:
+            _temporary.add(real)
         state.clear()
         return state
 
-    def write(self, name: str, text: str) -> None:
-        tmp = self.file(f".{name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, self.file(name))
+    def write(self, name: str, text: str, mode: int = 0o600) -> None:
+        """STATE/name holds `text`, whole or not at all (a reader never sees half of it);
+        a failure (a full disk) is one StateDirError and leaves no temp file."""
+        tmp = f".{name}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, mode, dir_fd=self._fd)
+            try:
+                os.fchmod(fd, mode)  # whatever the umask
+                write_all(fd, text.encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
+        except OSError as exc:
+            self._unlink(tmp)
+            raise StateDirError(f"cannot write {self.file(name)}: "
+                                f"{write_failure(exc)}") from None
 
     def clear(self) -> None:
         for name in RUN_FILES:
             try:
-                os.unlink(self.file(name))
+                os.unlink(name, dir_fd=self._fd)
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                raise StateDirError(f"cannot remove stale {self.file(name)}: {exc.strerror}") from None
+                raise StateDirError(f"cannot remove stale {self.file(name)}: {exc.strerror}"
+                                    ) from None
+
+    def hold_userns(self, pid: int) -> None:
+        """Keep the user namespace of process `pid` (the child, while it lives): a temp
+        dir's removal may need it, for what the command left owned by subordinate
+        ids (see _remove_inside). Only for a temp dir: a --state-dir is the user's
+        own, and only the run's files are removed from it."""
+        if self.temporary and self._userns_fd < 0:
+            try:
+                self._userns_fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                _log.debug(f"cannot hold the child's user namespace: {exc.strerror}")
 
     def close_lock_in_child(self) -> None:
-        """A forked child must not hold the lock: liveness is the parent's alone."""
-        os.close(self._lock_fd)
+        """A forked child must not hold the lock: liveness is the parent's alone. Nor
+        our other fds: the child reaches the dir by its (checked) path."""
+        for fd in (self._lock_fd, self._fd, self._parent_fd, self._userns_fd):
+            if fd >= 0:
+                os.close(fd)
 
     def close(self) -> None:
-        """Remove what this run wrote (the whole dir when it was a temp one), then unlock."""
+        """Remove what this run wrote (the whole dir when it was a temp one), then unlock.
+        Never raises: a failure here is one line, and the command's status stands."""
         try:
             if self.temporary:
-                _remove_tree(self.path)
+                self._remove()
             else:
                 self.clear()
+        except Exception as exc:  # noqa: BLE001 - reported: the run is over either way
+            what = "the temp state dir" if self.temporary else "the run's files from"
+            why = exc if isinstance(exc, StateDirError) else _describe(exc)
+            _log.warning(f"cannot remove {what} {self.path}: {why}")
         finally:
-            os.close(self._lock_fd)
+            _temporary.discard(self.path)
+            for fd in (self._userns_fd, self._lock_fd, self._fd, self._parent_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._userns_fd = self._lock_fd = self._fd = self._parent_fd = -1
 
-
-def _make_temp_dir() -> str:
-    base = os.environ.get("TMPDIR") or "/tmp"
-    # Not tempfile.mkdtemp: its import (shutil, random) costs more than this loop.
-    while True:
-        path = os.path.join(base, "rootless-" + os.urandom(6).hex())
+    def _unlink(self, name: str) -> None:
         try:
-            os.mkdir(path, 0o700)
-            return path
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise StateDirError(f"cannot create a temp state dir in {base}: {exc.strerror}; "
-                                f"set TMPDIR to a writable dir or pass --state-dir") from None
+            os.unlink(name, dir_fd=self._fd)
+        except OSError:
+            pass
+
+    def _remove(self) -> None:
+        """The temp dir and everything in it. The command may have removed it already,
+        or left entries owned by subordinate ids, which only root in its user
+        namespace can remove."""
+        try:
+            _remove_entries(self._fd)
+        except PermissionError:
+            if not self._remove_inside():
+                raise
+            _remove_entries(self._fd)
+        try:
+            st = os.stat(self._name, dir_fd=self._parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return  # the command removed it
+        mine = os.fstat(self._fd)
+        if (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino):
+            os.rmdir(self._name, dir_fd=self._parent_fd)
+        # else the command removed ours and made another in its place: its own business
+
+    def _remove_inside(self) -> bool:
+        """Remove the dir's entries from inside the run's user namespace (held since
+        the child started), where we are root over the subordinate ids, in a forked
+        process (setns needs one thread). Whether it succeeded."""
+        if self._userns_fd < 0:
+            return False
+        from .linux import CLONE_NEWUSER, setns
+
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                setns(self._userns_fd, CLONE_NEWUSER)
+                _remove_entries(self._fd)
+                code = 0
+            finally:
+                os._exit(code)
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
 
 
-def _make_dir(path: str) -> None:
+# -- finding and opening the dir ------------------------------------------------------------
+
+def _shown(path: str) -> str:
+    """A path for a message: bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _check_text(path: str, what: str, fix: str) -> None:
+    """Paths reach the API's JSON (stateDir) and the command's environment as text:
+    one that is not UTF-8 is refused, naming the fix."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        path.encode()
+    except UnicodeEncodeError:
+        raise StateDirError(f"{what} is not valid UTF-8: {fix}") from None
+
+
+def _check_socket_room(path: str, what: str, fix: str, below: str = "") -> None:
+    """A unix socket's path holds 107 bytes: the state dir (`path`, or `path` + `below`)
+    must leave room for the longest socket name."""
+    longest = max(SOCKETS, key=len)
+    room = _SUN_PATH - len(longest) - 1 - len(below)
+    size = len(os.fsencode(path))
+    if size > room:
+        raise StateDirError(f"{what} is too long for the unix sockets in "
+                            f"{'the state dir' if below else 'it'} "
+                            f"({size} bytes; at most {room} bytes leave room for "
+                            f"{below}/{longest} in a socket path's {_SUN_PATH}): {fix}")
+
+
+def _open_parent(path: str) -> tuple[int, str, str]:
+    """_walk to the --state-dir `path` (made if missing), whose real path must be text
+    and short enough for the sockets in it."""
+    fix = "pass a --state-dir whose path is UTF-8 text"
+    _check_text(path, f"--state-dir {_shown(path)}", fix)
+
+    def check(real: str) -> None:
+        _check_text(real, f"state dir {_shown(real)}", fix)
+        _check_socket_room(real, f"state dir {real}", "pass a shorter --state-dir")
+
+    return _walk(os.path.abspath(path), create=True, check=check)
+
+
+def _make_temp_dir() -> tuple[int, str, str]:
+    base = os.environ.get("TMPDIR") or "/tmp"
+    fix = "set TMPDIR to a dir whose path is UTF-8 text, or pass --state-dir"
+    _check_text(base, f"TMPDIR={_shown(base)}", fix)
+    what = f"the temp state dir in TMPDIR={base}"
+    try:
+        parent_fd, name, real = _walk(os.path.abspath(base), create=False, what=what)
+    except StateDirMissing:
+        raise StateDirError(f"TMPDIR={base} does not exist: set TMPDIR to an existing dir, or "
+                            f"pass --state-dir") from None
+    try:
+        fd = os.open(name, _PATH_FLAGS, dir_fd=parent_fd)
+    finally:
+        os.close(parent_fd)
+    try:
+        _check_text(real, f"TMPDIR={_shown(real)}", fix)
+        _check_changeable(os.fstat(fd), real, what)
+        _check_socket_room(real, f"TMPDIR={real}", "set TMPDIR to a shorter dir, or pass "
+                           "a short --state-dir", below="/rootless-" + "0" * 12)
+        # Not tempfile.mkdtemp: its import (shutil, random) costs more than this loop.
+        while True:
+            name = "rootless-" + os.urandom(6).hex()
+            try:
+                os.mkdir(name, 0o700, dir_fd=fd)
+                return fd, name, os.path.join(real, name)
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise StateDirError(f"cannot create a temp state dir in {real}: "
+                                    f"{exc.strerror}; set TMPDIR to a writable dir or pass "
+                                    f"--state-dir") from None
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _walk(path: str, create: bool, what: str = "", check=None) -> tuple[int, str, str]:
+    """Find the dir at absolute `path` as the module's docstring says: returns an O_PATH
+    fd of the dir that holds it, its name there and its real path. With `create`,
+    missing dirs are made (0700); without, StateDirMissing. `check(real path)` may
+    refuse the result: it is called before any dir is made, and at the end."""
+    what = what or f"state dir {path}"
+    pending = [part for part in reversed(path.split("/")) if part]
+    stack = [(os.open("/", _PATH_FLAGS), "")]  # (fd, name) of each dir from / down
+    links = 0
+    try:
+        while pending:
+            name = pending.pop()
+            if name == ".":
+                continue
+            if name == "..":
+                if len(stack) > 1:
+                    os.close(stack.pop()[0])
+                continue
+            fd = stack[-1][0]
+            st = _lookup(fd, name, what, _real(stack))
+            if st is None:
+                if not create:
+                    raise StateDirMissing(f"{what} does not exist "
+                                          f"({_in(_real(stack), name)} is missing)")
+                if check:  # what will be made from here on: nothing yet if refused
+                    check(os.path.normpath(_in(_real(stack), "/".join([name, *pending[::-1]]))))
+                st = _make(fd, name, what, _real(stack))
+            if stat.S_ISLNK(st.st_mode):
+                links += 1
+                where = "" if not pending else f" (on the way to {what})"
+                target = _follow(fd, name, st, links, _in(_real(stack), name) + where)
+                if target.startswith("/"):
+                    for old, _ in stack[1:]:
+                        os.close(old)
+                    del stack[1:]
+                pending += [part for part in reversed(target.split("/")) if part]
+            elif stat.S_ISDIR(st.st_mode):
+                stack.append((os.open(name, _PATH_FLAGS, dir_fd=fd), name))
+            else:
+                raise StateDirError(f"{what} is not a directory ({_in(_real(stack), name)} "
+                                    f"is not): pass --state-dir a directory")
+        if len(stack) < 2:
+            raise StateDirError(f"{what} is /: pass --state-dir a dir of your own")
+        real = _real(stack)
+        if check:
+            check(real)
+        os.close(stack.pop()[0])
+        parent_fd, name = stack.pop()[0], os.path.basename(real)
+        return parent_fd, name, real
+    except OSError as exc:  # what _lookup does not expect: one line all the same
+        raise StateDirError(f"cannot reach {what}: {_describe(exc)}") from None
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+
+
+def _real(stack: list[tuple[int, str]]) -> str:
+    return "/" + "/".join(name for _, name in stack[1:])
+
+
+def _in(where: str, name: str) -> str:
+    return where.rstrip("/") + "/" + name
+
+
+def _lookup(fd: int, name: str, what: str, where: str) -> os.stat_result | None:
+    """lstat of `name` in the dir `fd` (at `where`), None if missing, once that dir is
+    known to be one only root and the user can change."""
+    try:
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        st = None
+    except PermissionError:
+        raise StateDirError(f"cannot reach {what} (permission denied in {where}): it is "
+                            f"another user's, or a dir on its way is closed to you") from None
+    _check_changeable(os.fstat(fd), where, what)
+    return st
+
+
+def _make(fd: int, name: str, what: str, where: str) -> os.stat_result:
+    try:
+        os.mkdir(name, 0o700, dir_fd=fd)
+    except FileExistsError:
+        pass  # made meanwhile: checked as anything found
     except OSError as exc:
-        raise StateDirError(f"cannot create state dir {path}: {exc.strerror}; pass --state-dir "
-                            f"a dir you can write (e.g. under $XDG_RUNTIME_DIR)") from None
-    st = os.stat(path)
-    if st.st_uid != os.getuid():
-        raise StateDirError(f"state dir {path} belongs to uid {st.st_uid}, not to you "
-                            f"(uid {os.getuid()}): pass --state-dir a dir of your own")
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise StateDirError(f"state dir {path} is not writable: chmod u+rwx it or pass "
-                            f"another --state-dir")
+        raise StateDirError(f"cannot create {what}: {exc.strerror} (at {_in(where, name)}); "
+                            f"pass --state-dir a dir you can write (e.g. under "
+                            f"$XDG_RUNTIME_DIR)") from None
+    return os.stat(name, dir_fd=fd, follow_symlinks=False)
 
 
-def _lock(path: str) -> int:
-    lock = os.path.join(path, "lock")
+def _check_changeable(st: os.stat_result, where: str, what: str) -> None:
+    """The dir at `where` must be one nobody but root and the user can change."""
+    fix = ("pass --state-dir a dir of your own, below dirs only you or root can change "
+           "(e.g. under $XDG_RUNTIME_DIR)")
+    if st.st_uid not in (0, os.geteuid()):
+        raise StateDirError(f"{where} (on the way to {what}) belongs to uid {st.st_uid}, "
+                            f"neither you nor root: its owner could swap what lies below "
+                            f"it; {fix}")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022 and not mode & stat.S_ISVTX:
+        raise StateDirError(f"{where} (on the way to {what}) is writable by other users "
+                            f"(mode {mode:04o}, not sticky): they could swap what lies "
+                            f"below it; {fix}")
+
+
+def _follow(fd: int, name: str, st: os.stat_result, links: int, link: str) -> str:
+    """The target of the symlink `name` (described as `link`), if we may follow it."""
+    if st.st_uid not in (0, os.geteuid()):
+        raise StateDirError(f"{link} is a symlink of uid {st.st_uid}, another user's: not "
+                            f"followed (anyone may plant one where others can write); pass "
+                            f"--state-dir a dir of your own")
+    if links > _MAX_LINKS:
+        raise StateDirError(f"{link}: too many levels of symbolic links")
+    return os.readlink(name, dir_fd=fd)
+
+
+def _open_own_dir(parent_fd: int, name: str, real: str) -> int:
+    """The state dir's fd, once it is known to be the user's and closed to others."""
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        raise StateDirError(f"cannot open state dir {real}: {_describe(exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise StateDirError(f"state dir {real} belongs to uid {st.st_uid}, not to you "
+                                f"(uid {os.geteuid()}): pass --state-dir a dir of your own")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o022:
+            raise StateDirError(f"state dir {real} is writable by other users (mode "
+                                f"{mode:04o}): they could have put files in it; pass "
+                                f"--state-dir a new dir (it is made 0700), or chmod 700 "
+                                f"this one and remove what you did not put there")
+        if mode != 0o700:
+            os.fchmod(fd, 0o700)
+            if mode & 0o077:
+                _log.warning(f"state dir {real} was open to other users (mode {mode:04o}): "
+                             f"made it 0700")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_existing(path: str) -> tuple[int, str]:
+    """For joiners (`rootless-ctl enter`, `--reuse`): the fd and real path of the
+    user's existing state dir at `path`, reached as StateDir.open does. Raises
+    StateDirMissing, or StateDirError naming what is wrong."""
+    parent_fd, name, real = _walk(os.path.abspath(path), create=False)
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        raise StateDirError(f"cannot open state dir {real}: {_describe(exc)}") from None
+    finally:
+        os.close(parent_fd)
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid():
+        os.close(fd)
+        raise StateDirError(f"state dir {real} belongs to uid {st.st_uid}, not to you (uid "
+                            f"{os.geteuid()}): you can use only your own instances")
+    return fd, real
+
+
+def read_small(dir_fd: int, name: str) -> str | None:
+    """The text of a small file of the dir (child_pid, namespaces), None if missing.
+    ValueError when it is no regular file, too long or not ASCII; OSError as it comes."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{name} is not a regular file")
+        data = os.read(fd, _READ_LIMIT + 1)
+    finally:
+        os.close(fd)
+    if len(data) > _READ_LIMIT:
+        raise ValueError(f"{name} is longer than {_READ_LIMIT} bytes")
+    return data.decode("ascii")  # UnicodeDecodeError is a ValueError
+
+
+def _lock(dir_fd: int, real: str) -> int:
+    lock = os.path.join(real, "lock")
+    try:
+        fd = os.open("lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=dir_fd)
     except OSError as exc:
         raise StateDirError(f"cannot open {lock}: {exc.strerror}; pass --state-dir a dir "
                             f"you can write") from None
@@ -118,17 +486,21 @@ def _lock(path: str) -> int:
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise StateDirLocked(f"another instance is running on state dir {path} (it holds "
+            raise StateDirLocked(f"another instance is running on state dir {real} (it holds "
                                  f"{lock}): stop it, or pass a different --state-dir") from None
         raise StateDirError(f"cannot lock {lock}: {exc.strerror}") from None
     return fd
 
 
-def lock_held(path: str) -> bool:
+def lock_held(path: str, dir_fd: int | None = None) -> bool:
     """Whether a running instance holds STATE/lock, by a non-blocking flock attempt
-    (taken and dropped at once when free; the lock alone decides liveness)."""
+    (taken and dropped at once when free; the lock alone decides liveness). With
+    `dir_fd` (the state dir's), `lock` is opened in it."""
+    lock = "lock" if dir_fd is not None else os.path.join(path, "lock")
     try:
-        fd = os.open(os.path.join(path, "lock"), os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO in its place must not hang us
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     try:
@@ -142,14 +514,52 @@ def lock_held(path: str) -> bool:
     return False
 
 
-def _remove_tree(path: str) -> None:
-    # The state dir is flat and small; shutil is not worth its import on the exit path.
-    for entry in os.scandir(path):
-        if entry.is_dir(follow_symlinks=False):
-            _remove_tree(entry.path)
-        else:
-            try:
-                os.unlink(entry.path)
-            except FileNotFoundError:
-                pass  # a helper winding down removed it first (slirp4netns its API socket)
-    os.rmdir(path)
+# -- writing and removing -------------------------------------------------------------------
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_failure(exc: OSError) -> str:
+    """Why a write into the state dir failed, with the fix for a full disk."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{exc.strerror}: free space on its file system, or pass --state-dir a dir "
+                f"on another one")
+    return _describe(exc)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _remove_entries(dir_fd: int) -> None:
+    """Empty the dir `dir_fd`, through fds (no path is followed). The state dir is flat
+    and small; shutil is not worth its import on the exit path."""
+    try:
+        entries = [(entry.name, entry.is_dir(follow_symlinks=False))
+                   for entry in os.scandir(dir_fd)]
+    except FileNotFoundError:
+        return  # the dir itself was removed (by the command)
+    for name, is_dir in entries:
+        try:
+            if is_dir:
+                sub = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+                try:
+                    _remove_entries(sub)
+                finally:
+                    os.close(sub)
+                os.rmdir(name, dir_fd=dir_fd)
+            else:
+                os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            pass  # a helper winding down removed it first (slirp4netns its API socket)
+
+
+def removed_at_exit(path: str) -> bool:
+    """Whether `path` lies in a temp state dir of this run: a message read after the run
+    should not name it."""
+    return any(path == d or path.startswith(d + "/") for d in _temporary)

@@ -14,13 +14,16 @@ def test_an_entry_removed_by_a_helper_meanwhile_is_not_an_error(tmp_path, monkey
     state.mkdir()
     for name in ("lock", "slirp4netns.sock", "child_pid"):
         (state / name).write_text("")
-    listing = list(os.scandir(state))   # what our scandir saw...
-    (state / "slirp4netns.sock").unlink()  # ...before slirp4netns removed its socket
+    fd = os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        listing = list(os.scandir(fd))   # what our scandir saw...
+        (state / "slirp4netns.sock").unlink()  # ...before slirp4netns removed its socket
 
-    real_scandir = os.scandir
-    monkeypatch.setattr(statedir.os, "scandir",
-                        lambda path: iter(listing) if path == str(state) else real_scandir(path))
-    statedir._remove_tree(str(state))
+        real_scandir = os.scandir
+        monkeypatch.setattr(statedir.os, "scandir",
+                            lambda where: iter(listing) if where == fd else real_scandir(where))
+        statedir._remove_entries(fd)
+    finally:
+        os.close(fd)
 
-    assert not state.exists()
-
+    assert list(state.iterdir()) == []
