@@ -2,6 +2,7 @@
 import os
 
 from .errors import ChildSetupError
+from .statedir import write_all, write_failure
 from .linux import (MNT_DETACH, MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE,
                     MS_REC, MS_SLAVE, mount, umount)
 
@@ -72,7 +73,7 @@ def copy_up(directory: str, state_dir: str) -> None:
     if not os.path.isdir(directory):
         raise ChildSetupError(f"--copy-up={directory}: not a directory")
     saved = _scratch_dir(state_dir, "copyup")
-    state_fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    state_fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     saved_fd = None
     moved = False
     try:
@@ -103,51 +104,87 @@ def create_detached_netns(path: str) -> None:
     from .linux import CLONE_NEWNET, unshare
 
     try:
-        open(path, "w").close()
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))
         unshare(CLONE_NEWNET)
         mount("/proc/self/ns/net", path, None, MS_BIND)
     except OSError as exc:
         raise ChildSetupError(f"--detach-netns: cannot create the netns at {path}: "
-                              f"{exc.strerror}") from None
+                              f"{write_failure(exc)}") from None
 
 
 def install_resolver_files(state_dir: str, dns: tuple[str, ...]) -> None:
     """/etc/resolv.conf naming the driver's DNS, and /etc/hosts, written in the state dir
     and bind-mounted in place (the host's DNS address means nothing in our netns)."""
     try:
-        with open("/etc/hosts") as f:
+        with open("/etc/hosts", "rb") as f:
             hosts = f.read()
     except OSError:
-        hosts = "127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
-    files = {"resolv.conf": "".join(f"nameserver {ns}\n" for ns in dns), "hosts": hosts}
-    for name, text in files.items():
-        source = os.path.join(state_dir, name)
-        target = os.path.join("/etc", name)
-        with open(source, "w") as f:
-            f.write(text)
+        hosts = b"127.0.0.1 localhost\n::1 localhost ip6-localhost ip6-loopback\n"
+    files = {"resolv.conf": "".join(f"nameserver {ns}\n" for ns in dns).encode(),
+             "hosts": hosts}
+    # The parent checked the state dir and its path (see statedir): only the user can
+    # change what the path leads to. The files are written through the dir's fd.
+    try:
+        state_fd = os.open(state_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW |
+                           os.O_CLOEXEC)
+    except OSError as exc:
+        raise ChildSetupError(f"cannot open the state dir {state_dir} in the child: "
+                              f"{exc.strerror}") from None
+    try:
+        for name, data in files.items():
+            fd = _write_state_file(state_fd, state_dir, name, data)
+            try:
+                _bind_over(fd, os.path.join(state_dir, name), os.path.join("/etc", name))
+            finally:
+                os.close(fd)
+    finally:
+        os.close(state_fd)
+
+
+def _write_state_file(state_fd: int, state_dir: str, name: str, data: bytes) -> int:
+    """STATE/name with `data`, mode 0644 whatever the umask: the command's processes,
+    as any id, read it through the bind mount. Returns its fd."""
+    try:
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644, dir_fd=state_fd)
         try:
-            if os.path.islink(target) and _on_tmpfs("/etc"):
-                # /etc was copied up: its entries are symlinks to the original files;
-                # bind over a file of our own, not through the link onto the original.
-                os.unlink(target)
-                open(target, "w").close()
-            mount(source, target, None, MS_BIND)
-        except OSError as exc:
-            hint = ""
-            if os.path.islink(target) and not os.path.exists(target):
-                hint = (f" ({target} is a symlink to {os.readlink(target)}, which does not "
-                        f"exist here: add --copy-up=/etc)")
-            raise ChildSetupError(f"cannot bind-mount {source} on {target}: "
-                                  f"{exc.strerror}{hint}") from None
+            os.fchmod(fd, 0o644)
+            write_all(fd, data)
+        except BaseException:
+            os.close(fd)
+            raise
+    except OSError as exc:
+        raise ChildSetupError(f"cannot write {os.path.join(state_dir, name)}: "
+                              f"{write_failure(exc)}") from None
+    return fd
+
+
+def _bind_over(fd: int, source: str, target: str) -> None:
+    """Bind-mount the file open at `fd` (written at `source`) on `target`."""
+    try:
+        if os.path.islink(target) and _on_tmpfs("/etc"):
+            # /etc was copied up: its entries are symlinks to the original files;
+            # bind over a file of our own, not through the link onto the original.
+            os.unlink(target)
+            open(target, "w").close()
+        mount(f"/proc/self/fd/{fd}", target, None, MS_BIND)
+    except OSError as exc:
+        hint = ""
+        if os.path.islink(target) and not os.path.exists(target):
+            hint = (f" ({target} is a symlink to {os.readlink(target)}, which does not "
+                    f"exist here: add --copy-up=/etc)")
+        raise ChildSetupError(f"cannot bind-mount {source} on {target}: "
+                              f"{exc.strerror}{hint}") from None
 
 
 def _on_tmpfs(path: str) -> bool:
     """Whether the mount on top at `path` is a tmpfs (later lines of mountinfo are
     mounted over earlier ones)."""
+    # Bytes: mount points need not be UTF-8 (mountinfo escapes only blanks and '\\').
     fstype = None
-    with open("/proc/self/mountinfo") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            if fields[4] == path:
-                fstype = fields[fields.index("-") + 1]
-    return fstype == "tmpfs"
+            if fields[4] == os.fsencode(path):
+                fstype = fields[fields.index(b"-") + 1]
+    return fstype == b"tmpfs"
