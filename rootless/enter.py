@@ -21,8 +21,8 @@ from . import _log
 from ._paths import which
 from ._process import (FORWARDED_SIGNALS, PYTHON_IGNORED_SIGNALS, command_environment,
                        forward_signals, wait_for)
-from .errors import EnterError, StateDirLocked, UsageError
-from .statedir import NAMESPACES, lock_held
+from .errors import EnterError, StateDirError, StateDirLocked, UsageError
+from .statedir import NAMESPACES, StateDirMissing, lock_held, open_existing, read_small
 
 # The order of joining: the user namespace first (joining it gives the capabilities
 # the others ask for), the mount namespace last (it resets our root and cwd).
@@ -60,31 +60,27 @@ class _Stale(Exception):
     new instance may not have cleared what a killed one left yet)."""
 
 
-def _check_dir(path: str) -> None:
-    """The state dir exists and is ours: one line naming the problem otherwise."""
+def _open_dir(path: str) -> tuple[int, str]:
+    """The fd and real path of the user's state dir at `path`, reached as the instance
+    reached it (statedir: no symlink of another user, no dir others can change on the
+    way): one line naming the problem otherwise."""
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
+        return open_existing(path)
+    except StateDirMissing:
         raise EnterError(f"state dir {path} does not exist: give the --state-dir of a "
                          f"running instance") from None
-    except PermissionError:
-        raise EnterError(f"cannot reach state dir {path} (permission denied): it is "
-                         f"another user's; you can enter only your own instances") from None
-    except OSError as exc:
-        raise EnterError(f"cannot use state dir {path}: {exc.strerror}") from None
-    if not os.path.isdir(path):
-        raise EnterError(f"state dir {path} is not a directory: give the --state-dir of a "
-                         f"running instance")
-    if st.st_uid != os.geteuid():
-        raise EnterError(f"state dir {path} belongs to uid {st.st_uid}, not to you (uid "
-                         f"{os.geteuid()}): you can enter only your own instances")
+    except StateDirError as exc:
+        raise EnterError(str(exc)) from None
 
 
-def _read_record(path: str) -> dict[str, tuple[int, int]] | None:
+def _read_record(dir_fd: int, path: str) -> dict[str, tuple[int, int]] | None:
     try:
-        with open(os.path.join(path, NAMESPACES)) as f:
-            text = f.read()
-    except FileNotFoundError:
+        text = read_small(dir_fd, NAMESPACES)
+    except OSError as exc:
+        raise EnterError(f"cannot read {path}/{NAMESPACES}: {exc.strerror}") from None
+    except ValueError:
+        text = ""  # not ours: refused below
+    if text is None:
         return None
     record = {}
     try:
@@ -101,18 +97,21 @@ def _read_record(path: str) -> dict[str, tuple[int, int]] | None:
     return record
 
 
-def _read_pid(path: str) -> int:
+def _read_pid(dir_fd: int, path: str) -> int:
     try:
-        with open(os.path.join(path, "child_pid")) as f:
-            return int(f.read())
+        text = read_small(dir_fd, "child_pid")
+        pid = int(text) if text is not None and text.strip().isdigit() else 0
     except (OSError, ValueError):
-        raise _Stale(f"{path}/child_pid is missing or unreadable") from None
+        pid = 0
+    if pid <= 0:
+        raise _Stale(f"{path}/child_pid is missing or unreadable")
+    return pid
 
 
-def _open_namespaces(path: str, record: dict) -> list[tuple[str, int]]:
+def _open_namespaces(dir_fd: int, path: str, record: dict) -> list[tuple[str, int]]:
     """fds of the child's namespaces, in joining order, each checked against the
     record; namespaces we are in already (entering from inside) are left out."""
-    pid = _read_pid(path)
+    pid = _read_pid(dir_fd, path)
     opened: list[tuple[str, int]] = []
     try:
         for kind in KINDS:
@@ -148,21 +147,22 @@ def _open_namespaces(path: str, record: dict) -> list[tuple[str, int]]:
         raise
 
 
-def _find(path: str, timeout: float, patient: bool) -> list[tuple[str, int]] | None:
+def _find(dir_fd: int, path: str, timeout: float,
+          patient: bool) -> list[tuple[str, int]] | None:
     """The namespaces of the instance running on `path`, checked; None if none runs.
     Waits up to `timeout` for one that is starting; with `patient`, also while the
     record does not match (a new instance clearing a killed one's files)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if not lock_held(path):
+            if not lock_held(path, dir_fd):
                 return None
         except OSError as exc:
             raise EnterError(f"cannot check {path}/lock: {exc.strerror}") from None
-        record = _read_record(path)
+        record = _read_record(dir_fd, path)
         if record is not None:
             try:
-                return _open_namespaces(path, record)
+                return _open_namespaces(dir_fd, path, record)
             except _Stale as exc:
                 if not patient:
                     raise EnterError(f"the instance on {path} is stale: {exc}; not joining "
@@ -242,9 +242,11 @@ def default_command() -> list[str]:
 
 def enter(state_dir: str, command: list[str], wait: float = ENTER_WAIT) -> int:
     """`rootless-ctl enter`: run `command` in the instance running on `state_dir`."""
-    path = os.path.abspath(state_dir)
-    _check_dir(path)
-    namespaces = _find(path, wait, patient=False)
+    dir_fd, path = _open_dir(os.path.abspath(state_dir))
+    try:
+        namespaces = _find(dir_fd, path, wait, patient=False)
+    finally:
+        os.close(dir_fd)
     if namespaces is None:
         raise EnterError(f"no instance is running on {path} (nobody holds {path}/lock): "
                          f"start one with rootless-run --state-dir {path} (or --reuse)")
@@ -260,12 +262,20 @@ def reuse(config) -> int:
 
     path = os.path.abspath(config.state_dir)
     while True:
-        if os.path.lexists(path):
-            _check_dir(path)
-            namespaces = _find(path, REUSE_WAIT, patient=True)
+        try:
+            dir_fd, real = open_existing(path)
+        except StateDirMissing:
+            dir_fd = -1  # none yet: run() makes it
+        except StateDirError as exc:
+            raise EnterError(str(exc)) from None
+        if dir_fd >= 0:
+            try:
+                namespaces = _find(dir_fd, real, REUSE_WAIT, patient=True)
+            finally:
+                os.close(dir_fd)
             if namespaces is not None:
-                _log.debug(f"--reuse: joining the instance on {path}")
-                return _join_and_run(path, namespaces, list(config.command))
+                _log.debug(f"--reuse: joining the instance on {real}")
+                return _join_and_run(real, namespaces, list(config.command))
         try:
             return run(config)
         except StateDirLocked:
