@@ -5,6 +5,7 @@ import os
 from ..._paths import which
 from ..._process import PYTHON_IGNORED_SIGNALS
 from ...errors import DriverError, UsageError
+from ...statedir import removed_at_exit
 
 
 def find_binary(flag: str, name: str, package: str) -> str:
@@ -25,18 +26,38 @@ def check_tun() -> None:
     os.close(fd)
 
 
-def log_tail(path: str, lines: int = 3) -> str:
+_TAIL_BYTES = 8192  # of a log read for its last lines: enough for them, whatever its size
+_TAIL_LINE = 300    # characters of one quoted line at most
+
+
+def log_tail(path: str, lines: int = 5) -> str:
+    """The last `lines` non-empty lines of the log at `path`, on one line: what a
+    helper said last, usually why it failed."""
     try:
-        with open(path, errors="replace") as f:
-            text = [line.strip() for line in f if line.strip()]
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            data = os.pread(fd, _TAIL_BYTES, max(0, size - _TAIL_BYTES))
+        finally:
+            os.close(fd)
     except OSError:
         return ""
+    text = data.decode(errors="replace").splitlines()
+    if size > _TAIL_BYTES:
+        text = text[1:]  # the first line read may be the end of a longer one
+    text = [line.strip()[:_TAIL_LINE] for line in text if line.strip()]
     return "; ".join(text[-lines:])
+
+
+def _log_named(log: str) -> str:
+    """Where the whole log is, unless it goes with a temp state dir at exit: the user
+    would read the path of a file that is gone (the quoted lines must do then)."""
+    return "" if removed_at_exit(log) else f" (log: {log})"
 
 
 def helper_failed(name: str, how: str, log: str) -> DriverError:
     tail = log_tail(log)
-    return DriverError(f"{name} {how}" + (f": {tail}" if tail else "") + f" (log: {log})")
+    return DriverError(f"{name} {how}" + (f": {tail}" if tail else "") + _log_named(log))
 
 
 def capture_output(argv: list[str], timeout: float = 5.0) -> str:
@@ -66,13 +87,18 @@ class Helper:
             how = f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
         tail = log_tail(self.log)
         return (f"{self.name} {how} while the command was running: the namespace has lost "
-                f"its network; stopping the command" + (f" ({tail})" if tail else ""))
+                f"its network; stopping the command" + (f" ({tail})" if tail else "") +
+                _log_named(self.log))
 
 
 def spawn(argv: list[str], log: str, keep_fds: tuple[int, ...] = ()) -> int:
     """Start a helper in its own process group (a Ctrl-C on the terminal is for the
     command, which may need the network while it shuts down), output to `log`."""
-    logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                        os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise DriverError(f"cannot create {log}: {exc.strerror}") from None
     try:
         for fd in keep_fds:
             os.set_inheritable(fd, True)

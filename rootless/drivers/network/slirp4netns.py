@@ -72,7 +72,9 @@ class Slirp4netnsDriver(HelperDriver):
             keep.append(exit_r)
             argv.append(f"--exit-fd={exit_r}")
         # Its API socket only for the port driver that uses it, as rootlesskit does: one
-        # fd less to poll for every packet otherwise.
+        # fd less to poll for every packet otherwise. A path is all slirp4netns takes;
+        # it is safe from other users, in the state dir checked 0700 and ours, on a path
+        # only we or root can change (statedir), whatever mode slirp4netns gives it.
         api = os.path.join(state_dir, API_SOCKET) if self.config.port_driver == "slirp4netns" \
             else None
         if api:
