@@ -385,7 +385,7 @@ def _check_changeable(st: os.stat_result, where: str, what: str) -> None:
     """The dir at `where` must be one nobody but root and the user can change."""
     fix = ("pass --state-dir a dir of your own, below dirs only you or root can change "
            "(e.g. under $XDG_RUNTIME_DIR)")
-    if st.st_uid not in (0, os.geteuid()):
+    if not _trusted(st.st_uid):
         raise StateDirError(f"{where} (on the way to {what}) belongs to uid {st.st_uid}, "
                             f"neither you nor root: its owner could swap what lies below "
                             f"it; {fix}")
@@ -397,14 +397,45 @@ def _check_changeable(st: os.stat_result, where: str, what: str) -> None:
 
 
 def _follow(fd: int, name: str, st: os.stat_result, links: int, link: str) -> str:
-    """The target of the symlink `name` (described as `link`), if we may follow it."""
-    if st.st_uid not in (0, os.geteuid()):
+    """The target of the symlink `name` (described as `link`), if we may follow it.
+    One of an id unmapped here (see _trusted) not in a sticky world-writable dir, where
+    anyone outside could have planted it (the kernel's protected_symlinks rule)."""
+    mode = os.fstat(fd).st_mode
+    planted_maybe = mode & stat.S_ISVTX and mode & 0o002 and st.st_uid == _unmapped_uid()
+    if not _trusted(st.st_uid) or planted_maybe:
         raise StateDirError(f"{link} is a symlink of uid {st.st_uid}, another user's: not "
                             f"followed (anyone may plant one where others can write); pass "
                             f"--state-dir a dir of your own")
     if links > _MAX_LINKS:
         raise StateDirError(f"{link}: too many levels of symbolic links")
     return os.readlink(name, dir_fd=fd)
+
+
+def _trusted(uid: int) -> bool:
+    """Root, the user, or, when we run in a user namespace (rootless-run inside an
+    instance), an id not mapped in it: the kernel shows the owner of such files as the
+    overflow id (nobody), whoever it is; root's dirs (/, /tmp) look so. A weaker
+    guarantee there: a dir of another user outside the namespace looks the same."""
+    return uid in (0, os.geteuid()) or uid == _unmapped_uid()
+
+
+_overflow: list[int] = []
+
+
+def _unmapped_uid() -> int:
+    """The id unmapped owners show as, in a user namespace other than the first; -1 in
+    the first (there it is a real user's, nobody's)."""
+    if not _overflow:
+        _overflow.append(-1)
+        try:
+            with open("/proc/self/uid_map") as f:
+                initial = f.read().split() == ["0", "0", "4294967295"]
+            if not initial:
+                with open("/proc/sys/kernel/overflowuid") as f:
+                    _overflow[0] = int(f.read())
+        except (OSError, ValueError):
+            pass
+    return _overflow[0]
 
 
 def _open_own_dir(parent_fd: int, name: str, real: str) -> int:

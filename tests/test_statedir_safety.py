@@ -424,3 +424,26 @@ def test_enter_on_garbage_is_one_line(user, user_tmp, spawned, garbage):
     assert r.returncode == 1
     assert "joined" not in r.stdout
     one_line(r, state)
+
+
+# -- inside an instance: ids not mapped there show as nobody -------------------------------
+
+def test_nested_run_and_enter_work_and_still_refuse_a_planted_symlink(
+        user, nosub_user, rootless_run, victim_dir, shared_tmp):
+    """Inside a user namespace / and /tmp show as owned by nobody (the overflow id):
+    taken as root's, so rootless-run and rootless-ctl enter work in an instance; a
+    symlink of an unmapped id in sticky /tmp is still not followed."""
+    planted = shared_tmp("plant")
+    assert nosub_user.run(["ln", "-s", victim_dir, planted]).returncode == 0
+    before = snapshot(victim_dir)
+    inner = (f"{rootless_run} --net=none -- echo nested-ok; "
+             f"{CTL} enter -- echo entered; "
+             f"{rootless_run} --net=none --state-dir {planted} -- echo ran; echo rc=$?")
+    r = user.run([rootless_run, "--net=none", "--", "sh", "-c", inner])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "nested-ok\nentered\nrc=1\n", r.stderr
+    assert "Traceback" not in r.stderr
+    refusals = [line for line in r.stderr.splitlines() if "error" in line]
+    assert len(refusals) == 1 and planted in refusals[0] and "symlink" in refusals[0], \
+        r.stderr
+    assert snapshot(victim_dir) == before
