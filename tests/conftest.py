@@ -66,11 +66,12 @@ class User:
         return subprocess.run(self.argv(args, outer), env=self.env(env), cwd=cwd, input=input,
                               capture_output=True, text=True, timeout=timeout)
 
-    def popen(self, args: list[str], *, env: dict | None = None, **kw) -> subprocess.Popen:
+    def popen(self, args: list[str], *, env: dict | None = None, outer: tuple = (),
+              **kw) -> subprocess.Popen:
         kw.setdefault("stdout", subprocess.PIPE)
         kw.setdefault("stderr", subprocess.PIPE)
-        return subprocess.Popen(self.argv(args), env=self.env(env), cwd="/tmp", text=True,
-                                start_new_session=True, **kw)
+        return subprocess.Popen(self.argv(args, outer), env=self.env(env), cwd="/tmp",
+                                text=True, start_new_session=True, **kw)
 
     def processes(self) -> list[tuple[int, str, str]]:
         """Live (non-zombie) processes of this user: (pid, state, cmdline)."""

@@ -18,6 +18,7 @@ import pytest
 
 from conftest import VENV_BIN, diagnostics
 from conftest import free_port
+from test_ports_hardening import netns  # noqa: F401
 from test_subid import _assert_free
 from test_systemd import NotifyListener
 
@@ -118,11 +119,11 @@ def spawned(spawned):
                 pass
 
 
-def start(user, env, spawned, argv) -> Dockerd:
+def start(user, env, spawned, argv, outer=()) -> Dockerd:
     # dockerd logs a lot: to a file, not a pipe nobody reads until the end
     log = os.path.join(os.path.dirname(env["HOME"]), f"dockerd-{len(spawned)}.log")
     with open(log, "w") as f:
-        proc = user.popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT)
+        proc = user.popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, outer=outer)
     spawned.append(proc)
     return Dockerd(user, env, proc, log)
 
@@ -202,6 +203,38 @@ def test_rootless_run_dockerd(user, docker_home, spawned, image_tar, state_dir, 
     assert r.stdout.split() == ["web"]  # the same data, a fresh supervisor
     code, err = again.stop()
     assert code == 0, err[-3000:]
+
+
+def test_port_published_on_ipv6_too(user, docker_home, spawned, image_tar, state_dir, netns):
+    """`docker run -p P:80` publishes P on 0.0.0.0 and on [::]: a client of [::1]:P
+    once ended the run (socket.SOL_IPV6 is not in Python 3.11), dockerd with it. In a
+    netns of the test's own: nothing listens on the machine's network."""
+    d = start(user, docker_home, spawned,
+              ["rootless-run", f"--state-dir={state_dir}", "--", "dockerd"],
+              outer=("nsenter", f"--net=/run/netns/{netns}"))
+    d.wait_ready()
+    r = d.user.run(["sh", "-c", f"{DOCKER} import - rlt-busybox < {image_tar}"], env=d.env)
+    assert r.returncode == 0, r.stderr
+    r = d.docker("run", "-d", "--name", "web", "--stop-timeout", "1", "-p", "18400:80",
+                 "rlt-busybox", "httpd", "-f", "-p", "80", "-h", "/www")
+    assert r.returncode == 0, r.stderr
+
+    def page(host: str) -> str:
+        r = subprocess.run(["ip", "netns", "exec", netns, "curl", "-g", "-sS", "-m", "5",
+                            f"http://{host}:18400/"], capture_output=True, text=True)
+        return r.stdout
+    deadline = time.monotonic() + 20
+    while page("127.0.0.1") != PAGE:
+        assert time.monotonic() < deadline, "the container's page never came"
+        time.sleep(0.2)
+    assert page("[::1]") == PAGE
+    assert page("127.0.0.1") == PAGE
+    assert d.proc.poll() is None, d.output()[-3000:]
+    r = d.docker("ps", "--format", "{{.Names}} {{.Status}}")
+    assert r.stdout.startswith("web Up"), r.stdout
+    code, err = d.stop()
+    assert code == 0, err[-3000:]
+    assert [l for l in diagnostics(err) if l.startswith("rootless-run")] == []
 
 
 # -- preflight: what is missing is said before anything starts ------------------------

@@ -47,14 +47,16 @@ def udp_rule(command: str, port: int) -> None:
 
 def client_address(peer: tuple, family: int) -> str | None:
     """The client's IP as an address of `family`, or None if it has none there (an
-    IPv6 client of an IPv4 child port). Dual-stack listeners see IPv4 clients as
-    ::ffff:a.b.c.d."""
+    IPv6 client of an IPv4 child port, or the reverse). Dual-stack listeners see IPv4
+    clients as ::ffff:a.b.c.d."""
     ip = peer[0]
     if family == socket.AF_INET:
         if ip.startswith("::ffff:") and "." in ip:
             return ip[7:]
         return None if ":" in ip else ip
-    return ip if ":" in ip else None
+    # An IPv4 client (::ffff:a.b.c.d) has no IPv6 address: a socket bound to the
+    # mapped address cannot connect to an IPv6 one.
+    return ip if ":" in ip and "." not in ip else None
 
 
 def make_transparent(sock, family: int, ip: str, udp_port: int = 0) -> None:
@@ -65,6 +67,6 @@ def make_transparent(sock, family: int, ip: str, udp_port: int = 0) -> None:
         if sock.type == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
     else:
-        sock.setsockopt(socket.SOL_IPV6, IPV6_TRANSPARENT, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_TRANSPARENT, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
     sock.bind((ip, udp_port))

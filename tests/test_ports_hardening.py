@@ -1,0 +1,234 @@
+"""The builtin port driver under faults and hostile load (issue 16): IPv6 paths, out
+of fds, truncated fd batches, the user's pipe quota, a full UDP flow table, the buffer
+fallback under a fast stream, the listen backlog, and faults in one connection or flow.
+
+Real traffic through a real instance (rootless-run --net=slirp4netns
+--port-driver=builtin as the test user). Tests that listen on 0.0.0.0 or [::] run the
+instance and their clients in a network namespace made here (`netns`), with only its
+loopback; the others use the host's loopback, as test_ports does.
+"""
+import errno
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import free_port, wait_for_api, write_user_files
+from test_ports import (api, closed_within, connect, exchange, recv_exactly, until,  # noqa: F401
+                        fd_count)
+from test_ports_reliability import HOG_PY, pipe_fds
+
+ECHO = 9000    # echoes (a thread per connection, blocking sendall)
+PEER = 9001    # TCP on 127.0.0.1 and [::1]: says the peer's address "IP\n" and closes
+UECHO = 9002   # UDP on 127.0.0.1 and [::1]: answers data + b" from IP PORT"
+SINK = 9003    # accepts, never reads: its clients stall
+FLOOD = 9004   # sends zeros as fast as it can, until the peer goes
+
+SERVER_PY = f'''
+import socket, sys, threading
+
+def serve(family, host, port, handler):
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, port))
+    s.listen(4096)
+    while True:
+        conn, peer = s.accept()
+        threading.Thread(target=handler, args=(conn, peer), daemon=True).start()
+
+def echo(conn, peer):
+    with conn:
+        while data := conn.recv(65536):
+            conn.sendall(data)
+
+def tell_peer(conn, peer):
+    with conn:
+        conn.sendall(f"{{peer[0]}}\\n".encode())
+
+held = []
+def sink(conn, peer):
+    held.append(conn)
+
+def flood(conn, peer):
+    zeros = bytes(1 << 20)
+    try:
+        while True:
+            conn.sendall(zeros)
+    except OSError:
+        conn.close()
+
+def udp_echo(family, host):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((host, {UECHO}))
+    while True:
+        data, peer = s.recvfrom(65535)
+        s.sendto(data + f" from {{peer[0]}} {{peer[1]}}".encode(), peer)
+
+V4, V6 = socket.AF_INET, socket.AF_INET6
+for args in [(V4, "127.0.0.1", {ECHO}, echo), (V4, "127.0.0.1", {PEER}, tell_peer),
+             (V6, "::1", {PEER}, tell_peer), (V4, "127.0.0.1", {SINK}, sink),
+             (V4, "127.0.0.1", {FLOOD}, flood)]:
+    threading.Thread(target=serve, args=args, daemon=True).start()
+threading.Thread(target=udp_echo, args=(V6, "::1"), daemon=True).start()
+udp_echo(V4, "127.0.0.1")
+'''
+
+
+# -- fixtures and helpers -----------------------------------------------------------------
+
+@pytest.fixture
+def netns():
+    """A network namespace with only its loopback (up): its name."""
+    name = f"rlt-h{os.environ.get('RLT_SLOT', '0')}-{uuid.uuid4().hex[:6]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def netns_socket(ns: str, family: int = socket.AF_INET,
+                 kind: int = socket.SOCK_STREAM) -> socket.socket:
+    """A socket of network namespace `ns` (made by a thread that joined it: a socket
+    stays in the netns it was made in, whichever thread uses it)."""
+    from rootless.linux import CLONE_NEWNET, setns
+
+    made = []
+
+    def make():
+        fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
+        try:
+            setns(fd, CLONE_NEWNET)
+        finally:
+            os.close(fd)
+        made.append(socket.socket(family, kind))
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    assert made, f"no socket made in {ns}"
+    return made[0]
+
+
+@pytest.fixture
+def instance(user, rootless_run, state_dir, spawned, user_tmp):
+    """start(*specs, flags=(), netns=None, env=None): an instance publishing `specs`,
+    its command SERVER_PY (in `netns` if given): .proc, .pid, .sock, .tmp."""
+    write_user_files(user, user_tmp, {"server.py": SERVER_PY})
+
+    def start(*specs, flags=(), netns=None, env=None):
+        args = [rootless_run, "--net=slirp4netns", "--port-driver=builtin",
+                f"--state-dir={state_dir}", *flags]
+        for spec in specs:
+            args += ["-p", spec]
+        args += ["--", "python3", os.path.join(user_tmp, "server.py")]
+        outer = ("nsenter", f"--net=/run/netns/{netns}") if netns else ()
+        proc = user.popen(args, env=env, outer=outer)
+        spawned.append(proc)
+        sock = wait_for_api(proc, state_dir)
+        return SimpleNamespace(proc=proc, pid=proc.pid, sock=sock, tmp=user_tmp)
+    return start
+
+
+def echo_ok(port: int, payload: bytes = b"ping", timeout: float = 5) -> bool:
+    with connect(port, timeout=timeout) as s:
+        s.sendall(payload)
+        return recv_exactly(s, len(payload)) == payload
+
+
+def wait_echo(port: int) -> None:
+    until(f"echo through port {port}", lambda: echo_ok(port, timeout=2), timeout=10)
+
+
+def stop(inst) -> str:
+    """SIGTERM the instance, as systemctl stop would; its stderr."""
+    inst.proc.send_signal(signal.SIGTERM)
+    _, err = inst.proc.communicate(timeout=30)
+    return err
+
+
+def prlimit_nofile(pid: int, n: int) -> None:
+    """Set both limits of open files of process `pid` (as root, from outside)."""
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={n}:{n}"], check=True)
+
+
+def answer_or_close(s: socket.socket, payload: bytes, seconds: float) -> str:
+    """"echoed" if `payload` comes back whole, "closed" if the connection ends first;
+    fails if neither happens within `seconds` (the connection hangs)."""
+    s.settimeout(seconds)
+    try:
+        s.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            data = s.recv(len(payload) - len(got))
+            if not data:
+                return "closed"
+            got += data
+    except (ConnectionResetError, BrokenPipeError):
+        return "closed"
+    except TimeoutError:
+        pytest.fail(f"the connection neither answered nor ended within {seconds} s")
+    assert got == payload
+    return "echoed"
+
+
+# -- item 1: IPv6 ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("transparent", ["true", "false"])
+def test_ipv6_paths(instance, netns, transparent):
+    """Every IPv6 path, TCP and UDP, with a real client in the instance's netns:
+    v6-to-v6, a dual-stack listener to an IPv6 child address (clients of both
+    families), v6-to-v4, v4-to-v6. Once, this ended the run at the first client
+    (socket.SOL_IPV6 is not in Python 3.11), and an IPv4 client of a dual-stack
+    listener to an IPv6 child address was refused (its ::ffff: address was bound)."""
+    # (what, published spec, its parent port, client address, what the child sees)
+    tcp = [("v6-v6", f"[::]:18001:[::1]:{PEER}/tcp6", 18001, "::1", "::1"),
+           ("dual-v6", f"0.0.0.0:18002:[::1]:{PEER}/tcp", 18002, "::1", "::1"),
+           ("dual-v4", f"0.0.0.0:18002:[::1]:{PEER}/tcp", 18002, "127.0.0.1", "::1"),
+           ("v6-v4", f"[::]:18003:127.0.0.1:{PEER}/tcp6", 18003, "::1", "127.0.0.1"),
+           ("v4-v6", f"0.0.0.0:18004:[::1]:{PEER}/tcp4", 18004, "127.0.0.1", "::1")]
+    udp = [("v6-v6", f"[::]:18011:[::1]:{UECHO}/udp6", 18011, "::1", "::1"),
+           ("v6-v4", f"[::]:18012:127.0.0.1:{UECHO}/udp6", 18012, "::1", "127.0.0.1"),
+           ("v4-v6", f"0.0.0.0:18013:[::1]:{UECHO}/udp4", 18013, "127.0.0.1", "::1"),
+           ("dual-v4", f"0.0.0.0:18014:[::1]:{UECHO}/udp", 18014, "127.0.0.1", "::1"),
+           ("dual-v6", f"0.0.0.0:18014:[::1]:{UECHO}/udp", 18014, "::1", "::1")]
+    specs = sorted({spec for _, spec, _, _, _ in tcp + udp})
+    inst = instance(*specs, flags=[f"--source-ip-transparent={transparent}"], netns=netns)
+
+    def tcp_peer(host: str, port: int) -> str:
+        with netns_socket(netns, socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.settimeout(5)
+            s.connect((host, port))
+            data = b""
+            while chunk := s.recv(100):
+                data += chunk
+            return data.decode().strip()
+
+    def udp_peer(host: str, port: int) -> str:
+        with netns_socket(netns, socket.AF_INET6 if ":" in host else socket.AF_INET,
+                          socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            s.sendto(b"who", (host, port))
+            data, sender = s.recvfrom(1000)
+            assert sender[1] == port  # the answer comes from the published port
+            return data.decode().split()[2]
+
+    until("the child's servers", lambda: tcp_peer("127.0.0.1", 18004), timeout=10)
+    for what, spec, port, client, seen in tcp:
+        assert tcp_peer(client, port) == seen, (what, spec, client)
+    for what, spec, port, client, seen in udp:
+        assert until(f"UDP {what}", lambda: udp_peer(client, port)) == seen, \
+            (what, spec, client)
+    assert inst.proc.poll() is None
+    err = stop(inst)
+    assert "error" not in err and "Traceback" not in err, err
