@@ -8,6 +8,7 @@ instance and their clients in a network namespace made here (`netns`), with only
 loopback; the others use the host's loopback, as test_ports does.
 """
 import errno
+import json
 import os
 import signal
 import socket
@@ -20,18 +21,22 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import free_port, wait_for_api, write_user_files
-from test_ports import (api, closed_within, connect, exchange, recv_exactly, until,  # noqa: F401
-                        fd_count)
-from test_ports_reliability import HOG_PY, pipe_fds
+from test_ports import api, connect, exchange, fd_count, recv_exactly, until
+from test_ports_reliability import many_fds, nofile_limits, pipe_fds  # noqa: F401
 
-ECHO = 9000    # echoes (a thread per connection, blocking sendall)
+ECHO = 9000    # on 127.0.0.1 and [::1]: echoes (a thread per connection, blocking sendall)
 PEER = 9001    # TCP on 127.0.0.1 and [::1]: says the peer's address "IP\n" and closes
 UECHO = 9002   # UDP on 127.0.0.1 and [::1]: answers data + b" from IP PORT"
 SINK = 9003    # accepts, never reads: its clients stall
-FLOOD = 9004   # sends zeros as fast as it can, until the peer goes
+FLOOD = 9004   # on 127.0.0.1 and [::1]: sends zeros as fast as it can, until the peer goes
+
+# TCP buffers (min, default, max) that let megabytes wait in a socket: a fast stream then
+# never runs dry, whatever the scheduler does to its sender or reader for a few ms.
+BIG_BUFFERS = "4096 33554432 67108864"
 
 SERVER_PY = f'''
-import socket, sys, threading
+import os, socket, sys, threading
+BIG_BUFFERS = "{BIG_BUFFERS}"
 
 def serve(family, host, port, handler):
     s = socket.socket(family, socket.SOCK_STREAM)
@@ -58,10 +63,11 @@ def sink(conn, peer):
     held.append(conn)
 
 def flood(conn, peer):
-    zeros = bytes(1 << 20)
+    zeros = os.memfd_create("zeros")  # sendfile: the sender copies nothing
+    os.ftruncate(zeros, 64 << 20)
     try:
         while True:
-            conn.sendall(zeros)
+            os.sendfile(conn.fileno(), zeros, 0, 64 << 20)
     except OSError:
         conn.close()
 
@@ -74,10 +80,16 @@ def udp_echo(family, host):
         data, peer = s.recvfrom(65535)
         s.sendto(data + f" from {{peer[0]}} {{peer[1]}}".encode(), peer)
 
+if sys.argv[1:] == ["big-buffers"]:  # the child's netns is ours to tune: see big_buffers()
+    for name in ("tcp_rmem", "tcp_wmem"):
+        with open(f"/proc/sys/net/ipv4/{{name}}", "w") as f:
+            f.write(BIG_BUFFERS)
+
 V4, V6 = socket.AF_INET, socket.AF_INET6
-for args in [(V4, "127.0.0.1", {ECHO}, echo), (V4, "127.0.0.1", {PEER}, tell_peer),
+for args in [(V4, "127.0.0.1", {ECHO}, echo), (V6, "::1", {ECHO}, echo),
+             (V4, "127.0.0.1", {PEER}, tell_peer),
              (V6, "::1", {PEER}, tell_peer), (V4, "127.0.0.1", {SINK}, sink),
-             (V4, "127.0.0.1", {FLOOD}, flood)]:
+             (V4, "127.0.0.1", {FLOOD}, flood), (V6, "::1", {FLOOD}, flood)]:
     threading.Thread(target=serve, args=args, daemon=True).start()
 threading.Thread(target=udp_echo, args=(V6, "::1"), daemon=True).start()
 udp_echo(V4, "127.0.0.1")
@@ -122,16 +134,17 @@ def netns_socket(ns: str, family: int = socket.AF_INET,
 
 @pytest.fixture
 def instance(user, rootless_run, state_dir, spawned, user_tmp):
-    """start(*specs, flags=(), netns=None, env=None): an instance publishing `specs`,
-    its command SERVER_PY (in `netns` if given): .proc, .pid, .sock, .tmp."""
+    """start(*specs, flags=(), netns=None, env=None, server_args=()): an instance
+    publishing `specs`, its command SERVER_PY (in `netns` if given): .proc, .pid,
+    .sock, .tmp."""
     write_user_files(user, user_tmp, {"server.py": SERVER_PY})
 
-    def start(*specs, flags=(), netns=None, env=None):
+    def start(*specs, flags=(), netns=None, env=None, server_args=()):
         args = [rootless_run, "--net=slirp4netns", "--port-driver=builtin",
                 f"--state-dir={state_dir}", *flags]
         for spec in specs:
             args += ["-p", spec]
-        args += ["--", "python3", os.path.join(user_tmp, "server.py")]
+        args += ["--", "python3", os.path.join(user_tmp, "server.py"), *server_args]
         outer = ("nsenter", f"--net=/run/netns/{netns}") if netns else ()
         proc = user.popen(args, env=env, outer=outer)
         spawned.append(proc)
@@ -157,9 +170,12 @@ def stop(inst) -> str:
     return err
 
 
-def prlimit_nofile(pid: int, n: int) -> None:
-    """Set both limits of open files of process `pid` (as root, from outside)."""
-    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={n}:{n}"], check=True)
+def set_soft_nofile(user, pid: int, n: int) -> None:
+    """Set the soft limit of open files of the test user's process `pid`, from outside
+    (as the user: root here lacks CAP_SYS_RESOURCE). The services raise it to the hard
+    one once, when they load: call this after their first client."""
+    r = user.run(["prlimit", f"--pid={pid}", f"--nofile={n}:"])
+    assert r.returncode == 0, r.stderr
 
 
 def answer_or_close(s: socket.socket, payload: bytes, seconds: float) -> str:
@@ -182,7 +198,7 @@ def answer_or_close(s: socket.socket, payload: bytes, seconds: float) -> str:
     return "echoed"
 
 
-# -- item 1: IPv6 ---------------------------------------------------------------------------
+# -- item 1: IPv6 -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("transparent", ["true", "false"])
 def test_ipv6_paths(instance, netns, transparent):
@@ -232,3 +248,72 @@ def test_ipv6_paths(instance, netns, transparent):
     assert inst.proc.poll() is None
     err = stop(inst)
     assert "error" not in err and "Traceback" not in err, err
+
+
+# -- item 7: the user's pipe quota --------------------------------------------------------
+
+GROW_PIPE_PY = ("import fcntl, os; "
+                "print(fcntl.fcntl(os.pipe()[1], fcntl.F_SETPIPE_SZ, 1 << 20))")
+
+
+def stall(s: socket.socket, rounds: int = 2) -> int:
+    """Send on `s` (whose server never reads) until nothing more goes; bytes sent."""
+    s.setblocking(False)
+    chunk, sent = bytes(1 << 20), 0
+    for _ in range(rounds):  # the relay moves some on meanwhile: top it up
+        while True:
+            try:
+                sent += s.send(chunk)
+            except BlockingIOError:
+                break
+        time.sleep(0.02)
+    return sent
+
+
+def test_stalled_connections_leave_the_user_pipes(user, instance):
+    """100 clients send to a server that never reads: each stalled direction holds its
+    pipe, full. The relay keeps to half of the user's pipe quota: another process of
+    the user can still grow a pipe to 1 MiB, and a new connection still moves data.
+    Once, 64 of them took the whole quota: every pipe of the user was then 8 KiB."""
+    sink, echo = free_port(), free_port()
+    inst = instance(f"127.0.0.1:{sink}:{SINK}/tcp", f"127.0.0.1:{echo}:{ECHO}/tcp")
+    wait_echo(echo)
+    clients = []
+    try:
+        for _ in range(100):
+            clients.append(connect(sink))
+        for s in clients:
+            assert stall(s) > 0
+        for s in clients:  # a second pass: the relay had time to fill its pipes
+            stall(s, rounds=1)
+        r = user.run(["python3", "-c", GROW_PIPE_PY])
+        assert r.returncode == 0 and r.stdout.strip() == str(1 << 20), r.stderr
+        payload = os.urandom(4 << 20)
+        assert exchange(echo, payload) == payload
+    finally:
+        for s in clients:
+            s.close()
+    assert inst.proc.poll() is None
+
+
+def test_idle_pipes_are_closed_after_a_while(instance):
+    """A burst of transfers leaves pipes in the pool; nobody needs them afterwards:
+    they are closed (their memory counts in the user's quota), not kept for ever."""
+    port = free_port()
+    inst = instance(f"127.0.0.1:{port}:{ECHO}/tcp")
+    before = pipe_fds(inst.pid)  # no client yet: no relay pipe
+    wait_echo(port)
+    payloads = [os.urandom(1 << 20) for _ in range(8)]
+    results = [None] * len(payloads)
+
+    def transfer(i):
+        results[i] = exchange(port, payloads[i])
+    threads = [threading.Thread(target=transfer, args=(i,)) for i in range(len(payloads))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == payloads
+    assert pipe_fds(inst.pid) > before, "no pipe kept for reuse after the burst"
+    until("the idle pipes closed", lambda: pipe_fds(inst.pid) == before, timeout=20)
+    assert echo_ok(port)

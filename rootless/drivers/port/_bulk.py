@@ -57,16 +57,25 @@ def available() -> bool:
 
 async def copy_in_thread(copy: Copy) -> None:
     """Run `copy` on a worker thread until its source is quiet, it ends or trio
-    cancels it; the thread is always done when this returns or raises."""
+    cancels it; the thread is always done when this returns or raises. Out of fds
+    or threads, nothing is done and `copy` says IDLE: the direction goes on on
+    trio's thread."""
     import trio
 
-    wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    except OSError:
+        copy.how = IDLE
+        return
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_wake_on_cancel, wake)
-            # Not abandoned on cancel: the thread uses fds that are closed after us.
-            await trio.to_thread.run_sync(_copy, copy, wake, limiter=_limiter(),
-                                         thread_name="rootless relay")
+            try:
+                # Not abandoned on cancel: the thread uses fds that are closed after us.
+                await trio.to_thread.run_sync(_copy, copy, wake, limiter=_limiter(),
+                                             thread_name="rootless relay")
+            except RuntimeError:  # "can't start new thread" (_copy raises no such thing)
+                copy.how = IDLE
             nursery.cancel_scope.cancel()
     finally:
         os.close(wake)

@@ -14,9 +14,14 @@ Idle connections hold none, and a few pipes serve many connections.
 Big pipes copy faster (1 MiB moves about 1.5x what the default 64 KiB does), but an
 unprivileged user has a quota of pipe memory (/proc/sys/fs/pipe-user-pages-soft,
 64 MiB by default, for all the user's processes): past it, F_SETPIPE_SZ fails with
-EPERM and new pipes get 8 KiB. So a new pipe asks for 1 MiB and settles for less;
-when not even the default size can be had, the direction copies through a buffer
-(recv_into/send) until the pool has pipes again.
+EPERM and every new pipe of the user, ours or not, gets 8 KiB. A connection whose
+sink stalls keeps its pipe full, and so held: 64 stalled clients with 1 MiB each
+would take the whole quota. So this process keeps to half of it, and a new pipe
+takes at most a sixteenth of what is left of that half: 1 MiB while plenty is left,
+smaller as it fills. Idle pipes are kept for reuse only while less than half of our
+share is held, and those no connection needed for _IDLE_FOR s are closed. When no
+pipe of the default size can be had (our share is used, or the process is out of
+fds), the direction copies through a buffer (readv/write) until pipes come back.
 
 Ends: EOF from a source is passed on as a half-close (shutdown SHUT_WR) once everything
 read has been written; the other direction goes on. A reset (or any error reading a
@@ -33,11 +38,14 @@ from ... import _log
 from . import _bulk
 
 _SPLICE = _bulk.SPLICE_FLAGS
-_PIPE_SIZES = (1 << 20, 512 << 10, 256 << 10, 128 << 10)
+_PIPE_MAX = 1 << 20     # the size a new pipe asks for at most
 _MIN_PIPE = 64 << 10    # smaller (a user over quota gets 8 KiB): copy through a buffer
-_BUFFER = 64 << 10      # that buffer
-_KEEP_IDLE = 16         # pipes kept for reuse; their memory counts in the user's quota
+_ROOM_PER_PIPE = 16     # a new pipe takes at most this fraction of our share's room
+_DEFAULT_QUOTA = 16384  # pages: the kernel's default pipe-user-pages-soft
+_KEEP_IDLE = 16         # pipes kept for reuse at most
+_IDLE_FOR = 5.0         # s: idle pipes no connection needed this long are closed
 _RETRY_AFTER = 1.0      # s: no new pipe is tried this long after one was refused
+_BUFFER = 64 << 10      # the buffer of a direction that has no pipe
 _BULK = 4 << 20         # bytes in a burst that make a direction a bulk transfer
 _QUIET = 0.01           # s: a source quiet this long ends a burst
 _LINGER_RESET = b"\1\0\0\0\0\0\0\0"  # struct linger {on, 0 s}: close() sends a reset
@@ -55,52 +63,120 @@ class _Pipe:
 
 
 class PipePool:
-    """Empty pipes for splice, as big as the user's pipe quota allows."""
+    """Empty pipes for splice, within this process's share of the user's pipe quota."""
 
     def __init__(self):
-        self._idle: list[_Pipe] = []
+        self._idle: list[_Pipe] = []  # a stack: the bottom ones are the longest unused
         self._retry_at = 0.0
+        self._share = 0     # bytes of pipe this process may hold; read at the first pipe
+        self.held = 0       # bytes of the pipes open now, idle or in use
+        self._least_idle = 0  # the fewest pipes idle at once since the last sweep
+        self._sweeping = False
 
     def get(self) -> _Pipe | None:
         """An empty pipe, or None when no decent one can be had now."""
-        if self._idle:
-            return self._idle.pop()
+        idle = self._idle
+        if idle:
+            pipe = idle.pop()
+            if len(idle) < self._least_idle:
+                self._least_idle = len(idle)
+            return pipe
         if time.monotonic() < self._retry_at:
             return None
-        pipe = _new_pipe()
+        pipe = self._new()
         if pipe is None:
             self._retry_at = time.monotonic() + _RETRY_AFTER
         return pipe
 
+    def _new(self) -> _Pipe | None:
+        if not self._share:
+            self._share = _pipe_share()
+        room = (self._share - self.held) // _ROOM_PER_PIPE
+        if room < _MIN_PIPE:
+            return None
+        try:
+            pipe = _new_pipe(min(_PIPE_MAX, 1 << (room.bit_length() - 1)))
+        except OSError as exc:  # out of fds (EMFILE, ENFILE) or of kernel memory
+            _log.limited("relay-pipe", f"port relay: cannot make a pipe: {exc.strerror}; "
+                                       f"connections copy through a buffer meanwhile")
+            return None
+        if pipe is not None:
+            self.held += pipe.size
+        return pipe
+
     def put(self, pipe: _Pipe) -> None:
-        """Give back an empty pipe (one with data in it must be closed instead)."""
-        if len(self._idle) < _KEEP_IDLE:
+        """Give back an empty pipe (one with data in it must be dropped instead)."""
+        if len(self._idle) < _KEEP_IDLE and self.held <= self._share // 2:
             self._idle.append(pipe)
+            if not self._sweeping:
+                self._sweep_soon()
         else:
-            pipe.close()
-            self._retry_at = 0.0
+            self.drop(pipe)
 
     def drop(self, pipe: _Pipe) -> None:
         pipe.close()
+        self.held -= pipe.size
         self._retry_at = 0.0  # its quota is free again
 
     def close(self) -> None:
         while self._idle:
-            self._idle.pop().close()
+            self.drop(self._idle.pop())
+
+    def _sweep_soon(self) -> None:
+        import trio
+
+        self._sweeping = True
+        self._least_idle = len(self._idle)
+        # A task of the run, not of a port: the pool serves them all.
+        trio.lowlevel.spawn_system_task(self._sweep, name="rootless idle pipes")
+
+    async def _sweep(self) -> None:
+        """Every _IDLE_FOR s, close the idle pipes that no connection took meanwhile:
+        they count in the user's quota, and a burst long past must not keep them.
+        Ends when none is idle. A system task: it must not raise."""
+        import trio
+
+        try:
+            while self._idle:
+                await trio.sleep(_IDLE_FOR)
+                unused = self._least_idle
+                for pipe in self._idle[:unused]:
+                    self.drop(pipe)
+                del self._idle[:unused]
+                self._least_idle = len(self._idle)
+        except Exception as exc:  # a bug: the pipes stay, the run goes on
+            _log.limited("relay-sweep", f"port relay: closing idle pipes: "
+                                        f"{type(exc).__name__}: {exc}")
+        finally:
+            self._sweeping = False
 
 
-def _new_pipe() -> _Pipe | None:
+def _pipe_share() -> int:
+    """Bytes of pipe this process may hold: half of the user's quota, which all the
+    user's processes share (dockerd's and the containers' pipes count in it too)."""
+    limits = []
+    for name in ("pipe-user-pages-soft", "pipe-user-pages-hard"):
+        try:
+            with open(f"/proc/sys/fs/{name}") as f:
+                limits.append(int(f.read()))
+        except (OSError, ValueError):
+            pass
+    pages = min((n for n in limits if n > 0), default=_DEFAULT_QUOTA)  # 0: no limit
+    return pages * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def _new_pipe(want: int) -> _Pipe | None:
+    """A pipe of `want` bytes (a power of two), or of the most below it the user's
+    quota allows; None if that is under _MIN_PIPE. OSError if no pipe can be made."""
     r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-        for want in _PIPE_SIZES:
-            if want <= size:
-                break
+        while want > size:
             try:
                 size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, want)
                 break
             except PermissionError:  # over the user's quota, or above pipe-max-size
-                continue
+                want //= 2
     except BaseException:
         os.close(r)
         os.close(w)
@@ -136,13 +212,17 @@ async def _direction(source, sink, both) -> None:
         await _copy(source, sink)
     except _Reset:
         # The source peer is gone: so is this connection. The other peer gets a reset
-        # too (closing with a zero linger), rather than an EOF that could pass for the
-        # end of a complete exchange.
-        try:
-            sink.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-        except OSError:
-            pass
+        # too, rather than an EOF that could pass for the end of a complete exchange.
+        reset_on_close(sink)
         both.cancel()
+
+
+def reset_on_close(sock) -> None:
+    """Have close() reset the connection (a zero linger), not end it with an EOF."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:  # the peer is gone already
+        pass
 
 
 async def _copy(source, sink) -> None:
