@@ -317,3 +317,113 @@ def test_idle_pipes_are_closed_after_a_while(instance):
     assert pipe_fds(inst.pid) > before, "no pipe kept for reuse after the burst"
     until("the idle pipes closed", lambda: pipe_fds(inst.pid) == before, timeout=20)
     assert echo_ok(port)
+
+
+# -- item 9: the buffer fallback yields and can be cancelled ------------------------------
+
+HOG_ALL_PY = '''
+import fcntl, os, time
+pipes = []
+while True:  # past the user's quota: then every new pipe of the user gets 8 KiB
+    r, w = os.pipe()
+    pipes.append((r, w))
+    size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    if size < 65536:
+        break
+    try:
+        fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, 1 << 20)
+    except PermissionError:
+        pass
+print(size, flush=True)
+time.sleep(600)
+'''
+
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h; Python 3.11's socket module lacks it
+
+
+@pytest.fixture
+def throttle():
+    """throttle(pid, percent): cap process `pid` at `percent` % of a CPU (a cgroup v1
+    cpu controller of the test's own, in 10 ms periods); undone at teardown."""
+    root = "/sys/fs/cgroup/cpu"
+    if not os.path.exists(f"{root}/cpu.cfs_quota_us"):
+        pytest.skip("no cgroup v1 cpu controller")
+    path = f"{root}/rlt-h{os.environ.get('RLT_SLOT', '0')}-{uuid.uuid4().hex[:6]}"
+    moved = []
+
+    def cap(pid: int, percent: int) -> None:
+        os.mkdir(path)
+        for name, value in (("cpu.cfs_period_us", 10000), ("cpu.cfs_quota_us", percent * 100)):
+            with open(f"{path}/{name}", "w") as f:
+                f.write(str(value))
+        with open(f"{path}/cgroup.procs", "w") as f:
+            f.write(str(pid))
+        moved.append(pid)
+    yield cap
+    for pid in moved:
+        try:
+            with open(f"{root}/cgroup.procs", "w") as f:
+                f.write(str(pid))
+        except OSError:
+            pass  # gone already
+    if os.path.exists(path):
+        os.rmdir(path)
+
+
+def test_buffer_fallback_yields_to_others_and_is_cancellable(user, instance, spawned, netns,
+                                                             throttle):
+    """Another process of the user holds its whole pipe quota: the relay copies
+    through a buffer. One fast stream whose source never runs dry (the relay is held
+    to 10% of a CPU, its peers are not, big buffers between them) must leave trio's
+    thread to the API and the other ports, and end when its port is removed. Once,
+    it kept the thread until the stream ended."""
+    hog = user.popen(["python3", "-c", HOG_ALL_PY])
+    spawned.append(hog)
+    assert int(hog.stdout.readline()) < 64 << 10, "the user's pipe quota is not used up"
+    subprocess.run(["ip", "netns", "exec", netns, "sysctl", "-q",
+                    f"net.ipv4.tcp_rmem={BIG_BUFFERS}", f"net.ipv4.tcp_wmem={BIG_BUFFERS}"],
+                   check=True)
+    # The stream's child address is [::1]: its socket comes from the factory's first
+    # batch of IPv6 sockets, made after the server gave the child's netns big buffers.
+    inst = instance(f"127.0.0.1:18100:[::1]:{FLOOD}/tcp", f"127.0.0.1:18101:{ECHO}/tcp",
+                    netns=netns, server_args=["big-buffers"])
+    before = pipe_fds(inst.pid)
+
+    def echo_ok_in_netns(timeout: float = 5) -> bool:
+        with netns_socket(netns) as s:
+            s.settimeout(timeout)
+            s.connect(("127.0.0.1", 18101))
+            s.sendall(b"ping")
+            return recv_exactly(s, 4) == b"ping"
+    until("the echo server", lambda: echo_ok_in_netns(2), timeout=10)
+    status, body = api(user, inst.sock, "GET", "/v1/ports")
+    [flood_id] = [p["id"] for p in json.loads(body) if p["spec"]["parentPort"] == 18100]
+
+    received, ended = [0], threading.Event()
+
+    def read(s):
+        try:
+            while n := len(s.recv(1 << 20, socket.MSG_TRUNC)):  # discarded, not copied
+                received[0] += n
+        except OSError:
+            pass
+        ended.set()
+
+    with netns_socket(netns) as s:
+        s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+        s.settimeout(30)
+        s.connect(("127.0.0.1", 18100))
+        reader = threading.Thread(target=read, args=(s,), daemon=True)
+        reader.start()
+        until("the stream", lambda: received[0] > 16 << 20, timeout=10)
+        throttle(inst.pid, 10)
+        flowing = received[0]
+        until("more of the stream", lambda: received[0] > flowing + (16 << 20), timeout=10)
+        assert pipe_fds(inst.pid) == before, "the stream has a pipe: no buffer fallback"
+        for _ in range(3):
+            assert api(user, inst.sock, "GET", "/v1/info")[0] == 200, "the API starves"
+            assert echo_ok_in_netns(), "the other port starves"
+        assert api(user, inst.sock, "DELETE", f"/v1/ports/{flood_id}")[0] == 200
+        assert ended.wait(5), "the stream outlived its port"
+    assert inst.proc.poll() is None
+    assert echo_ok_in_netns()

@@ -46,6 +46,7 @@ _KEEP_IDLE = 16         # pipes kept for reuse at most
 _IDLE_FOR = 5.0         # s: idle pipes no connection needed this long are closed
 _RETRY_AFTER = 1.0      # s: no new pipe is tried this long after one was refused
 _BUFFER = 64 << 10      # the buffer of a direction that has no pipe
+_BUFFER_RUN = 16        # chunks copied through it before a pipe is asked for again
 _BULK = 4 << 20         # bytes in a burst that make a direction a bulk transfer
 _QUIET = 0.01           # s: a source quiet this long ends a burst
 _LINGER_RESET = b"\1\0\0\0\0\0\0\0"  # struct linger {on, 0 s}: close() sends a reset
@@ -257,9 +258,10 @@ async def _copy(source, sink) -> None:
             if pipe is None:
                 pipe = pipes.get()
                 if pipe is None:
-                    if not await _copy_some(src, dst, sink):
+                    drained = await _copy_buffered(src, dst, sink)
+                    if drained is None:
                         return
-                    continue  # it checkpoints
+                    continue
             try:
                 queued = os.splice(src, pipe.w, pipe.size, flags=_SPLICE)
             except BlockingIOError:
@@ -334,34 +336,39 @@ def _thread_ended(copy, sink) -> None:
         _debug("writing", copy.error)
 
 
-async def _copy_some(src: int, dst: int, sink) -> bool:
-    """Copy what the source has through a buffer (no pipe to be had); False at EOF or
-    when the sink failed."""
+async def _copy_buffered(src: int, dst: int, sink) -> bool | None:
+    """Copy through a buffer, for want of a pipe, until the source is drained (True)
+    or for _BUFFER_RUN chunks (False: a pipe may be had by then); None at EOF or when
+    the sink failed. A chunk that did not wait is followed by a checkpoint, as in the
+    pipe path: a source that never runs dry must not keep trio's thread."""
     import trio
 
     buffer = bytearray(_BUFFER)
-    while True:
+    into, view = [buffer], memoryview(buffer)
+    for _ in range(_BUFFER_RUN):
         try:
-            n = os.readv(src, [buffer])
-            break
+            n = os.readv(src, into)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(src)
+            return True
         except OSError as exc:
             _debug("reading", exc)
             raise _Reset from None
-    if not n:
-        _shutdown(sink)
-        return False
-    view, sent = memoryview(buffer)[:n], 0
-    while sent < n:
-        try:
-            sent += os.write(dst, view[sent:])
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(dst)
-        except OSError as exc:
-            _debug("writing", exc)
-            return False
-    return True
+        if not n:
+            _shutdown(sink)
+            return None
+        sent, waited = 0, False
+        while sent < n:
+            try:
+                sent += os.write(dst, view[sent:n])
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(dst)
+                waited = True
+            except OSError as exc:
+                _debug("writing", exc)
+                return None
+        if not waited:
+            await trio.lowlevel.checkpoint()
+    return False
 
 
 def _shutdown(sink) -> None:
