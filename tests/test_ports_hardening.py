@@ -250,6 +250,71 @@ def test_ipv6_paths(instance, netns, transparent):
     assert "error" not in err and "Traceback" not in err, err
 
 
+# -- items 5 and 6: out of fds ------------------------------------------------------------
+
+def test_out_of_fds_refuses_new_connections_and_recovers(user, instance):
+    """The supervisor's limit of open files is lowered from outside: once its fds run
+    out, new connections are closed at once, the run and the connections it has go on,
+    and the port serves again once some end. Once, accept()'s EMFILE ended the run."""
+    port = free_port()
+    inst = instance(f"127.0.0.1:{port}:{ECHO}/tcp")
+    wait_echo(port)  # the services are loaded: they raised the soft limit to the hard one
+    old = [connect(port) for _ in range(20)]
+    new = []
+    try:
+        for s in old:
+            assert answer_or_close(s, b"ping", 5) == "echoed"
+        set_soft_nofile(user, inst.pid, fd_count(inst.pid) + 40)
+        outcomes = []
+        for _ in range(100):
+            new.append(connect(port))  # the kernel completes it: it waits in the backlog
+            outcomes.append(answer_or_close(new[-1], b"ping", 5))
+        assert "closed" in outcomes, "no connection was refused: the fds did not run out"
+        assert inst.proc.poll() is None, inst.proc.stderr.read()
+        for s in old:  # still connected, and data still moves (through buffers: no
+            payload = os.urandom(256 << 10)  # fd is left for a pipe)
+            s.sendall(payload)
+            assert recv_exactly(s, len(payload)) == payload
+        for s in new:
+            s.close()
+        new.clear()
+        until("the port serving again", lambda: echo_ok(port), timeout=10)
+    finally:
+        for s in old + new:
+            s.close()
+    err = stop(inst)
+    fd_lines = [line for line in err.splitlines() if "out of file descriptors" in line]
+    assert 1 <= len(fd_lines) <= 2, err  # one line per 10 s, however many were refused
+    assert "Traceback" not in err, err
+
+
+def test_a_truncated_fd_batch_fails_one_connection_not_the_port(user, instance):
+    """The socket factory's batch of 64 fds arrives truncated (MSG_CTRUNC: the
+    supervisor is out of fds). The client waiting for it is answered (served with the
+    fds that came, or closed), and the factory is free for the next ones. Once, the
+    receiver waited for the rest for ever, holding the factory's lock: every port hung.
+    The IPv6 port's sockets come in batches of their own: its first client asks for
+    the first batch."""
+    port, port6 = free_port(), free_port()
+    inst = instance(f"127.0.0.1:{port}:{ECHO}/tcp", f"127.0.0.1:{port6}:[::1]:{ECHO}/tcp")
+    wait_echo(port)
+    soft, _ = nofile_limits(inst.pid)
+    held = []
+    try:
+        for room in (1, 10):  # no fd of the batch fits; then a few do
+            set_soft_nofile(user, inst.pid, fd_count(inst.pid) + room)
+            held.append(connect(port6))
+            answer_or_close(held[-1], b"ping", 5)
+            set_soft_nofile(user, inst.pid, soft)
+        for target in (port6, port):
+            with connect(target) as s:
+                assert answer_or_close(s, b"ping", 5) == "echoed", target
+    finally:
+        for s in held:
+            s.close()
+    assert inst.proc.poll() is None
+
+
 # -- item 7: the user's pipe quota --------------------------------------------------------
 
 GROW_PIPE_PY = ("import fcntl, os; "

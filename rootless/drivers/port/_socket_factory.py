@@ -11,9 +11,12 @@ The factory also does, in the netns, what the client's source address needs ther
 Protocol, on STATE/.ports.sock. On connect the factory says whether the child can
 see clients' addresses: b"T\\n", or b"N" + why + b"\\n". Then requests of 5 bytes
 (op, family '4'/'6', count, port: "!ccBH"):
-  op b"s"/b"d": `count` stream/datagram sockets -> count bytes + count fds;
+  op b"s"/b"d": `count` stream/datagram sockets -> count bytes + up to count fds
+                (fewer when the factory is out of fds: the bytes say where the
+                answer ends, whatever fds came);
   op b"R"/b"r": add/remove the UDP rule of `port`  -> b"+" or b"-" + why + b"\\n".
 """
+import errno
 import os
 import signal
 import socket
@@ -115,7 +118,7 @@ def _serve(listener: socket.socket, transparent: bool) -> None:
 
 def _answer(conn: socket.socket, op: bytes, family: bytes, count: int, port: int) -> bool:
     if op in _TYPES and family in _FAMILIES and count:
-        socks = [socket.socket(_FAMILIES[family], _TYPES[op]) for _ in range(count)]
+        socks = _make_sockets(_FAMILIES[family], _TYPES[op], count)
         socket.send_fds(conn, [b"s" * count], [s.fileno() for s in socks])
         for s in socks:
             s.close()
@@ -127,6 +130,21 @@ def _answer(conn: socket.socket, op: bytes, family: bytes, count: int, port: int
         conn.sendall(f"-{why}\n".encode() if why else b"+")
         return True
     return False
+
+
+def _make_sockets(family: int, kind: int, count: int) -> list[socket.socket]:
+    """Up to `count` sockets: as many as can be made now (out of fds or memory, the
+    parent gets fewer, maybe none, and that client's connection fails alone)."""
+    socks = []
+    try:
+        for _ in range(count):
+            socks.append(socket.socket(family, kind))
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            for s in socks:
+                s.close()
+            raise
+    return socks
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
@@ -173,23 +191,39 @@ class Factory:
         self._pools.clear()
 
     async def socket(self, family: int, kind: int) -> socket.socket:
-        """A new, unbound socket of the child's netns (a stdlib socket, blocking)."""
+        """A new, unbound socket of the child's netns (a stdlib socket, blocking).
+        OSError when none can be had now (out of fds, here or in the factory)."""
         key = (b"s" if kind == socket.SOCK_STREAM else b"d",
                b"4" if family == socket.AF_INET else b"6")
         pool = self._pools.setdefault(key, [])
         if not pool:
             async with self._lock:
                 if not pool:
-                    self._sock.send(_REQUEST.pack(*key, _BATCH, 0))
-                    pool.extend(await self._receive_fds(_BATCH))
+                    await self._refill(key, pool)
         return socket.socket(family, kind, fileno=pool.pop())
+
+    async def _refill(self, key: tuple[bytes, bytes], pool: list[int]) -> None:
+        import trio
+
+        # Shielded: a request cancelled half-answered would leave its answer to be
+        # read as the next one's. The factory answers at once, or is gone (EOF).
+        with trio.CancelScope(shield=True):
+            self._sock.send(_REQUEST.pack(*key, _BATCH, 0))
+            fds, truncated = await self._receive_fds(_BATCH)
+        pool.extend(fds)
+        if not fds:
+            raise OSError(errno.EMFILE, "out of file descriptors" if truncated else
+                          "the child's socket factory could not make sockets")
 
     async def udp_rule(self, add: bool, port: int) -> None:
         """Route the child's answers from UDP `port` back to transparent sockets.
         Raises OSError with the factory's reason."""
+        import trio
+
         async with self._lock:
-            self._sock.send(_REQUEST.pack(b"R" if add else b"r", b"4", 0, port))
-            answer = await self._line(first_only=True)
+            with trio.CancelScope(shield=True):  # as in _refill
+                self._sock.send(_REQUEST.pack(b"R" if add else b"r", b"4", 0, port))
+                answer = await self._line(first_only=True)
         if answer != "+":
             raise OSError(answer[1:])
 
@@ -210,17 +244,26 @@ class Factory:
             if (first_only and data == b"+") or data.endswith(b"\n"):
                 return data.decode(errors="replace").rstrip("\n")
 
-    async def _receive_fds(self, count: int) -> list[int]:
+    async def _receive_fds(self, count: int) -> tuple[list[int], bool]:
+        """The answer to a request for `count` sockets: its `count` bytes, and the fds
+        that came with them (fewer if the factory could not make them all), and
+        whether some were lost here: out of fds, the kernel drops those that do
+        not fit and says so (MSG_CTRUNC). Never waits for fds: only for the bytes."""
         import trio
 
         fds: list[int] = []
-        while len(fds) < count:
+        got, truncated = 0, False
+        while got < count:
             await trio.lowlevel.wait_readable(self._sock)
             try:
-                data, new, _, _ = socket.recv_fds(self._sock, count, count - len(fds))
+                data, new, flags, _ = socket.recv_fds(self._sock, count - got, count)
             except BlockingIOError:
                 continue
-            if not data:
-                raise FactoryGone("the child's socket factory is gone")
             fds.extend(new)
-        return fds
+            if not data:
+                for fd in fds:
+                    os.close(fd)
+                raise FactoryGone("the child's socket factory is gone")
+            got += len(data)
+            truncated |= bool(flags & socket.MSG_CTRUNC)
+        return fds, truncated

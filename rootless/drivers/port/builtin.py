@@ -132,42 +132,134 @@ class BuiltinPortDriver(PortDriver):
     async def _accept_loop(self, sock, spec) -> None:
         import trio
 
+        _keep_reserve()
         async with trio.open_nursery() as conns:
             while True:
-                client, peer = await sock.accept()
+                try:
+                    client, peer = await sock.accept()
+                except OSError as exc:
+                    await _accept_failed(sock, spec.parentPort, exc)
+                    continue
                 conns.start_soon(self._forward, client, peer, spec)
 
     async def _forward(self, client, peer, spec) -> None:
+        """One connection, contained: whatever it raises ends it alone, its sockets
+        closed, with one rate-limited line; the port and the run go on."""
         import socket
-        import trio
 
         child = (spec.childIP or "127.0.0.1", spec.childPort)
         family = socket.AF_INET6 if ":" in child[0] else socket.AF_INET
         with client:
             try:
-                inner = await self.factory.socket(family, socket.SOCK_STREAM)
-            except (OSError, _socket_factory.FactoryGone):
-                return  # the child is gone: the client sees the connection close
-            with inner:
-                ip = _transparent.client_address(peer, family) if self.factory.transparent \
-                    else None
                 try:
-                    if ip is not None:
-                        _transparent.make_transparent(inner, family, ip)
-                    # A plain non-blocking socket, driven by trio.lowlevel: trio's wrapper
-                    # costs a tenth of a short connection's time.
-                    inner.setblocking(False)
-                    error = inner.connect_ex(child)
-                    if error == errno.EINPROGRESS:
-                        await trio.lowlevel.wait_writable(inner)
-                        error = inner.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                except OSError as exc:
-                    error = exc.errno
-                if error:  # nothing listens there: close the client at once
-                    _log.debug(f"port {spec.parentPort}: connecting to {child[0]}:{child[1]} "
-                               f"in the child: {os.strerror(error)}")
+                    inner = await self.factory.socket(family, socket.SOCK_STREAM)
+                except _socket_factory.FactoryGone:
+                    return  # the child is gone: the client sees the connection close
+                except OSError as exc:  # out of fds, most likely: the next one may do
+                    _log.limited("port-socket", f"port {spec.parentPort}: a client's "
+                                                f"connection is closed: {exc.strerror}")
                     return
-                await _relay.relay(client, inner)
+                with inner:
+                    if await self._connect(inner, family, child, peer, spec):
+                        await _relay.relay(client, inner)
+            except* Exception as failure:
+                _log.limited("port-connection", f"port {spec.parentPort}: a connection "
+                                                f"from {peer[0]} failed: {_first(failure)}")
+
+    async def _connect(self, inner, family, child, peer, spec) -> bool:
+        """Connect `inner` to the child's port, from the client's address when the
+        child may see it; False (logged) if it cannot be."""
+        import socket
+        import trio
+
+        ip = _transparent.client_address(peer, family) if self.factory.transparent else None
+        try:
+            if ip is not None:
+                _transparent.make_transparent(inner, family, ip)
+            # A plain non-blocking socket, driven by trio.lowlevel: trio's wrapper
+            # costs a tenth of a short connection's time.
+            inner.setblocking(False)
+            error = inner.connect_ex(child)
+            if error == errno.EINPROGRESS:
+                await trio.lowlevel.wait_writable(inner)
+                error = inner.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        except OSError as exc:
+            error = exc.errno
+        if error:  # nothing listens there: close the client at once
+            _log.debug(f"port {spec.parentPort}: connecting to {child[0]}:{child[1]} "
+                       f"in the child: {os.strerror(error)}")
+        return not error
+
+
+# accept(2)'s errors that belong to one client, gone already: the next one may do.
+_CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
+                          errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
+                          errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
+                          errno.ECONNRESET, errno.ETIMEDOUT})
+_PAUSE = 0.1  # s: accepting pauses this long when the process is out of fds or memory
+# An fd held in reserve: out of fds, it is given up for a moment to close what waits
+# in a backlog (`_refuse_waiting`).
+_reserve: int | None = None
+
+
+async def _accept_failed(listener, port: int, exc: OSError) -> None:
+    """accept() failed: if the client is gone, go on; if the process is out of fds,
+    close what waits in the backlog (the clients see their connections end rather
+    than wait for an fd that may not come) and pause, as for anything else (out of
+    memory: ENOBUFS, ENOMEM), so that the loop does not spin while connections end."""
+    import trio
+
+    if exc.errno in _CLIENT_GONE:
+        return
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        _refuse_waiting(listener)
+        _log.limited("port-fds", f"port {port}: out of file descriptors ({exc.strerror}): "
+                                 f"new connections are closed until some end")
+    else:
+        _log.limited("port-accept", f"port {port}: cannot accept connections for now: "
+                                    f"{exc.strerror}")
+    await trio.sleep(_PAUSE)
+
+
+def _keep_reserve() -> None:
+    global _reserve
+    if _reserve is None:
+        try:
+            _reserve = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pass  # out of fds already: the next accept loop or refusal tries again
+
+
+def _refuse_waiting(listener) -> None:
+    """Reset the connections waiting in `listener`'s backlog (there may be none:
+    accept() says EMFILE before it looks), through the fd held in reserve."""
+    import socket
+
+    global _reserve
+    if _reserve is None:
+        return
+    os.close(_reserve)
+    _reserve = None
+    waiting = None
+    try:
+        waiting = socket.socket(fileno=listener.fileno())  # trio's, borrowed: not closed
+        while True:
+            conn, _ = waiting.accept()  # OSError: none left (EAGAIN), or no fd after all
+            with conn:
+                _relay.reset_on_close(conn)
+    except OSError:
+        pass
+    finally:
+        if waiting is not None:
+            waiting.detach()
+        _keep_reserve()
+
+
+def _first(failure: BaseException) -> str:
+    """What an exception (or the first of a group) says, in a line."""
+    while isinstance(failure, BaseExceptionGroup):
+        failure = failure.exceptions[0]
+    return f"{type(failure).__name__}: {failure}"
 
 
 async def _until_closed(serve, sock, scope, closed) -> None:
