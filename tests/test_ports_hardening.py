@@ -250,6 +250,38 @@ def test_ipv6_paths(instance, netns, transparent):
     assert "error" not in err and "Traceback" not in err, err
 
 
+# -- item 4: the listen backlog -----------------------------------------------------------
+
+def test_a_burst_of_connections_waits_in_the_backlog(instance, many_fds):
+    """2000 connections wait unaccepted (the supervisor is stopped): a port listens with
+    the system's backlog (net.core.somaxconn), so one more client still gets in, and is
+    served once the supervisor runs again. With a backlog of 1024, its SYN was dropped."""
+    with open("/proc/sys/net/core/somaxconn") as f:
+        if int(f.read()) < 2100:
+            pytest.skip("net.core.somaxconn is under 2100")
+    port = free_port()
+    inst = instance(f"127.0.0.1:{port}:{ECHO}/tcp")
+    wait_echo(port)
+    waiting = []
+    os.kill(inst.pid, signal.SIGSTOP)
+    try:
+        for _ in range(2000):
+            s = socket.socket()
+            s.setblocking(False)
+            assert s.connect_ex(("127.0.0.1", port)) in (0, errno.EINPROGRESS)
+            waiting.append(s)
+        last = connect(port, timeout=5)  # its handshake needs room in the backlog
+        for s in waiting:
+            s.close()
+    finally:
+        os.kill(inst.pid, signal.SIGCONT)
+        for s in waiting:
+            s.close()
+    with last:
+        assert answer_or_close(last, b"ping", 10) == "echoed"
+    assert inst.proc.poll() is None
+
+
 # -- items 5 and 6: out of fds ------------------------------------------------------------
 
 def test_out_of_fds_refuses_new_connections_and_recovers(user, instance):

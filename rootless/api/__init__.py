@@ -2,6 +2,8 @@
 server on trio, and a small sync client for rootless-ctl."""
 import os
 
+from .._listen import backlog
+
 API_VERSION = "1.1.1"
 
 
@@ -24,15 +26,3 @@ def listen(path: str):
         raise
     return sock
 
-
-def backlog() -> int:
-    """The system's listen backlog (net.core.somaxconn), as Go's net package takes for
-    rootlesskit: a burst of clients waits in the queue, where a backlog of 128 made
-    the 129th connect() fail with EAGAIN."""
-    import socket
-
-    try:
-        with open("/proc/sys/net/core/somaxconn", "rb") as f:
-            return max(int(f.read()), 1)
-    except (OSError, ValueError):
-        return socket.SOMAXCONN

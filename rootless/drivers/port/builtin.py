@@ -8,6 +8,7 @@ import os
 from functools import partial
 
 from ... import _log
+from ..._listen import backlog
 from . import _relay, _socket_factory, _transparent
 from ._udp import UdpPort
 from .base import PortDriver
@@ -287,7 +288,7 @@ def _bind(spec):
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
         sock.bind((ip, port))
         if not udp:
-            sock.listen(1024)
+            sock.listen(backlog())
     except BaseException:
         sock.close()
         raise
