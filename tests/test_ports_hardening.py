@@ -416,6 +416,47 @@ def test_idle_pipes_are_closed_after_a_while(instance):
     assert echo_ok(port)
 
 
+# -- item 8: a full UDP flow table --------------------------------------------------------
+
+def test_a_full_udp_flow_table_makes_room_for_new_clients(instance, many_fds):
+    """4096 clients of distinct 127/8 addresses fill the flow table of a UDP port: a new
+    client is still answered, the least recently used flow making room, not one in use.
+    Once, new clients were dropped until flows went idle (never, if the others kept
+    sending). The child sees each flow's own source port: a new flow, a new port."""
+    from rootless.drivers.port._udp import MAX_FLOWS
+
+    port = free_port(kind=socket.SOCK_DGRAM)
+    inst = instance(f"127.0.0.1:{port}:{UECHO}/udp")
+
+    def ask(s: socket.socket) -> int:
+        """The source port the child sees for `s`'s flow."""
+        s.sendto(b"hi", ("127.0.0.1", port))
+        data, _ = s.recvfrom(1000)
+        return int(data.split()[-1])
+
+    def client(i: int) -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind((f"127.1.{i >> 8}.{i & 255}", 0))
+        s.settimeout(2)
+        return s
+
+    clients = [client(i) for i in range(MAX_FLOWS + 1)]
+    try:
+        first = until("the UDP echo", lambda: ask(clients[0]), timeout=10)
+        oldest = ask(clients[1])
+        for s in clients[2:MAX_FLOWS]:
+            ask(s)
+        assert ask(clients[0]) == first  # refreshed: now the most recently used
+        newcomer = clients[MAX_FLOWS]
+        ask(newcomer)  # answered: the table made room
+        assert ask(clients[0]) == first, "a flow in use was ended"
+        assert ask(clients[1]) != oldest, "the least recently used flow was kept"
+    finally:
+        for s in clients:
+            s.close()
+    assert inst.proc.poll() is None
+
+
 # -- item 9: the buffer fallback yields and can be cancelled ------------------------------
 
 HOG_ALL_PY = '''
@@ -524,3 +565,82 @@ def test_buffer_fallback_yields_to_others_and_is_cancellable(user, instance, spa
         assert ended.wait(5), "the stream outlived its port"
     assert inst.proc.poll() is None
     assert echo_ok_in_netns()
+
+
+# -- containment: a fault in one connection or flow ends that one only --------------------
+
+# Loaded by the instance's Python (PYTHONPATH): a bug planted in the port driver, for
+# some clients only. Everything else is the real thing.
+FAULTS_PY = """
+try:
+    from rootless.drivers.port import _transparent, _udp
+except ImportError:  # the servers' Python, in the child
+    pass
+else:
+    class PlantedBug(Exception):
+        pass
+
+    client_address = _transparent.client_address
+
+    def faulty_client_address(peer, family):
+        if peer[0] in ("127.0.0.66", "127.0.0.68"):  # a TCP client, a UDP one
+            raise PlantedBug(f"planted for {peer[0]}")
+        return client_address(peer, family)
+    _transparent.client_address = faulty_client_address
+
+    class FaultySocket:  # a flow's socket whose reads fail
+        def __init__(self, sock):
+            self.sock = sock
+
+        def __getattr__(self, name):
+            return getattr(self.sock, name)
+
+        def recv(self, *args):
+            raise PlantedBug("planted in the flow")
+
+    flow_init = _udp._Flow.__init__
+
+    def faulty_flow_init(self, client, sock):
+        flow_init(self, client, sock)
+        if client[0] == "127.0.0.67":
+            self.sock = FaultySocket(sock)
+    _udp._Flow.__init__ = faulty_flow_init
+"""
+
+
+def test_a_fault_in_one_connection_or_flow_ends_only_that_one(user, instance, user_tmp):
+    """A bug of an unexpected kind, in one TCP connection (setting it up), in one UDP
+    flow's task (passing its answers on), in the UDP port's loop (opening a flow): each
+    ends that unit, with one line for the lot, and the ports and the run go on. Once,
+    any of them ended the run."""
+    write_user_files(user, user_tmp, {"faults/sitecustomize.py": FAULTS_PY})
+    tcp, udp = free_port(), free_port(kind=socket.SOCK_DGRAM)
+    inst = instance(f"127.0.0.1:{tcp}:{ECHO}/tcp", f"127.0.0.1:{udp}:{UECHO}/udp",
+                    env={"PYTHONPATH": os.path.join(user_tmp, "faults")})
+    wait_echo(tcp)
+
+    def udp_answer(source: str) -> bytes | None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.bind((source, 0))
+            s.settimeout(1)
+            s.sendto(b"hi", ("127.0.0.1", udp))
+            try:
+                return s.recv(1000)
+            except TimeoutError:
+                return None
+
+    until("the UDP echo", lambda: udp_answer("127.0.0.1"), timeout=10)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", tcp), timeout=5,
+                                      source_address=("127.0.0.66", 0)) as s:
+            assert answer_or_close(s, b"ping", 5) == "closed"
+        assert udp_answer("127.0.0.67") is None  # its flow ended on the answer
+        assert udp_answer("127.0.0.68") is None  # no flow could be opened
+        assert echo_ok(tcp)
+        assert udp_answer("127.0.0.1").startswith(b"hi from 127.0.0.1 ")
+    assert inst.proc.poll() is None
+    err = stop(inst)
+    planted = [line for line in err.splitlines() if "PlantedBug" in line]
+    # one line per kind (connection, flow, UDP port) and 10 s, not one per failure
+    assert len(planted) == 3, err
+    assert "Traceback" not in err, err

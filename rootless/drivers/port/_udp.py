@@ -9,9 +9,11 @@ from the host socket. A flow ends after a while without traffic either way.
 import errno
 import os
 import socket
+from collections import OrderedDict
 
 from ... import _log
 from . import _transparent
+from ._socket_factory import FactoryGone
 
 
 def _idle_timeout(default: float = 60.0) -> float:
@@ -30,7 +32,8 @@ def _idle_timeout(default: float = 60.0) -> float:
     return default
 
 
-MAX_FLOWS = 4096     # per port: beyond it, new clients' datagrams are dropped
+MAX_FLOWS = 4096     # per port: beyond it, a new client's flow ends the least recently
+                     # used one (spoofed or 127/8 sources must not lock clients out)
 _MAX_DATAGRAM = 65535
 _BURST = 64  # datagrams read at most between two checkpoints
 # What a connected UDP socket reports for an earlier ICMP error: the next
@@ -46,16 +49,18 @@ class UdpPort:
     def __init__(self, factory, host_sock, child_ip: str, child_port: int, transparent: bool):
         self.factory, self.host_sock = factory, host_sock
         self.child = (child_ip, child_port)
+        self.port = host_sock.getsockname()[1]  # the published port, for the log
         self.family = socket.AF_INET6 if ":" in child_ip else socket.AF_INET
         self.transparent = transparent
         self.idle = _idle_timeout()
-        self.flows: dict[bytes, "_Flow"] = {}  # by the client's sockaddr
+        # By the client's sockaddr, the least recently used first.
+        self.flows: OrderedDict[bytes, "_Flow"] = OrderedDict()
 
     async def serve(self) -> None:
         import trio
         from ...linux._mmsg import Datagrams
 
-        host = self.host_sock
+        host, flows = self.host_sock, self.flows
         batch = Datagrams(_BURST, _MAX_DATAGRAM + 1, host.family, self._ask_destinations())
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
@@ -68,17 +73,24 @@ class UdpPort:
                 except OSError as exc:  # an ICMP error of an earlier answer
                     _log.debug(f"UDP {self.child}: {exc.strerror}")
                     continue
-                # Runs of datagrams from one client go on in one call.
-                start, client = 0, batch.sender(0)
-                for i in range(1, n + 1):
-                    sender = batch.sender(i) if i < n else None
-                    if sender != client:
-                        flow = (self.flows.get(client)
-                                or await self._new_flow(client, batch.destination(start)))
-                        if flow is not None:
-                            flow.last = trio.current_time()
-                            flow.send(batch, start, i)
-                        start, client = i, sender
+                try:
+                    # Runs of datagrams from one client go on in one call.
+                    start, client = 0, batch.sender(0)
+                    for i in range(1, n + 1):
+                        sender = batch.sender(i) if i < n else None
+                        if sender != client:
+                            flow = flows.get(client)
+                            if flow is None:
+                                flow = await self._new_flow(client, batch.destination(start))
+                            else:
+                                flows.move_to_end(client)
+                            if flow is not None:
+                                flow.last = trio.current_time()
+                                flow.send(batch, start, i)
+                            start, client = i, sender
+                except Exception as exc:  # a bug: these datagrams are lost, not the port
+                    _log.limited("udp-port", f"UDP port {self.port}: datagrams dropped: "
+                                             f"{type(exc).__name__}: {exc}")
 
     def _ask_destinations(self) -> bool:
         """On a wildcard address, have the socket tell each datagram's destination, so
@@ -99,22 +111,37 @@ class UdpPort:
         from ...linux._mmsg import address
 
         client = address(sockaddr)
-        if len(self.flows) >= MAX_FLOWS:
-            _log.debug(f"UDP {self.child}: {MAX_FLOWS} flows: dropping {client[:2]}")
-            return None
         flow = await self._open(client)
-        if flow is not None:
+        if flow is None:
+            return None
+        try:
+            if len(self.flows) >= MAX_FLOWS:
+                self._evict()
             flow.key = sockaddr
             flow.source = _source(self.host_sock.family, destination)
-            self.flows[sockaddr] = flow
-            self.nursery.start_soon(self._answers, flow)
+            self.nursery.start_soon(self._answers, flow)  # from now on, it closes the socket
+        except BaseException:
+            flow.sock.close()
+            raise
+        self.flows[sockaddr] = flow
         return flow
+
+    def _evict(self) -> None:
+        """End the least recently used flow (its task closes its socket)."""
+        _, flow = self.flows.popitem(last=False)
+        flow.scope.cancel()
+        _log.limited("udp-evict", f"UDP port {self.port}: {MAX_FLOWS} clients: the least "
+                                  f"recently active ones make room for new ones",
+                     level="info")
 
     async def _open(self, client: tuple):
         try:
             sock = await self.factory.socket(self.family, socket.SOCK_DGRAM)
-        except OSError as exc:
-            _log.debug(f"UDP {self.child}: no socket from the child: {exc}")
+        except FactoryGone:
+            return None  # the child is gone
+        except OSError as exc:  # out of fds, most likely: the next datagram may do
+            _log.limited("udp-socket", f"UDP port {self.port}: a client's datagrams are "
+                                       f"dropped: {exc.strerror}")
             return None
         try:
             ip = _transparent.client_address(client, self.family) if self.transparent else None
@@ -129,39 +156,52 @@ class UdpPort:
         return _Flow(client, sock)
 
     async def _answers(self, flow: "_Flow") -> None:
+        """The flow's task: passes the child's answers on, until the flow is idle or
+        evicted. Contained: whatever it raises ends this flow alone."""
+        host, flows = self.host_sock, self.flows
+        try:
+            with flow.scope:
+                await self._pass_answers(flow, host, flows)
+        except Exception as exc:
+            _log.limited("udp-flow", f"UDP port {self.port}: the flow of {flow.client[0]} "
+                                     f"failed: {type(exc).__name__}: {exc}")
+        finally:
+            if flows.get(flow.key) is flow:
+                del flows[flow.key]
+            flow.sock.close()
+
+    async def _pass_answers(self, flow: "_Flow", host, flows) -> None:
         import trio
 
-        host, sock = self.host_sock, flow.sock
-        try:
-            while True:
-                with trio.move_on_at(flow.last + self.idle) as waited:
-                    await trio.lowlevel.wait_readable(sock)
-                if waited.cancelled_caught:
-                    if trio.current_time() >= flow.last + self.idle:
-                        return
-                    continue
-                flow.last = trio.current_time()
-                for _ in range(_BURST):
-                    try:
-                        data = sock.recv(_MAX_DATAGRAM)
-                    except BlockingIOError:
-                        break
-                    except OSError as exc:
-                        if exc.errno in _TRANSIENT:
-                            continue
-                        _log.debug(f"UDP flow of {flow.client[:2]}: {exc.strerror}")
-                        return
-                    try:
-                        if flow.source:
-                            host.sendmsg([data], flow.source, 0, flow.client)
-                        else:
-                            host.sendto(data, flow.client)
-                    except OSError as exc:  # a full buffer drops it, as a network would
-                        if exc.errno != errno.EAGAIN:
-                            _log.debug(f"UDP answer to {flow.client[:2]}: {exc.strerror}")
-        finally:
-            del self.flows[flow.key]
-            sock.close()
+        sock = flow.sock
+        while True:
+            with trio.move_on_at(flow.last + self.idle) as waited:
+                await trio.lowlevel.wait_readable(sock)
+            if waited.cancelled_caught:
+                if trio.current_time() >= flow.last + self.idle:
+                    return
+                continue
+            flow.last = trio.current_time()
+            if flows.get(flow.key) is flow:  # not evicted meanwhile
+                flows.move_to_end(flow.key)
+            for _ in range(_BURST):
+                try:
+                    data = sock.recv(_MAX_DATAGRAM)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno in _TRANSIENT:
+                        continue
+                    _log.debug(f"UDP flow of {flow.client[:2]}: {exc.strerror}")
+                    return
+                try:
+                    if flow.source:
+                        host.sendmsg([data], flow.source, 0, flow.client)
+                    else:
+                        host.sendto(data, flow.client)
+                except OSError as exc:  # a full buffer drops it, as a network would
+                    if exc.errno != errno.EAGAIN:
+                        _log.debug(f"UDP answer to {flow.client[:2]}: {exc.strerror}")
 
 
 class _Flow:
@@ -172,6 +212,7 @@ class _Flow:
         self.key = b""
         self.source = []  # ancillary data for sendmsg: answers from where the client sent
         self.last = trio.current_time()
+        self.scope = trio.CancelScope()  # cancelled: the flow is evicted
 
     def send(self, batch, start: int, end: int) -> None:
         """Pass on datagrams start..end-1 of `batch`; those the child's socket does not
