@@ -320,6 +320,35 @@ def test_out_of_fds_refuses_new_connections_and_recovers(user, instance):
     assert "Traceback" not in err, err
 
 
+def echo_through(s: socket.socket, payload: bytes) -> bytes:
+    """Send `payload` on `s` (from a thread: it may be bigger than the buffers between
+    us and the echo) and read as much back."""
+    sender = threading.Thread(target=s.sendall, args=(payload,))
+    sender.start()
+    try:
+        return recv_exactly(s, len(payload))
+    finally:
+        sender.join()
+
+
+def test_a_bulk_transfer_goes_on_without_a_free_fd(user, instance):
+    """Not one fd left: a connection already open still moves 32 MiB, through the
+    pipes kept idle from before, its bulk bursts staying on trio's thread (a worker
+    thread needs an eventfd), or through a buffer. Once, os.eventfd's EMFILE (or
+    os.pipe2's) ended the run."""
+    port = free_port()
+    inst = instance(f"127.0.0.1:{port}:{ECHO}/tcp")
+    wait_echo(port)
+    with connect(port, timeout=20) as s:
+        payload = os.urandom(1 << 20)
+        assert echo_through(s, payload) == payload  # leaves pipes in the pool
+        fds = {int(fd) for fd in os.listdir(f"/proc/{inst.pid}/fd")}
+        set_soft_nofile(user, inst.pid, min(set(range(len(fds) + 1)) - fds))
+        payload = os.urandom(32 << 20)
+        assert echo_through(s, payload) == payload
+    assert inst.proc.poll() is None
+
+
 def test_a_truncated_fd_batch_fails_one_connection_not_the_port(user, instance):
     """The socket factory's batch of 64 fds arrives truncated (MSG_CTRUNC: the
     supervisor is out of fds). The client waiting for it is answered (served with the
