@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import free_port, wait_for_api, write_user_files
-from test_ports import api, connect, exchange, fd_count, recv_exactly, until
+from test_ports import api, connect, exchange, fd_count, recv_exactly, until, wait_echo
 from test_ports_reliability import many_fds, nofile_limits, pipe_fds  # noqa: F401
 
 ECHO = 9000    # on 127.0.0.1 and [::1]: echoes (a thread per connection, blocking sendall)
@@ -151,16 +151,6 @@ def instance(user, rootless_run, state_dir, spawned, user_tmp):
         sock = wait_for_api(proc, state_dir)
         return SimpleNamespace(proc=proc, pid=proc.pid, sock=sock, tmp=user_tmp)
     return start
-
-
-def echo_ok(port: int, payload: bytes = b"ping", timeout: float = 5) -> bool:
-    with connect(port, timeout=timeout) as s:
-        s.sendall(payload)
-        return recv_exactly(s, len(payload)) == payload
-
-
-def wait_echo(port: int) -> None:
-    until(f"echo through port {port}", lambda: echo_ok(port, timeout=2), timeout=10)
 
 
 def stop(inst) -> str:
@@ -310,7 +300,7 @@ def test_out_of_fds_refuses_new_connections_and_recovers(user, instance):
         for s in new:
             s.close()
         new.clear()
-        until("the port serving again", lambda: echo_ok(port), timeout=10)
+        wait_echo(port)  # serving again
     finally:
         for s in old + new:
             s.close()
@@ -442,7 +432,7 @@ def test_idle_pipes_are_closed_after_a_while(instance):
     assert results == payloads
     assert pipe_fds(inst.pid) > before, "no pipe kept for reuse after the burst"
     until("the idle pipes closed", lambda: pipe_fds(inst.pid) == before, timeout=20)
-    assert echo_ok(port)
+    assert exchange(port, b"ping") == b"ping"
 
 
 # -- item 8: a full UDP flow table --------------------------------------------------------
@@ -665,7 +655,7 @@ def test_a_fault_in_one_connection_or_flow_ends_only_that_one(user, instance, us
             assert answer_or_close(s, b"ping", 5) == "closed"
         assert udp_answer("127.0.0.67") is None  # its flow ended on the answer
         assert udp_answer("127.0.0.68") is None  # no flow could be opened
-        assert echo_ok(tcp)
+        assert exchange(tcp, b"ping") == b"ping"
         assert udp_answer("127.0.0.1").startswith(b"hi from 127.0.0.1 ")
     assert inst.proc.poll() is None
     err = stop(inst)
