@@ -41,7 +41,7 @@ def preflight(config, subids, net_was_auto: bool) -> None:
     if not subids.uids or not subids.gids:
         from .subid import add_command, current_user
 
-        problems.append(f"subordinate ids (images hold files of many owners): "
+        problems.append("subordinate ids (images hold files of many owners): "
                         + add_command(current_user(), uids=not subids.uids,
                                       gids=not subids.gids))
     if config.net == "host":

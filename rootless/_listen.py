@@ -1,4 +1,6 @@
-"""The listen backlog of sockets that face clients: api.sock and published ports."""
+"""Listening sockets that face clients (api.sock and published ports): their listen
+backlog, and the fd their accept loops keep in reserve for when fds run out."""
+import os
 
 
 def backlog() -> int:
@@ -12,3 +14,43 @@ def backlog() -> int:
             return max(int(f.read()), 1)
     except (OSError, ValueError):
         return socket.SOMAXCONN
+
+
+class SpareFd:
+    """One fd held in reserve for the accept loops (the API's and the ports'). Out of
+    fds, accept() cannot take a client, which would then wait in the backlog for as
+    long as the pressure lasts: the spare is given up for a moment to take the client
+    and answer or reset it (release), then taken back (restore)."""
+
+    def __init__(self):
+        self._fd: int | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        if self._fd is None:
+            try:
+                self._fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                pass  # out of fds already: tried again at the next release
+
+    def release(self) -> bool:
+        """Free the spare fd; False if there was none to free (restore() is then tried,
+        for next time: fds may have been freed meanwhile)."""
+        if self._fd is None:
+            self.restore()
+            return False
+        os.close(self._fd)
+        self._fd = None
+        return True
+
+
+_spare: list[SpareFd] = []
+
+
+def spare_fd() -> SpareFd:
+    """The process's spare fd, taken at the first call (by the first accept loop).
+    One serves every loop: all run on trio's thread, and each gives it back before
+    it waits again."""
+    if not _spare:
+        _spare.append(SpareFd())
+    return _spare[0]

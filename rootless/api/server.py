@@ -10,7 +10,6 @@ the server: `serve` then raises ListenerFailed, and the run ends.
 The host part of the URL is ignored, as rootlesskit does."""
 import errno
 import logging
-import os
 import select
 import socket
 from http import HTTPStatus
@@ -19,6 +18,7 @@ import h11
 import trio
 
 from .. import _log
+from .._listen import SpareFd, spare_fd
 from ..errors import RootlessError
 from .router import CAPACITY_ERRNOS, Router, clip, error
 
@@ -73,20 +73,17 @@ async def serve(sock: socket.socket, router: Router, *,
     it). Returns only by cancellation; raises ListenerFailed if the listener fails
     other than for want of resources."""
     sock.setblocking(False)
-    spare = _SpareFd()
-    try:
-        async with trio.open_nursery() as nursery:
-            task_status.started()
-            while True:
-                conn = await _accept(sock, spare)
-                if conn is not None:
-                    stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-                    nursery.start_soon(_connection, stream, router)
-    finally:
-        spare.close()
+    spare = spare_fd()
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            conn = await _accept(sock, spare)
+            if conn is not None:
+                stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+                nursery.start_soon(_connection, stream, router)
 
 
-async def _accept(sock: socket.socket, spare: "_SpareFd") -> socket.socket | None:
+async def _accept(sock: socket.socket, spare: SpareFd) -> socket.socket | None:
     """The next client, or None if there was none to serve after all."""
     await trio.lowlevel.wait_readable(sock)
     try:
@@ -118,40 +115,7 @@ def _failed(sock: socket.socket, why: str) -> str:
     return f"the API listener on {where} failed: {why}"
 
 
-class _SpareFd:
-    """One fd held in reserve. Out of fds, accept() cannot take a client, which would
-    wait unanswered in the backlog for as long as the pressure lasts: the spare is
-    given up to take it and answer 503, then taken back."""
-
-    def __init__(self):
-        self.fd = self._open()
-
-    @staticmethod
-    def _open() -> int | None:
-        try:
-            return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-
-    def release(self) -> bool:
-        if self.fd is None:
-            self.fd = self._open()  # maybe fds were freed meanwhile: try next time
-            return False
-        os.close(self.fd)
-        self.fd = None
-        return True
-
-    def restore(self) -> None:
-        if self.fd is None:
-            self.fd = self._open()
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-async def _refuse_one(sock: socket.socket, spare: _SpareFd, exc: OSError) -> None:
+async def _refuse_one(sock: socket.socket, spare: SpareFd, exc: OSError) -> None:
     """accept() failed for want of resources: answer one waiting client 503 with the
     spare fd, or, without one, wait a little before accepting again."""
     out_of_fds = exc.errno in (errno.EMFILE, errno.ENFILE)

@@ -8,7 +8,7 @@ import os
 from functools import partial
 
 from ... import _log
-from ..._listen import backlog
+from ..._listen import backlog, spare_fd
 from . import _relay, _socket_factory, _transparent
 from ._udp import UdpPort
 from .base import PortDriver
@@ -133,7 +133,7 @@ class BuiltinPortDriver(PortDriver):
     async def _accept_loop(self, sock, spec) -> None:
         import trio
 
-        _keep_reserve()
+        spare_fd()  # taken now, while fds are plenty
         async with trio.open_nursery() as conns:
             while True:
                 try:
@@ -198,9 +198,6 @@ _CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.E
                           errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
                           errno.ECONNRESET, errno.ETIMEDOUT})
 _PAUSE = 0.1  # s: accepting pauses this long when the process is out of fds or memory
-# An fd held in reserve: out of fds, it is given up for a moment to close what waits
-# in a backlog (`_refuse_waiting`).
-_reserve: int | None = None
 
 
 async def _accept_failed(listener, port: int, exc: OSError) -> None:
@@ -222,25 +219,14 @@ async def _accept_failed(listener, port: int, exc: OSError) -> None:
     await trio.sleep(_PAUSE)
 
 
-def _keep_reserve() -> None:
-    global _reserve
-    if _reserve is None:
-        try:
-            _reserve = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            pass  # out of fds already: the next accept loop or refusal tries again
-
-
 def _refuse_waiting(listener) -> None:
     """Reset the connections waiting in `listener`'s backlog (there may be none:
     accept() says EMFILE before it looks), through the fd held in reserve."""
     import socket
 
-    global _reserve
-    if _reserve is None:
+    spare = spare_fd()
+    if not spare.release():
         return
-    os.close(_reserve)
-    _reserve = None
     waiting = None
     try:
         waiting = socket.socket(fileno=listener.fileno())  # trio's, borrowed: not closed
@@ -253,7 +239,7 @@ def _refuse_waiting(listener) -> None:
     finally:
         if waiting is not None:
             waiting.detach()
-        _keep_reserve()
+        spare.restore()
 
 
 def _first(failure: BaseException) -> str:
