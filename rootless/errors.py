@@ -76,3 +76,7 @@ class ChildSetupError(RootlessError):
 
 class DriverError(RootlessError):
     """A network or port driver cannot start or has failed."""
+
+
+class StateDirMissing(StateDirError):
+    """The state dir (or a dir on its way) does not exist, and was not to be created."""

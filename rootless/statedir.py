@@ -6,14 +6,9 @@ it, so the next start on the same dir clears what the dead run left and goes on.
 Other users must not be able to steer what a run writes or removes, even where
 fs.protected_symlinks is 0 (a symlink planted at a predictable path in /tmp would
 otherwise lead our run into a dir of the planter's choosing). So the dir is reached
-by a walk from / that looks names up one at a time, each relative to the dir before
-it, with O_NOFOLLOW (`_walk`):
-- a symlink on the way is followed only when root or the user owns it (the rule
-  protected_symlinks applies in sticky dirs, here applied everywhere);
-- names are looked up only in dirs that nobody but root and the user can change:
-  owned by one of them, and not writable by group or others unless sticky (in a
-  sticky dir such as /tmp others may add entries, but not rename or remove ours, and
-  what they add is refused by the owner checks).
+by a walk from / that follows only root's and the user's symlinks, through dirs only
+they can change (`_safewalk`).
+
 The state dir itself must be the user's. One writable by others is refused (files may
 have been planted in it, which a chmod would not remove); one only readable or
 searchable by others (rootlesskit creates its dirs 0755) is made 0700 on its fd: no
@@ -31,7 +26,8 @@ import os
 import stat
 
 from . import _log
-from .errors import StateDirError, StateDirLocked
+from ._safewalk import PATH_FLAGS, check_changeable, describe, walk
+from .errors import StateDirError, StateDirLocked, StateDirMissing
 
 # The namespaces the instance created, as `KIND DEV INO` lines, written once the
 # command runs (see enter.py): joiners wait for it and check child_pid against it.
@@ -47,18 +43,12 @@ _SUN_PATH = 107  # bytes of a socket's path (108 with the NUL some binders add)
 RUN_FILES = (NAMESPACES, "child_pid", *SOCKETS, "resolv.conf", "hosts", "netns", "pasta.pid",
              f".{NAMESPACES}.tmp", ".child_pid.tmp")
 
-_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_MAX_LINKS = 40  # as the kernel's path walk
 _READ_LIMIT = 4096  # bytes: what child_pid or namespaces can hold
 
 # The temp state dirs this process has open: removed at exit, so no message should
 # name a file in them (see removed_at_exit).
 _temporary: set[str] = set()
-
-
-class StateDirMissing(StateDirError):
-    """The state dir (or a dir on its way) does not exist, and was not to be created."""
 
 
 class StateDir:
@@ -159,7 +149,7 @@ class StateDir:
                 self.clear()
         except Exception as exc:  # noqa: BLE001 - reported: the run is over either way
             what = "the temp state dir" if self.temporary else "the run's files from"
-            why = exc if isinstance(exc, StateDirError) else _describe(exc)
+            why = exc if isinstance(exc, StateDirError) else describe(exc)
             _log.warning(f"cannot remove {what} {self.path}: {why}")
         finally:
             _temporary.discard(self.path)
@@ -252,7 +242,7 @@ def _open_parent(path: str) -> tuple[int, str, str]:
         _check_text(real, f"state dir {_shown(real)}", fix)
         _check_socket_room(real, f"state dir {real}", "pass a shorter --state-dir")
 
-    return _walk(os.path.abspath(path), create=True, check=check)
+    return walk(os.path.abspath(path), create=True, check=check)
 
 
 def _make_temp_dir() -> tuple[int, str, str]:
@@ -261,17 +251,17 @@ def _make_temp_dir() -> tuple[int, str, str]:
     _check_text(base, f"TMPDIR={_shown(base)}", fix)
     what = f"the temp state dir in TMPDIR={base}"
     try:
-        parent_fd, name, real = _walk(os.path.abspath(base), create=False, what=what)
+        parent_fd, name, real = walk(os.path.abspath(base), create=False, what=what)
     except StateDirMissing:
         raise StateDirError(f"TMPDIR={base} does not exist: set TMPDIR to an existing dir, or "
                             f"pass --state-dir") from None
     try:
-        fd = os.open(name, _PATH_FLAGS, dir_fd=parent_fd)
+        fd = os.open(name, PATH_FLAGS, dir_fd=parent_fd)
     finally:
         os.close(parent_fd)
     try:
         _check_text(real, f"TMPDIR={_shown(real)}", fix)
-        _check_changeable(os.fstat(fd), real, what)
+        check_changeable(os.fstat(fd), real, what)
         _check_socket_room(real, f"TMPDIR={real}", "set TMPDIR to a shorter dir, or pass "
                            "a short --state-dir", below="/rootless-" + "0" * 12)
         # Not tempfile.mkdtemp: its import (shutil, random) costs more than this loop.
@@ -291,159 +281,12 @@ def _make_temp_dir() -> tuple[int, str, str]:
         raise
 
 
-def _walk(path: str, create: bool, what: str = "", check=None) -> tuple[int, str, str]:
-    """Find the dir at absolute `path` as the module's docstring says: returns an O_PATH
-    fd of the dir that holds it, its name there and its real path. With `create`,
-    missing dirs are made (0700); without, StateDirMissing. `check(real path)` may
-    refuse the result: it is called before any dir is made, and at the end."""
-    what = what or f"state dir {path}"
-    pending = [part for part in reversed(path.split("/")) if part]
-    stack = [(os.open("/", _PATH_FLAGS), "")]  # (fd, name) of each dir from / down
-    links = 0
-    try:
-        while pending:
-            name = pending.pop()
-            if name == ".":
-                continue
-            if name == "..":
-                if len(stack) > 1:
-                    os.close(stack.pop()[0])
-                continue
-            fd = stack[-1][0]
-            st = _lookup(fd, name, what, _real(stack))
-            if st is None:
-                if not create:
-                    raise StateDirMissing(f"{what} does not exist "
-                                          f"({_in(_real(stack), name)} is missing)")
-                if check:  # what will be made from here on: nothing yet if refused
-                    check(os.path.normpath(_in(_real(stack), "/".join([name, *pending[::-1]]))))
-                st = _make(fd, name, what, _real(stack))
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                where = "" if not pending else f" (on the way to {what})"
-                target = _follow(fd, name, st, links, _in(_real(stack), name) + where)
-                if target.startswith("/"):
-                    for old, _ in stack[1:]:
-                        os.close(old)
-                    del stack[1:]
-                pending += [part for part in reversed(target.split("/")) if part]
-            elif stat.S_ISDIR(st.st_mode):
-                stack.append((os.open(name, _PATH_FLAGS, dir_fd=fd), name))
-            else:
-                raise StateDirError(f"{what} is not a directory ({_in(_real(stack), name)} "
-                                    f"is not): pass --state-dir a directory")
-        if len(stack) < 2:
-            raise StateDirError(f"{what} is /: pass --state-dir a dir of your own")
-        real = _real(stack)
-        if check:
-            check(real)
-        os.close(stack.pop()[0])
-        parent_fd, name = stack.pop()[0], os.path.basename(real)
-        return parent_fd, name, real
-    except OSError as exc:  # what _lookup does not expect: one line all the same
-        raise StateDirError(f"cannot reach {what}: {_describe(exc)}") from None
-    finally:
-        for fd, _ in stack:
-            os.close(fd)
-
-
-def _real(stack: list[tuple[int, str]]) -> str:
-    return "/" + "/".join(name for _, name in stack[1:])
-
-
-def _in(where: str, name: str) -> str:
-    return where.rstrip("/") + "/" + name
-
-
-def _lookup(fd: int, name: str, what: str, where: str) -> os.stat_result | None:
-    """lstat of `name` in the dir `fd` (at `where`), None if missing, once that dir is
-    known to be one only root and the user can change."""
-    try:
-        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-    except FileNotFoundError:
-        st = None
-    except PermissionError:
-        raise StateDirError(f"cannot reach {what} (permission denied in {where}): it is "
-                            f"another user's, or a dir on its way is closed to you") from None
-    _check_changeable(os.fstat(fd), where, what)
-    return st
-
-
-def _make(fd: int, name: str, what: str, where: str) -> os.stat_result:
-    try:
-        os.mkdir(name, 0o700, dir_fd=fd)
-    except FileExistsError:
-        pass  # made meanwhile: checked as anything found
-    except OSError as exc:
-        raise StateDirError(f"cannot create {what}: {exc.strerror} (at {_in(where, name)}); "
-                            f"pass --state-dir a dir you can write (e.g. under "
-                            f"$XDG_RUNTIME_DIR)") from None
-    return os.stat(name, dir_fd=fd, follow_symlinks=False)
-
-
-def _check_changeable(st: os.stat_result, where: str, what: str) -> None:
-    """The dir at `where` must be one nobody but root and the user can change."""
-    fix = ("pass --state-dir a dir of your own, below dirs only you or root can change "
-           "(e.g. under $XDG_RUNTIME_DIR)")
-    if not _trusted(st.st_uid):
-        raise StateDirError(f"{where} (on the way to {what}) belongs to uid {st.st_uid}, "
-                            f"neither you nor root: its owner could swap what lies below "
-                            f"it; {fix}")
-    mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o022 and not mode & stat.S_ISVTX:
-        raise StateDirError(f"{where} (on the way to {what}) is writable by other users "
-                            f"(mode {mode:04o}, not sticky): they could swap what lies "
-                            f"below it; {fix}")
-
-
-def _follow(fd: int, name: str, st: os.stat_result, links: int, link: str) -> str:
-    """The target of the symlink `name` (described as `link`), if we may follow it.
-    One of an id unmapped here (see _trusted) not in a sticky world-writable dir, where
-    anyone outside could have planted it (the kernel's protected_symlinks rule)."""
-    mode = os.fstat(fd).st_mode
-    planted_maybe = mode & stat.S_ISVTX and mode & 0o002 and st.st_uid == _unmapped_uid()
-    if not _trusted(st.st_uid) or planted_maybe:
-        raise StateDirError(f"{link} is a symlink of uid {st.st_uid}, another user's: not "
-                            f"followed (anyone may plant one where others can write); pass "
-                            f"--state-dir a dir of your own")
-    if links > _MAX_LINKS:
-        raise StateDirError(f"{link}: too many levels of symbolic links")
-    return os.readlink(name, dir_fd=fd)
-
-
-def _trusted(uid: int) -> bool:
-    """Root, the user, or, when we run in a user namespace (rootless-run inside an
-    instance), an id not mapped in it: the kernel shows the owner of such files as the
-    overflow id (nobody), whoever it is; root's dirs (/, /tmp) look so. A weaker
-    guarantee there: a dir of another user outside the namespace looks the same."""
-    return uid in (0, os.geteuid()) or uid == _unmapped_uid()
-
-
-_overflow: list[int] = []
-
-
-def _unmapped_uid() -> int:
-    """The id unmapped owners show as, in a user namespace other than the first; -1 in
-    the first (there it is a real user's, nobody's)."""
-    if not _overflow:
-        _overflow.append(-1)
-        try:
-            with open("/proc/self/uid_map") as f:
-                initial = f.read().split() == ["0", "0", "4294967295"]
-            if not initial:
-                with open("/proc/sys/kernel/overflowuid") as f:
-                    _overflow[0] = int(f.read())
-        except (OSError, ValueError):
-            pass
-    return _overflow[0]
-
-
 def _open_own_dir(parent_fd: int, name: str, real: str) -> int:
     """The state dir's fd, once it is known to be the user's and closed to others."""
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     except OSError as exc:
-        raise StateDirError(f"cannot open state dir {real}: {_describe(exc)}") from None
+        raise StateDirError(f"cannot open state dir {real}: {describe(exc)}") from None
     try:
         st = os.fstat(fd)
         if st.st_uid != os.geteuid():
@@ -470,11 +313,11 @@ def open_existing(path: str) -> tuple[int, str]:
     """For joiners (`rootless-ctl enter`, `--reuse`): the fd and real path of the
     user's existing state dir at `path`, reached as StateDir.open does. Raises
     StateDirMissing, or StateDirError naming what is wrong."""
-    parent_fd, name, real = _walk(os.path.abspath(path), create=False)
+    parent_fd, name, real = walk(os.path.abspath(path), create=False)
     try:
         fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
     except OSError as exc:
-        raise StateDirError(f"cannot open state dir {real}: {_describe(exc)}") from None
+        raise StateDirError(f"cannot open state dir {real}: {describe(exc)}") from None
     finally:
         os.close(parent_fd)
     st = os.fstat(fd)
@@ -558,13 +401,7 @@ def write_failure(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return (f"{exc.strerror}: free space on its file system, or pass --state-dir a dir "
                 f"on another one")
-    return _describe(exc)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror + (f" ({exc.filename})" if exc.filename else "")
-    return f"{type(exc).__name__}: {exc}"
+    return describe(exc)
 
 
 def _remove_entries(dir_fd: int) -> None:
