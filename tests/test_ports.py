@@ -467,7 +467,7 @@ def test_api_add_list_remove(user, instance):
 
 def test_p_port_taken_on_the_host(user, rootless_run, state_dir):
     """A -p port that cannot be bound ends the run with one line naming the spec as
-    given; the command is stopped."""
+    given and the fix; the command is stopped."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -477,8 +477,8 @@ def test_p_port_taken_on_the_host(user, rootless_run, state_dir):
                       "--", "sleep", "20"], timeout=15)
     assert r.returncode == 1
     assert r.stderr.splitlines() == [f"rootless-run: error: -p 127.0.0.1:{port}:{HTTP}/tcp: "
-                                     f"cannot listen on 127.0.0.1:{port}: Address already "
-                                     f"in use"], r.stderr
+                                     f"127.0.0.1:{port}/tcp is in use on the host: pick "
+                                     f"another parent port, or 0 for a free one"], r.stderr
 
 
 def test_api_port_taken_on_the_host(user, instance):

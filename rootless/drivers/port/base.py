@@ -6,11 +6,37 @@ closer) and may run tasks in `serve()`. It runs in the parent's service thread, 
 trio. Child side: `start_child()`, in the child's namespaces before the command.
 Drivers never import trio at module level: the child imports them too.
 """
+import errno
+
 from ...config import Config
 
 # Families of the protos: a conflict is the same family, parent IP and port.
 FAMILY = {"tcp": "tcp", "tcp4": "tcp", "tcp6": "tcp", "udp": "udp", "udp4": "udp",
           "udp6": "udp", "sctp": "sctp", "sctp4": "sctp", "sctp6": "sctp"}
+
+
+def bind_failure(exc: OSError, proto: str, ip: str, port: int) -> tuple[int, str]:
+    """Why the host's `ip`:`port` cannot be bound, and the fix: (the API's HTTP
+    status, the message). Every driver that binds on the host says it the same way."""
+    where = f"{f'[{ip}]' if ':' in ip else ip}:{port}/{proto}"
+    if exc.errno == errno.EADDRINUSE:
+        return 409, (f"{where} is in use on the host: pick another parent port, or 0 for "
+                     f"a free one")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return 400, (f"{ip} is not an address of this host: use 127.0.0.1, 0.0.0.0 or "
+                     f"one of the host's addresses")
+    if exc.errno == errno.EACCES:
+        return 400, (f"port {port} is privileged on this host: use a port from "
+                     f"{unprivileged_port_start()} up (net.ipv4.ip_unprivileged_port_start)")
+    return 400, f"cannot listen on {where}: {exc.strerror}"
+
+
+def unprivileged_port_start() -> str:
+    try:
+        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+            return f.read().strip()
+    except OSError:
+        return "1024"
 
 
 class PortDriver:

@@ -11,7 +11,7 @@ from ... import _log
 from ..._listen import backlog, spare_fd
 from . import _relay, _socket_factory, _transparent
 from ._udp import UdpPort
-from .base import PortDriver
+from .base import PortDriver, bind_failure
 
 
 class BuiltinPortDriver(PortDriver):
@@ -39,14 +39,14 @@ class BuiltinPortDriver(PortDriver):
 
     def listen_early(self) -> list[int]:
         """The -p ports listen from the start; the relays load at their first client."""
-        from ...errors import DriverError
+        from ...errors import PortSpecError
 
         for text, spec in zip(self.config.publish, self.initial):
             try:
                 self._early[_spec_key(spec)] = _bind(spec)
             except OSError as exc:  # those bound so far: close_early(), as always
-                raise DriverError(f"-p {text}: cannot listen on "
-                                  f"{spec.parentIP}:{spec.parentPort}: {exc.strerror}") from None
+                raise PortSpecError(f"-p {text}: " + bind_failure(
+                    exc, spec.proto, spec.parentIP or "0.0.0.0", spec.parentPort)[1]) from None
         return [sock.fileno() for sock in self._early.values()]
 
     def close_early(self) -> None:
@@ -82,8 +82,8 @@ class BuiltinPortDriver(PortDriver):
             try:
                 sock = _bind(spec)
             except OSError as exc:
-                raise ApiFailure(409, f"cannot listen on {spec.parentIP}:{spec.parentPort}: "
-                                 f"{exc.strerror}") from None
+                raise ApiFailure(*bind_failure(exc, spec.proto, spec.parentIP or "0.0.0.0",
+                                               spec.parentPort)) from None
         if spec.parentPort == 0:
             spec = msgspec.structs.replace(spec, parentPort=sock.getsockname()[1])
         if udp:

@@ -16,7 +16,7 @@ import errno
 import os
 
 from ... import _log
-from .base import FAMILY, PortDriver
+from .base import FAMILY, PortDriver, bind_failure
 
 _TIMEOUT = 5.0   # seconds for one request: slirp4netns answers at once, or is stuck
 _MAX_REPLY = 64 * 1024
@@ -163,15 +163,7 @@ class Slirp4netnsPortDriver(PortDriver):
                     return 409, (f"{where} overlaps port {status.id} "
                                  f"({other.parentIP or '0.0.0.0'}:{port}/{other.proto}): "
                                  f"remove it first, or pick another parent port")
-            return 409, (f"{where} is in use on the host: pick another parent port, or 0 "
-                         f"for a free one")
-        if exc.errno == errno.EADDRNOTAVAIL:
-            return 400, (f"{ip} is not an address of this host: use 127.0.0.1, 0.0.0.0 or "
-                         f"one of the host's addresses")
-        if exc.errno == errno.EACCES:
-            return 400, (f"port {port} is privileged on this host: use a port from "
-                         f"{_unprivileged_start()} up (net.ipv4.ip_unprivileged_port_start)")
-        return 400, f"cannot listen on {where}: {exc.strerror}"
+        return bind_failure(exc, proto, ip, port)
 
     async def _call(self, execute: str, arguments: dict) -> dict:
         """One request to slirp4netns' API, on a connection of its own."""
@@ -231,11 +223,3 @@ def _text(spec) -> str:
     from ...portspec import format
 
     return format(spec)
-
-
-def _unprivileged_start() -> str:
-    try:
-        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
-            return f.read().strip()
-    except OSError:
-        return "1024"
