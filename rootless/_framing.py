@@ -7,10 +7,10 @@ msgspec (9-11 ms here: half of rootlesskit's whole start-up) unless something fa
 tests/test_messages.py checks both against msgspec's own encoding.
 """
 import os
-import select
 import struct
 import time
 
+from ._process import readable
 from .errors import ProtocolError
 
 MAX_FRAME = 1 << 20  # a handshake message is tiny: anything near this is garbage
@@ -127,7 +127,7 @@ class Channel:
         while not self._queue:
             if deadline is not None:
                 left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.rfd], [], [], left)[0]:
+                if left <= 0 or not readable(self.rfd, left):
                     raise TimeoutError
             data = os.read(self.rfd, 65536)
             if not data:

@@ -1,6 +1,7 @@
 """Signal forwarding, waiting and the command's environment, shared by the parent, the
 child, the pid-ns shim and `rootless-ctl enter`."""
 import os
+import select
 # The C module: the same functions and numbers as signal.py, without its enum wrappers
 # (IntEnum for every signal and handler). Importing enum costs 1.5-2 ms, on the way to
 # every command; the modules on that path import _signal under this name too.
@@ -22,6 +23,15 @@ def exit_code(status: int) -> int:
     """The shell's convention: the exit status, or 128+N for death by signal N."""
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
+
+
+def readable(fd: int, timeout: float | None) -> bool:
+    """Whether `fd` becomes readable (or hung up) within `timeout` seconds (None: no
+    limit). poll(2), not select(2): select cannot watch an fd above 1023, and a
+    supervisor serving hundreds of connections has those."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else timeout * 1000))
 
 
 def forward_signals(pid: int) -> None:

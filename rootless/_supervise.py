@@ -8,7 +8,7 @@ import select
 import _signal as signal  # the C module: see _process.py
 
 from . import _log
-from ._process import exit_code
+from ._process import exit_code, readable
 
 # How long the command gets to stop on SIGTERM after its network has gone.
 STOP_GRACE = 10.0
@@ -51,7 +51,7 @@ def _stop_child(pid: int) -> None:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 break
-            if select.select([fd], [], [], grace)[0]:
+            if readable(fd, grace):
                 break
         os.waitpid(pid, 0)
     finally:

@@ -6,11 +6,10 @@ started and waited for with plain system calls, and the parent then polls the
 child's and the helpers' pidfds (see _supervise).
 """
 import os
-import select
 import _signal as signal  # the C module: see _process.py
 
 from . import _log
-from ._process import exit_code, forward_signals, wait_for
+from ._process import exit_code, forward_signals, readable, wait_for
 from ._supervise import supervise
 from .config import Config
 from .drivers import network, port
@@ -124,7 +123,7 @@ def run(config: Config) -> int:
             try:
                 if notifier:
                     services.started.wait(_CHILD_TIMEOUT)  # ports listen before READY=1
-                    if not select.select([services.failed_r], [], [], 0)[0]:
+                    if not readable(services.failed_r, 0):
                         notifier.ready(f"running {config.command[0]}")
                 child.status = supervise(child.pid, net.helpers(), services.failed_r)
             finally:

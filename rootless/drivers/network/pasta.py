@@ -6,6 +6,7 @@ with 0 is the readiness signal; the daemon's pid comes from its pid file.
 import os
 import _signal as signal  # the C module: see _process.py
 
+from ..._process import readable
 from ...errors import DriverError
 from ._helper import Helper, Watchdog, capture_output, helper_failed, spawn
 from .base import HelperDriver
@@ -82,11 +83,9 @@ class PastaDriver(HelperDriver):
 
 def _wait_with_timeout(pid: int, timeout: float) -> int | None:
     """waitpid with a deadline, through a pidfd."""
-    import select
-
     fd = os.pidfd_open(pid)
     try:
-        if not select.select([fd], [], [], timeout)[0]:
+        if not readable(fd, timeout):
             return None
     finally:
         os.close(fd)

@@ -1,9 +1,9 @@
 """slirp4netns: user-mode TCP/IP for the child's netns, as rootlesskit drives it."""
 import os
-import select
 import _signal as signal  # the C module: see _process.py
 
 from ..._paths import which
+from ..._process import readable
 from ...errors import UsageError
 from ._helper import Helper, capture_output, helper_failed, spawn
 from .base import HelperDriver
@@ -91,7 +91,7 @@ class Slirp4netnsDriver(HelperDriver):
                 os.close(fd)
         self.helper = Helper("slirp4netns", pid, log)
         try:
-            ready = select.select([ready_r], [], [], _READY_TIMEOUT)[0] and os.read(ready_r, 16)
+            ready = readable(ready_r, _READY_TIMEOUT) and os.read(ready_r, 16)
         finally:
             os.close(ready_r)
         if not ready:
