@@ -18,6 +18,9 @@ FORWARDED_SIGNALS = (
 # 12's pasta even refuses to start when it inherits SIGPIPE ignored).
 PYTHON_IGNORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
+# close_range(2) takes any upper bound; fds never reach this.
+_MAX_FD = 1 << 30
+
 
 def exit_code(status: int) -> int:
     """The shell's convention: the exit status, or 128+N for death by signal N."""
@@ -32,6 +35,19 @@ def readable(fd: int, timeout: float | None) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(None if timeout is None else timeout * 1000))
+
+
+def close_fds_except(*keep: int) -> None:
+    """In a forked process that lives on (a helper, a watchdog, the pid-ns shim): close
+    every fd it inherited but stdio and `keep`. Whatever the supervisor holds (sockets,
+    pipes, the state dir's lock) must not outlive it in a process that has no use for
+    it: a port would stay open, a pipe's reader would never see EOF."""
+    low = 3
+    for fd in sorted(set(keep)):
+        if fd >= low:
+            os.closerange(low, fd)
+            low = fd + 1
+    os.closerange(low, _MAX_FD)
 
 
 def forward_signals(pid: int) -> None:

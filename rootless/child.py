@@ -9,8 +9,8 @@ import _signal as signal  # the C module: see _process.py
 
 from . import _log
 from ._paths import which
-from ._process import (FORWARDED_SIGNALS, command_environment, forward_signals,
-                       restore_default_signals, wait_for)
+from ._process import (FORWARDED_SIGNALS, close_fds_except, command_environment,
+                       forward_signals, restore_default_signals, wait_for)
 from .config import Config
 from .drivers import network
 from .errors import ChildSetupError, ProtocolError, RootlessError
@@ -250,9 +250,7 @@ def _split_pid_namespace(channel: Channel) -> int:
     init = os.fork()
     if init:
         os.write(wfd, str(init).encode())
-        os.close(wfd)
-        os.close(rfd)
-        channel.close()
+        close_fds_except()  # the channel, the activation fds: pid 1's, not the shim's
         forward_signals(init)
         os._exit(wait_for(init))
     os.close(wfd)

@@ -1,9 +1,11 @@
 """Running a network helper (slirp4netns, pasta): its binary checks, its log file,
 and the one-line report when it fails."""
 import os
+import select
+import _signal as signal  # the C module: see _process.py
 
 from ..._paths import which
-from ..._process import PYTHON_IGNORED_SIGNALS
+from ..._process import PYTHON_IGNORED_SIGNALS, close_fds_except
 from ...errors import DriverError, UsageError
 from ...statedir import removed_at_exit
 
@@ -73,11 +75,37 @@ def capture_output(argv: list[str], timeout: float = 5.0) -> str:
 
 
 class Helper:
-    """A helper process the parent supervises: if it dies, the run ends."""
+    """A helper process the parent supervises: if it dies, the run ends (it is a
+    _supervise.Component: its pidfd, readable when it exits).
+
+    Known and signalled by a pidfd, opened as soon as the pid is known: a pid read
+    from a file (pasta's), or that of a child already reaped, may name another
+    process by the time it is signalled."""
+
+    events = select.POLLIN
 
     def __init__(self, name: str, pid: int, log: str, reapable: bool = True):
         self.name, self.pid, self.log = name, pid, log
         self.reapable = reapable  # False for a daemon that is not our child (pasta)
+        try:
+            self.fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            raise helper_failed(name, "exited as it started", log) from None
+
+    def signal(self, sig: int) -> None:
+        """Signal the helper, if it still runs."""
+        try:
+            signal.pidfd_send_signal(self.fd, sig)
+        except ProcessLookupError:
+            pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def why(self) -> str:
+        return self.death_message()
 
     def death_message(self) -> str:
         """Reap the helper (when it is ours) and say what happened, for the user."""
@@ -117,30 +145,32 @@ def spawn(argv: list[str], log: str, keep_fds: tuple[int, ...] = ()) -> int:
 
 
 class Watchdog:
-    """A forked process that SIGKILLs `pid` when we die, even by SIGKILL: for a helper
-    that daemonizes (pasta), no child of ours, which would otherwise live on and keep
-    the namespace alive. It waits for EOF on a pipe only we hold the write end of."""
+    """A forked process that SIGKILLs a helper when we die, even by SIGKILL: for a
+    helper that daemonizes (pasta), no child of ours, which would otherwise live on and
+    keep the namespace alive. It waits for EOF on a pipe only we hold the write end of,
+    and holds nothing else of ours (a port, the state dir's lock) but the helper's
+    pidfd."""
 
-    def __init__(self, pid: int):
-        import _signal as signal  # the C module: see _process.py
-
+    def __init__(self, pidfd: int):
         read_end, self._write_end = os.pipe()
         self.pid = os.fork()
         if self.pid == 0:  # the watchdog: no Python clean-up, no inherited handlers
             try:
-                os.close(self._write_end)
+                close_fds_except(read_end, pidfd)
+                # Its own process group: a kill of the run's group (SIGKILL included)
+                # must leave it to do its job.
+                os.setpgid(0, 0)
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
                     signal.signal(sig, signal.SIG_IGN)  # a Ctrl-C is ours to handle
                 os.read(read_end, 1)
-                os.kill(pid, signal.SIGKILL)
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             finally:
                 os._exit(0)
         os.close(read_end)
 
     def cancel(self) -> None:
-        """We stop the helper ourselves: the watchdog goes without killing anything."""
-        import _signal as signal  # the C module: see _process.py
-
+        """We stop the helper ourselves: the watchdog goes without killing anything
+        (our child, unreaped: its pid is still its own)."""
         os.kill(self.pid, signal.SIGKILL)
         os.waitpid(self.pid, 0)
         os.close(self._write_end)

@@ -1,7 +1,9 @@
 """pasta (from passt): user-mode networking that also forwards ports by itself.
 
 pasta daemonizes once the namespace is configured, so its first process exiting
-with 0 is the readiness signal; the daemon's pid comes from its pid file.
+with 0 is the readiness signal; the daemon's pid comes from its pid file, and a pidfd
+is opened on it at once: the daemon is no child of ours, so its pid may be reused as
+soon as it exits, and only the pidfd still names it then.
 """
 import os
 import _signal as signal  # the C module: see _process.py
@@ -66,7 +68,7 @@ class PastaDriver(HelperDriver):
             raise DriverError(f"pasta started but its pid file {pidfile} is unusable: {exc}"
                               ) from None
         self.helper = Helper("pasta", daemon, log, reapable=False)
-        self._watchdog = Watchdog(daemon)
+        self._watchdog = Watchdog(self.helper.fd)
         return self.info()
 
     def stop(self) -> None:
@@ -74,10 +76,8 @@ class PastaDriver(HelperDriver):
             self._watchdog.cancel()
             self._watchdog = None
         if self.helper:
-            try:
-                os.kill(self.helper.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            self.helper.signal(signal.SIGTERM)
+            self.helper.close()
             self.helper = None
 
 

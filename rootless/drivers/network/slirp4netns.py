@@ -116,9 +116,8 @@ class Slirp4netnsDriver(HelperDriver):
             # The namespace it served is gone, so nothing is lost by killing it rather than
             # letting it wind down (13 ms), nor by not waiting for its exit: the kernel's
             # teardown of its tap device takes another 15 ms, and once it is SIGKILLed
-            # whoever inherits it reaps it.
-            try:
-                os.kill(self.helper.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass  # already reaped by the supervisor
+            # whoever inherits it reaps it. Through its pidfd: the supervisor may have
+            # reaped it already, and its pid be another process's.
+            self.helper.signal(signal.SIGKILL)
+            self.helper.close()
             self.helper = None
