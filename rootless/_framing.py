@@ -137,9 +137,16 @@ class Channel:
             self._queue.extend(self._splitter.feed(data))
         return classify(self._queue.pop(0))
 
+    def close_write(self) -> None:
+        """Our end of the other side's pipe: it then reads EOF."""
+        if self.wfd >= 0:
+            os.close(self.wfd)
+            self.wfd = -1
+
     def close(self) -> None:
         for fd in (self.rfd, self.wfd):
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self.rfd = self.wfd = -1

@@ -18,6 +18,11 @@ FORWARDED_SIGNALS = (
 # 12's pasta even refuses to start when it inherits SIGPIPE ignored).
 PYTHON_IGNORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 
+# The supervisor to the child, when the command has had its grace: kill the command's
+# whole tree, then exit (the child is the subreaper of all of it). Real-time: no one
+# sends it by accident, and before the child handles it, it kills the child.
+KILL_TREE = signal.SIGRTMIN + 1
+
 # close_range(2) takes any upper bound; fds never reach this.
 _MAX_FD = 1 << 30
 
@@ -26,6 +31,14 @@ def exit_code(status: int) -> int:
     """The shell's convention: the exit status, or 128+N for death by signal N."""
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
+
+
+def signal_name(signum: int) -> str:
+    """What Go calls signal `signum` (rootlesskit's words, which scripts grep for):
+    glibc's description, lower-cased ("user defined signal 1"); "signal 34" for the
+    real-time ones, which Go does not name."""
+    text = signal.strsignal(signum) if signum < 32 else None
+    return text[0].lower() + text[1:] if text else f"signal {signum}"
 
 
 def readable(fd: int, timeout: float | None) -> bool:
@@ -50,8 +63,11 @@ def close_fds_except(*keep: int) -> None:
     os.closerange(low, _MAX_FD)
 
 
-def forward_signals(pid: int) -> None:
+def forward_signals(pid: int, note=None) -> None:
+    """Pass our FORWARDED_SIGNALS on to `pid`; `note(signum)` first, if given."""
     def forward(signum, _frame):
+        if note is not None:
+            note(signum)
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
@@ -70,13 +86,18 @@ def restore_default_signals() -> None:
 def wait_for(pid: int, reap_all: bool = False) -> int:
     """Wait until `pid` ends and return its exit code; with `reap_all`, also reap
     every other child meanwhile (pid 1's duty). Signal handlers run during the wait."""
+    return exit_code(wait_for_status(pid, reap_all))
+
+
+def wait_for_status(pid: int, reap_all: bool = False) -> int:
+    """wait_for(), but the raw wait status (exit code or signal)."""
     while True:
         try:
             done, status = os.waitpid(-1 if reap_all else pid, 0)
         except ChildProcessError:
-            return 1  # already reaped elsewhere: cannot happen in our process tree
+            return 1 << 8  # exit 1: already reaped elsewhere, cannot happen in our tree
         if done == pid:
-            return exit_code(status)
+            return status
 
 
 def command_environment(state_dir: str, parent_ids: tuple[int, int]) -> dict[str, str]:

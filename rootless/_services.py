@@ -20,6 +20,7 @@ import select
 import threading
 
 from . import __version__, _log
+from ._supervise import Component
 from .api import API_VERSION
 
 _GRACE = 0.02  # seconds before the services load: see the module's docstring
@@ -68,6 +69,14 @@ class Services:
         self._thread.join(timeout)
         for fd in (self.failed_r, self._failed_w, self._wake_r, self._wake_w):
             os.close(fd)
+
+    def component(self) -> Component:
+        """For the supervisor: the services failed as a whole (one request, one
+        connection fails on its own and does not get here)."""
+        return Component(self.failed_r, self._failure, events=select.POLLIN)
+
+    def _failure(self) -> str:
+        return os.read(self.failed_r, 4096).decode(errors="replace")
 
     def _run(self) -> None:
         try:

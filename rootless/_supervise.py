@@ -1,58 +1,68 @@
-"""The parent's wait: for the child, and for the network helpers beside it.
+"""The parent's wait: for the child, and for the parts of the run it cannot live
+without beside it (the network helpers, the services thread).
 
-Plain poll(2) on pidfds: one child and a helper or two need no event loop, and
-keeping trio out of this loop keeps it off the path of short commands.
+Plain poll(2) on pidfds and sockets: one child and a few parts need no event loop,
+and keeping trio out of this loop keeps it off the path of short commands.
 """
 import os
 import select
 import _signal as signal  # the C module: see _process.py
 
 from . import _log
-from ._process import exit_code, readable
+from ._process import readable
 
 # How long the command gets to stop on SIGTERM after its network has gone.
 STOP_GRACE = 10.0
 
 
-def supervise(child_pid: int, helpers: list, failed_fd: int | None = None) -> int:
-    """Wait until the child ends and return its exit code. If a helper dies first, or
-    `failed_fd` becomes readable (the services failed; it holds why), the run cannot go
-    on: say why, stop the child (SIGTERM, then SIGKILL) and return 1."""
-    fds = {os.pidfd_open(child_pid): None}
-    for helper in helpers:
-        fds[os.pidfd_open(helper.pid)] = helper
-    poller = select.poll()
-    for fd in fds:
-        poller.register(fd, select.POLLIN)
-    if failed_fd is not None:
-        poller.register(failed_fd, select.POLLIN)
+class Component:
+    """A part the run cannot live without, watched through `fd`: `events` (POLLIN for
+    a pidfd or a pipe that says why; 0 for a socket whose hang-up is its end). `why()`
+    says, in one line, what happened."""
+
+    def __init__(self, fd: int, why, events: int = 0):
+        self.fd, self.why, self.events = fd, why, events
+
+
+def supervise(child, components: list) -> int:
+    """Wait until the child ends and return its exit code. If a component ends first,
+    the run cannot go on: say why in one line, stop the command (SIGTERM, then after
+    STOP_GRACE its whole tree) and return 1.
+
+    The child closes its end of the handshake channel as its command ends, before it
+    kills what the command left (the socket factory among them): so a component that
+    goes with the run is never taken for one that failed."""
+    pidfd = os.pidfd_open(child.pid)
+    # Our own copies: the services thread may close its sockets while we poll them.
+    fds = {os.dup(c.fd): c for c in components}
     try:
-        ready = [fds.get(fd, "services") for fd, _ in poller.poll()]  # handlers run here
-        # The child first: when it ends, its netns goes, and pasta quits with it.
-        if None in ready:
-            return exit_code(os.waitpid(child_pid, 0)[1])
-        died = [h for h in ready if h != "services"]
-        if died:  # first: a failure of the services is then only a consequence
-            _log.error(died[0].death_message())
-        else:
-            _log.error(os.read(failed_fd, 4096).decode(errors="replace"))
-        _stop_child(child_pid)
+        poller = select.poll()
+        poller.register(pidfd, select.POLLIN)
+        poller.register(child.channel.rfd, select.POLLIN)
+        for fd, component in fds.items():
+            poller.register(fd, component.events)
+        ready = {fd for fd, _ in poller.poll()}  # signal handlers run here
+        if ready & {pidfd, child.channel.rfd}:
+            return child.wait()
+        # In the order given: a helper's death first, the services' failure last (it
+        # is then only a consequence).
+        _log.error(next(c for fd, c in fds.items() if fd in ready).why())
+        _stop(child, pidfd)
         return 1
     finally:
+        os.close(pidfd)
         for fd in fds:
             os.close(fd)
 
 
-def _stop_child(pid: int) -> None:
-    fd = os.pidfd_open(pid)
+def _stop(child, pidfd: int) -> None:
+    """SIGTERM (forwarded to the command), then, after the grace, the command's whole
+    tree (through the child, which alone sees all of it)."""
+    child.stopping()
     try:
-        for sig, grace in ((signal.SIGTERM, STOP_GRACE), (signal.SIGKILL, None)):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                break
-            if readable(fd, grace):
-                break
-        os.waitpid(pid, 0)
-    finally:
-        os.close(fd)
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    if not readable(pidfd, STOP_GRACE):
+        child.kill_tree()
+    child.wait()

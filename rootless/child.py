@@ -9,8 +9,9 @@ import _signal as signal  # the C module: see _process.py
 
 from . import _log
 from ._paths import which
-from ._process import (FORWARDED_SIGNALS, close_fds_except, command_environment,
-                       forward_signals, restore_default_signals, wait_for)
+from ._process import (KILL_TREE, close_fds_except, command_environment, exit_code,
+                       forward_signals, readable, restore_default_signals, signal_name,
+                       wait_for, wait_for_status)
 from .config import Config
 from .drivers import network
 from .errors import ChildSetupError, ProtocolError, RootlessError
@@ -38,12 +39,14 @@ def namespace_flags(config: Config) -> int:
     return flags
 
 
-def main(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> None:
-    """Entry point after fork; never returns."""
+def main(config: Config, state_dir: str, channel: Channel, parent_pid: int,
+         mask: set) -> None:
+    """Entry point after fork; never returns. `mask`: the signal mask the command gets.
+    The command's signals are blocked until then (see parent.Child.spawn)."""
     _log.set_role("child")
     code = 1
     try:
-        code = _run(config, state_dir, channel, parent_pid)
+        code = _run(config, state_dir, channel, parent_pid, mask)
     except RootlessError as exc:
         code = exc.exit_code
         _report(channel, str(exc), code)
@@ -79,7 +82,8 @@ def _expect(channel: Channel, kind: str):
     return message
 
 
-def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> int:
+def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int,
+         mask: set) -> int:
     _arm_parent_death_signal(parent_pid)
     env = command_environment(state_dir, (os.geteuid(), os.getegid()))  # ids before unshare
     activation = 0
@@ -95,7 +99,7 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
     if config.pidns:
         from .messages import ChildHello
         # returns only in pid 1 of the new pidns, which anchors the namespaces
-        hello = ChildHello(pid=_split_pid_namespace(channel))
+        hello = ChildHello(pid=_split_pid_namespace(mask))
         watcher = None  # our parent (the shim) is outside the pidns: getppid() says 0
 
     _expect(channel, "ParentHello")
@@ -139,20 +143,38 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int) -> i
     if not config.pidns:
         # Armed before the command exists: it may fork as soon as it starts.
         _kill_all_on_parent_death(parent_pid)
-    # The command may be signalled as soon as it runs, before we could install the
-    # forwarder: hold the signals meanwhile (unhandled, they would kill us or be lost).
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     pid = _start_command(config, env, mask, activation)
+    # The signals held since the fork (or sent as the command started) go to it now.
     forward_signals(pid)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     channel.send("ChildCommandStarted")
+    status = wait_for_status(pid, reap_all=config.reap or not config.pidns)
+    expected = _signals_sent_to_the_run(channel)
+    # Ours closes before anything the command leaves dies (the socket factory among
+    # them): the parent then knows that the run ends, and not by a failure.
     channel.close()
-    code = wait_for(pid, reap_all=config.reap or not config.pidns)
     if not config.pidns:
         # As when a pid namespace's pid 1 exits: what the command left running dies with
         # the namespaces (their network is going now), instead of lingering outside.
         _kill_descendants()
-    return code
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in expected:
+        # As rootlesskit says it (its tests grep for it): the signal's name, Go's way.
+        _log.error(f"command [{' '.join(config.command)}] exited: signal: "
+                   f"{signal_name(os.WTERMSIG(status))}")
+    return exit_code(status)
+
+
+def _signals_sent_to_the_run(channel: Channel) -> set[int]:
+    """What the parent told us while the command ran (parent.Child.forward_noted): the
+    signals the run was sent, one byte each; all of them when it closed its end, as
+    it does when it stops the command itself."""
+    sent: set[int] = set()
+    while readable(channel.rfd, 0):
+        data = os.read(channel.rfd, 64)
+        if not data:
+            return set(range(1, 65))
+        sent.update(data)
+    return sent
 
 
 def _configure(configure, info, driver: str) -> None:
@@ -197,7 +219,8 @@ def _in_subprocess(function, *args) -> None:
 def _kill_all_on_parent_death(parent_pid: int) -> None:
     """Without a pid namespace, whose end would kill them all, the command's children
     outlive it. So we adopt the command's orphans (its whole tree stays below us) and,
-    when the parent dies, kill every process below us, then exit."""
+    when the parent dies, or tells us to (KILL_TREE, when the command did not stop on
+    SIGTERM), kill every process below us, then exit."""
     set_child_subreaper()
 
     def on_parent_death(_signum=None, _frame=None):
@@ -205,6 +228,11 @@ def _kill_all_on_parent_death(parent_pid: int) -> None:
             _kill_descendants()
             os._exit(1)
 
+    def on_kill_tree(_signum, _frame):
+        _kill_descendants()
+        os._exit(128 + signal.SIGKILL)
+
+    signal.signal(KILL_TREE, on_kill_tree)
     signal.signal(_PARENT_DIED, on_parent_death)
     set_parent_death_signal(_PARENT_DIED)
     on_parent_death()  # the parent may have died before the prctl
@@ -242,16 +270,20 @@ def _children(ppid: str) -> list[int]:
     return found
 
 
-def _split_pid_namespace(channel: Channel) -> int:
+def _split_pid_namespace(mask: set) -> int:
     """After unshare(CLONE_NEWPID) only our children enter the new pid namespace: fork
     its pid 1, which goes on with the set-up. We stay outside as a shim that forwards
-    signals to it and exits with its status. Returns (in pid 1) its pid on the host."""
+    signals to it and exits with its status. Returns (in pid 1) its pid on the host.
+
+    pid 1 of a pid namespace drops signals it has no handler for: it holds them
+    blocked (as we do since the fork) until the command runs and it forwards them."""
     rfd, wfd = os.pipe()
     init = os.fork()
     if init:
         os.write(wfd, str(init).encode())
         close_fds_except()  # the channel, the activation fds: pid 1's, not the shim's
         forward_signals(init)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         os._exit(wait_for(init))
     os.close(wfd)
     host_pid = int(os.read(rfd, 32))

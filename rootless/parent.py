@@ -2,14 +2,15 @@
 supervises the child until the command ends.
 
 The path to the user's command stays free of heavy imports: network helpers are
-started and waited for with plain system calls, and the parent then polls the
-child's and the helpers' pidfds (see _supervise).
+started and waited for with plain system calls, and the parent then polls the child
+and the parts the run cannot live without (see _supervise).
 """
 import os
 import _signal as signal  # the C module: see _process.py
 
 from . import _log
-from ._process import exit_code, forward_signals, readable, wait_for
+from ._process import (FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals, readable,
+                       wait_for)
 from ._supervise import supervise
 from .config import Config
 from .drivers import network, port
@@ -23,14 +24,19 @@ from .subid import current_user, lookup
 # Set-up in the child takes milliseconds (pyroute2's import is the slowest part);
 # this only turns a wedged child into an error instead of a hang.
 _CHILD_TIMEOUT = 60.0
+# How long the child may take to kill the command's tree before it is killed itself.
+_KILL_TREE_TIMEOUT = 5.0
 
 
 class Child:
-    """The forked child and our ends of its two pipes."""
+    """The forked child and our ends of its two pipes. The channel stays open while the
+    command runs: the child closes its end as the command ends, and we close ours to
+    tell it that we are stopping the command (see _supervise)."""
 
-    def __init__(self, pid: int, channel: Channel):
+    def __init__(self, pid: int, channel: Channel, pidns: bool):
         self.pid = pid
         self.channel = channel
+        self.pidns = pidns
         self.status: int | None = None
 
     @classmethod
@@ -38,16 +44,25 @@ class Child:
         to_child_r, to_child_w = os.pipe()
         to_parent_r, to_parent_w = os.pipe()
         parent_pid = os.getpid()
+        # A signal for the command may come at any time, before it exists: the child
+        # holds it (blocked from its first instant) until the command runs. We forward
+        # to the child from the moment it exists.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         pid = os.fork()
         if pid == 0:
             from . import child
             os.close(to_child_w)
             os.close(to_parent_r)
             state.close_lock_in_child()
-            child.main(config, state.path, Channel(to_child_r, to_parent_w), parent_pid)
-        os.close(to_child_r)
-        os.close(to_parent_w)
-        return cls(pid, Channel(to_parent_r, to_child_w))
+            child.main(config, state.path, Channel(to_child_r, to_parent_w), parent_pid,
+                       mask)
+        try:
+            os.close(to_child_r)
+            os.close(to_parent_w)
+            forward_signals(pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return cls(pid, Channel(to_parent_r, to_child_w), config.pidns)
 
     def expect(self, kind: str, waiting_for: str):
         """The child's next message, of type `kind` (None if it carried no data)."""
@@ -73,13 +88,52 @@ class Child:
             self.status = wait_for(self.pid)
         return self.status
 
-    def kill(self) -> None:
-        """Make sure the child is gone (on errors); idempotent."""
-        if self.status is None:
-            try:
+    def stopping(self) -> None:
+        """Tell the child that we stop its command: the command's death by our SIGTERM
+        is then no news to report."""
+        self.channel.close_write()
+
+    def forward_noted(self) -> None:
+        """Once the handshake is done: forward signals as before, and tell the child
+        (a byte on the channel, once per signal) which ones the run was sent. The
+        command's death by one of those is what was asked for, no news to report; by
+        another (sent to the command or the child alone, or the command's own) it is."""
+        noted = set()
+
+        def note(signum):
+            if signum not in noted and self.channel.wfd >= 0:  # once: the pipe never fills
+                noted.add(signum)
+                try:
+                    os.write(self.channel.wfd, bytes([signum]))
+                except OSError:
+                    pass  # the child is gone
+        forward_signals(self.pid, note)
+
+    def kill_tree(self) -> None:
+        """End the command's whole tree, then the child. Without a pid namespace only
+        the child can: it is the subreaper of everything the command started, and
+        SIGKILLed it would leave them to init. With one, the kernel does it when the
+        namespace's pid 1 dies with the shim (its parent-death signal)."""
+        try:
+            if self.pidns:
                 os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+                return
+            os.kill(self.pid, KILL_TREE)
+        except ProcessLookupError:
+            return
+        fd = os.pidfd_open(self.pid)
+        try:
+            if not readable(fd, _KILL_TREE_TIMEOUT):  # a wedged child: the last resort
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(fd)
+
+    def kill(self) -> None:
+        """Make sure the child and the command's tree are gone (on errors); idempotent."""
+        if self.status is None:
+            self.kill_tree()
             self.wait()
         self.channel.close()
 
@@ -111,9 +165,8 @@ def run(config: Config) -> int:
     try:
         child = Child.spawn(config, state)
         try:
-            forward_signals(child.pid)
             anchor, info = _handshake(config, state, child, net, ports, uid, gid, user, subids)
-            child.channel.close()
+            child.forward_noted()
             if auto_choice:
                 _log.info(auto_choice)  # once it works: a failed run prints only its error
             from ._services import Services  # threading: not before the command runs
@@ -125,7 +178,7 @@ def run(config: Config) -> int:
                     services.started.wait(_CHILD_TIMEOUT)  # ports listen before READY=1
                     if not readable(services.failed_r, 0):
                         notifier.ready(f"running {config.command[0]}")
-                child.status = supervise(child.pid, net.helpers(), services.failed_r)
+                child.status = supervise(child, [*net.helpers(), services.component()])
             finally:
                 if notifier:
                     notifier.stopping()
