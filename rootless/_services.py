@@ -7,13 +7,13 @@ command. It also stays off the exit of a short command: the thread lets the firs
 moments pass before it does anything, so a command that is done by then never
 competes with it for the GIL.
 
-Nor does the thread load trio while nobody needs it. It binds the API socket and the
-port driver's -p ports (`listen_early`) with the standard library, and waits for the
-first client of any of them before it loads anything: clients wait in the sockets'
-backlogs meanwhile. Loading trio, h11 and the port driver takes 60-100 ms of a CPU:
-taken just as the command started, that stalled a command busy on every CPU (iperf3
-through slirp4netns lost 0.25-0.75 s of traffic). An instance nobody calls also stays
-small (14 MiB RSS instead of 27).
+Nor does the thread load trio while nobody needs it. The API socket and the port
+driver's -p ports are bound before the command starts (parent.Listeners, with the
+standard library), and the thread waits for the first client of any of them before it
+loads anything: clients wait in the sockets' backlogs meanwhile. Loading trio, h11 and
+the port driver takes 60-100 ms of a CPU: taken just as the command started, that
+stalled a command busy on every CPU (iperf3 through slirp4netns lost 0.25-0.75 s of
+traffic). An instance nobody calls also stays small (14 MiB RSS instead of 27).
 """
 import os
 import select
@@ -27,9 +27,13 @@ _GRACE = 0.02  # seconds before the services load: see the module's docstring
 
 
 class Services:
-    def __init__(self, config, state, child_pid: int, network_info, ports):
+    def __init__(self, config, state, child_pid: int, network_info, ports, listeners):
         self.config, self.state, self.child_pid = config, state, child_pid
         self.network_info, self.ports = network_info, ports
+        # Bound by the parent, which closes them after stop(): the API's listening
+        # socket, and the fds of the -p ports whose first client loads the services
+        # (None: the port driver's serve() must run at once).
+        self._listener, self._early = listeners.api, listeners.early
         # The services' failure, in words: the supervisor polls it, prints it and ends
         # the run. It is not printed here: when the run is ending anyway (the command
         # exited, a helper died), the failure is only a consequence, not news.
@@ -45,7 +49,6 @@ class Services:
         self.started = threading.Event()
         self._token = None
         self._scope = None
-        self._listener = None
         self._thread = threading.Thread(target=self._run, name="rootless-services",
                                         daemon=True)
 
@@ -86,20 +89,11 @@ class Services:
                 os.write(self._failed_w, _describe(exc).encode()[:4000] or b"?")
         finally:
             self.started.set()  # whatever happened, nobody waits for it any longer
-            self.ports.close_early()
-            if self._listener is not None:
-                self._listener.close()
 
     def _serve(self) -> None:
         if self._woken(_GRACE):
             return
-        from .api import listen
-
-        with self._lock:  # not after stop() has begun: the state dir is going
-            if self._stopping:
-                return
-            self._listener = listen(self.state.file("api.sock"))
-        wake = self.ports.listen_early()
+        wake = self._early
         if wake is not None:
             _log.debug(f"API on {self.state.file('api.sock')}; the services load at its "
                        f"first connection{' or the first client of a -p port' if wake else ''}")
@@ -134,7 +128,8 @@ class Services:
             self._token = trio.lowlevel.current_trio_token()
             self._running.set()
             await nursery.start(self.ports.serve, self.state.path)
-            await nursery.start(serve, self._listener, Router(self.info, self.ports))
+            await nursery.start(serve, _stdlib_socket(self._listener),
+                                Router(self.info, self.ports))
             _log.debug(f"API on {self.state.file('api.sock')}")
             self.started.set()
 
@@ -155,6 +150,16 @@ class Services:
                                   disallowLoopbackChildIP=self.ports.disallow_loopback_child_ip)
         return Info(apiVersion=API_VERSION, version=__version__, stateDir=self.state.path,
                     childPID=self.child_pid, networkDriver=net, portDriver=port)
+
+
+def _stdlib_socket(sock):
+    """socket.socket (what trio wraps) for a listener bound with _socket, the C module
+    (socket.py and its enum stay off the path to the command): the same fd."""
+    import socket
+
+    if isinstance(sock, socket.socket):
+        return sock
+    return socket.socket(sock.family, sock.type, sock.proto, sock.detach())
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,5 +1,6 @@
 """The parent's wait: for the child, and for the parts of the run it cannot live
-without beside it (the network helpers, the services thread).
+without beside it (the network helpers, the socket factory, the API listener, the
+services thread).
 
 Plain poll(2) on pidfds and sockets: one child and a few parts need no event loop,
 and keeping trio out of this loop keeps it off the path of short commands.

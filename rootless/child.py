@@ -39,14 +39,15 @@ def namespace_flags(config: Config) -> int:
     return flags
 
 
-def main(config: Config, state_dir: str, channel: Channel, parent_pid: int,
+def main(config: Config, state_dir: str, channel: Channel, parent_pid: int, ports,
          mask: set) -> None:
-    """Entry point after fork; never returns. `mask`: the signal mask the command gets.
-    The command's signals are blocked until then (see parent.Child.spawn)."""
+    """Entry point after fork; never returns. `ports`: the parent's port driver, as the
+    fork left it; `mask`: the signal mask the command gets. The command's signals are
+    blocked until then (see parent.Child.spawn)."""
     _log.set_role("child")
     code = 1
     try:
-        code = _run(config, state_dir, channel, parent_pid, mask)
+        code = _run(config, state_dir, channel, parent_pid, ports, mask)
     except RootlessError as exc:
         code = exc.exit_code
         _report(channel, str(exc), code)
@@ -82,7 +83,7 @@ def _expect(channel: Channel, kind: str):
     return message
 
 
-def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int,
+def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, ports,
          mask: set) -> int:
     _arm_parent_death_signal(parent_pid)
     env = command_environment(state_dir, (os.geteuid(), os.getegid()))  # ids before unshare
@@ -134,9 +135,7 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int,
         if info is not None and info.dns:
             mounts.install_resolver_files(state_dir, info.dns)
     _expect(channel, "ParentInitPortDriverCompleted")
-    from .drivers import port
-    port.get(config.port_driver).start_child(config, state_dir,
-                                             netns if config.detach_netns else None)
+    ports.start_child(config, state_dir, netns if config.detach_netns else None)
     if config.pidns:
         mounts.mount_proc()
 

@@ -2,8 +2,9 @@
 supervises the child until the command ends.
 
 The path to the user's command stays free of heavy imports: network helpers are
-started and waited for with plain system calls, and the parent then polls the child
-and the parts the run cannot live without (see _supervise).
+started and waited for with plain system calls, the API socket and the -p ports are
+bound with the standard library before the command starts, and the parent then polls
+the child and the parts the run cannot live without (see _supervise).
 """
 import os
 import _signal as signal  # the C module: see _process.py
@@ -11,11 +12,11 @@ import _signal as signal  # the C module: see _process.py
 from . import _log
 from ._process import (FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals, readable,
                        wait_for)
-from ._supervise import supervise
+from ._supervise import Component, supervise
 from .config import Config
 from .drivers import network, port
 from .enter import record_namespaces
-from .errors import ChildSetupError, ProtocolError
+from .errors import ChildSetupError, ProtocolError, StateDirError
 from .idmap import write_maps
 from ._framing import Channel
 from .statedir import NAMESPACES, StateDir
@@ -40,10 +41,11 @@ class Child:
         self.status: int | None = None
 
     @classmethod
-    def spawn(cls, config: Config, state: StateDir) -> "Child":
+    def spawn(cls, config: Config, state: StateDir, ports) -> "Child":
         to_child_r, to_child_w = os.pipe()
         to_parent_r, to_parent_w = os.pipe()
         parent_pid = os.getpid()
+        ports.link_child()
         # A signal for the command may come at any time, before it exists: the child
         # holds it (blocked from its first instant) until the command runs. We forward
         # to the child from the moment it exists.
@@ -54,11 +56,13 @@ class Child:
             os.close(to_child_w)
             os.close(to_parent_r)
             state.close_lock_in_child()
+            ports.forked(in_child=True)
             child.main(config, state.path, Channel(to_child_r, to_parent_w), parent_pid,
-                       mask)
+                       ports, mask)
         try:
             os.close(to_child_r)
             os.close(to_parent_w)
+            ports.forked(in_child=False)
             forward_signals(pid)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
@@ -163,22 +167,25 @@ def run(config: Config) -> int:
 
     state = StateDir.open(config.state_dir)
     try:
-        child = Child.spawn(config, state)
+        child = Child.spawn(config, state, ports)
+        listeners = Listeners(ports)
         try:
-            anchor, info = _handshake(config, state, child, net, ports, uid, gid, user, subids)
+            anchor, info = _handshake(config, state, child, net, ports, listeners, uid, gid,
+                                      user, subids)
             child.forward_noted()
             if auto_choice:
                 _log.info(auto_choice)  # once it works: a failed run prints only its error
             from ._services import Services  # threading: not before the command runs
 
-            services = Services(config, state, anchor, info, ports)
+            services = Services(config, state, anchor, info, ports, listeners)
             services.start()
             try:
                 if notifier:
                     services.started.wait(_CHILD_TIMEOUT)  # ports listen before READY=1
                     if not readable(services.failed_r, 0):
                         notifier.ready(f"running {config.command[0]}")
-                child.status = supervise(child, [*net.helpers(), services.component()])
+                child.status = supervise(child, [*net.helpers(), *ports.components(),
+                                                 listeners.component(), services.component()])
             finally:
                 if notifier:
                     notifier.stopping()
@@ -187,10 +194,46 @@ def run(config: Config) -> int:
             return child.status
         finally:
             child.kill()
+            listeners.close()
             net.stop()  # after the child: the command keeps its network to the end
     finally:
         state.close()
         _log.debug("state dir cleaned up")
+
+
+class Listeners:
+    """What listens before the command starts: the API socket and the port driver's -p
+    ports, bound with the standard library (no trio, no h11 on the way to the
+    command). A port that cannot be had is then an error before anything runs, and
+    clients wait in the backlogs until the services load (_services)."""
+
+    def __init__(self, ports):
+        self.ports = ports
+        self.api = None
+        self.path = ""
+        self.early: list[int] | None = []
+
+    def bind(self, state: StateDir) -> None:
+        from .api import listen
+
+        self.early = self.ports.listen_early()
+        self.path = state.file("api.sock")  # last: once it answers, the ports listen
+        try:
+            self.api = listen(self.path)
+        except OSError as exc:
+            raise StateDirError(f"cannot listen on {self.path}: {exc.strerror or exc}"
+                                ) from None
+
+    def component(self) -> Component:
+        """The API listener: shut down (its socket hung up), the API is gone for good."""
+        return Component(self.api.fileno(), lambda: (
+            f"the REST API's socket {self.path} stopped listening while the command was "
+            f"running; stopping the command"))
+
+    def close(self) -> None:
+        self.ports.close_early()
+        if self.api is not None:
+            self.api.close()
 
 
 def _runs_dockerd(config: Config) -> bool:
@@ -221,7 +264,7 @@ def _auto_port_driver(config: Config) -> str:
     return "builtin"
 
 
-def _handshake(config, state, child, net, ports, uid, gid, user, subids):
+def _handshake(config, state, child, net, ports, listeners, uid, gid, user, subids):
     """Drive the child to its command; returns (its anchor pid, the NetworkInfo)."""
     _log.debug(f"child {child.pid} forked")
     child.channel.send("ParentHello")
@@ -240,6 +283,7 @@ def _handshake(config, state, child, net, ports, uid, gid, user, subids):
         netns = f"/proc/{anchor}/root{state.file('netns')}"
     info = net.start(anchor, state.path, netns)
     _log.debug(f"network {config.net} ready")
+    listeners.bind(state)  # last: a client of api.sock finds the network up
     if info is None:
         child.channel.send("ParentInitNetworkDriverCompleted")
     else:

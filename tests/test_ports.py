@@ -467,7 +467,7 @@ def test_api_add_list_remove(user, instance):
 
 def test_p_port_taken_on_the_host(user, rootless_run, state_dir):
     """A -p port that cannot be bound ends the run with one line naming the spec as
-    given and the fix; the command is stopped."""
+    given and the fix; the command never starts (test_supervisor_faults)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -8,13 +8,17 @@ batches, so a connection through a published port costs no round trip to the chi
 The factory also does, in the netns, what the client's source address needs there
 (`_transparent`): the routing at the first connection, a rule per published UDP port.
 
-Protocol, on STATE/.ports.sock. On connect the factory says whether the child can
-see clients' addresses: b"T\\n", or b"N" + why + b"\\n". Then requests of 5 bytes
-(op, family '4'/'6', count, port: "!ccBH"):
+Protocol, on a socket pair the parent makes before it forks the child (the parent
+holds one end from before the command starts to the end of the run, and watches it:
+the factory's death is the run's end). Requests of 5 bytes (op, family '4'/'6',
+count, port: "!ccBH"):
+  op b"h": hello -> whether the child can see clients' addresses: b"T\\n", or
+           b"N" + why + b"\\n" (the parent's first request);
   op b"s"/b"d": `count` stream/datagram sockets -> count bytes + up to count fds
                 (fewer when the factory is out of fds: the bytes say where the
                 answer ends, whatever fds came);
   op b"R"/b"r": add/remove the UDP rule of `port`  -> b"+" or b"-" + why + b"\\n".
+The factory exits when the parent's end closes.
 """
 import errno
 import os
@@ -22,7 +26,6 @@ import signal
 import socket
 import struct
 
-FACTORY_SOCKET = ".ports.sock"
 _REQUEST = struct.Struct("!ccBH")
 _FAMILIES = {b"4": socket.AF_INET, b"6": socket.AF_INET6}
 _TYPES = {b"s": socket.SOCK_STREAM, b"d": socket.SOCK_DGRAM}
@@ -31,32 +34,29 @@ _BATCH = 64  # sockets a request brings (SCM_RIGHTS passes at most 253)
 
 # -- child side ---------------------------------------------------------------------------
 
-def start(state_dir: str, netns: str | None, transparent: bool) -> None:
-    """Fork the factory; it lives until the child (its parent) dies."""
-    path = os.path.join(state_dir, FACTORY_SOCKET)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    os.chmod(path, 0o600)
-    listener.listen(4)
+def start(conn: socket.socket, netns: str | None, transparent: bool) -> None:
+    """Fork the factory, serving `conn` (the child's end of the parent's socket pair);
+    it lives until the parent's end closes or the child (its parent) dies."""
     pid = os.fork()
     if pid:
-        listener.close()
+        conn.close()  # the factory's alone: its death must hang the parent's end up
         return
     try:
+        from ..._process import close_fds_except
         from ...linux import CLONE_NEWNET, set_parent_death_signal, setns
 
         set_parent_death_signal(signal.SIGKILL)
+        # Only its connection: not the child's handshake pipes, nor the activation fds.
+        close_fds_except(conn.fileno())
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
+        # The child holds the command's signals until the command runs: not ours.
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
         if netns:
             fd = os.open(netns, os.O_RDONLY)
             setns(fd, CLONE_NEWNET)
             os.close(fd)
-        _serve(listener, transparent)
+        _serve(conn, transparent)
     finally:
         os._exit(0)
 
@@ -102,18 +102,19 @@ def _in_subprocess(function, *args) -> str:
     return why
 
 
-def _serve(listener: socket.socket, transparent: bool) -> None:
+def _serve(conn: socket.socket, transparent: bool) -> None:
     hello = None
     while True:
-        conn, _ = listener.accept()
-        with conn:
+        request = _recv_exactly(conn, _REQUEST.size)
+        if request is None:
+            return  # the parent is gone
+        op, family, count, port = _REQUEST.unpack(request)
+        if op == b"h":
             if hello is None:
                 hello = _hello(transparent)
             conn.sendall(hello)
-            while True:
-                request = _recv_exactly(conn, _REQUEST.size)
-                if request is None or not _answer(conn, *_REQUEST.unpack(request)):
-                    break
+        elif not _answer(conn, op, family, count, port):
+            return
 
 
 def _answer(conn: socket.socket, op: bytes, family: bytes, count: int, port: int) -> bool:
@@ -167,8 +168,8 @@ class Factory:
     """The parent's connection to the factory. One request at a time; sockets come
     from pools refilled a batch at a time."""
 
-    def __init__(self, state_dir: str):
-        self._path = os.path.join(state_dir, FACTORY_SOCKET)
+    def __init__(self, sock: socket.socket):
+        self._sock = sock  # the parent's end of the pair (see start())
         self._pools: dict[tuple[bytes, bytes], list[int]] = {}
         self.transparent = False
 
@@ -177,9 +178,8 @@ class Factory:
 
         self._lock = trio.Lock()
         # A plain socket (recv_fds wants one), non-blocking, driven by wait_readable.
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._sock.connect(self._path)
         self._sock.setblocking(False)
+        self._sock.send(_REQUEST.pack(b"h", b"4", 0, 0))
         hello = await self._line()
         self.transparent = hello == "T"
 

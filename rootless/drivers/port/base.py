@@ -59,18 +59,34 @@ class PortDriver:
         return {}
 
     def listen_early(self) -> list[int] | None:
-        """In the service thread, before trio loads: bind now, with the standard library,
-        what must listen from the start, and return the fds whose first traffic must
-        load trio and serve(). None: serve() must run at once (by default, when there
-        are -p ports to publish)."""
+        """In the parent, before the command starts (so that a port that cannot be had
+        is an error before anything runs): bind, with the standard library, what must
+        listen from the start, and return the fds whose first traffic must load trio
+        and serve(). None: serve() must run at once (by default, when there are -p
+        ports to publish). Raise a RootlessError naming the -p and the fix."""
         return None if self.config.publish else []
 
     def close_early(self) -> None:
-        """Close what listen_early() bound and serve() did not take over."""
+        """At the end of the run: close what the parent holds for the driver (bound by
+        listen_early(), made by link_child()) and serve() did not take over."""
+
+    def link_child(self) -> None:
+        """Parent side, just before the child is forked: make what the child side
+        inherits through the fork (the builtin driver: its socket factory's
+        connection)."""
+
+    def forked(self, in_child: bool) -> None:
+        """Right after that fork, on each side: close what belongs to the other."""
+
+    def components(self) -> list:
+        """Parts the run cannot live without (_supervise.Component): when one ends,
+        the run ends."""
+        return []
 
     @staticmethod
     def start_child(config, state_dir: str, netns: str | None) -> None:
-        """Child side: start what the parent needs inside the namespaces."""
+        """Child side: start what the parent needs inside the namespaces (called on
+        the parent's driver object, as the fork left it)."""
 
     # -- parent side, in the service thread (trio) --
 

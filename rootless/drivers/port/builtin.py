@@ -9,9 +9,10 @@ from functools import partial
 
 from ... import _log
 from ..._listen import backlog, spare_fd
+from ...errors import PortSpecError
 from . import _relay, _socket_factory, _transparent
 from ._udp import UdpPort
-from .base import PortDriver, bind_failure
+from .base import FAMILY, PortDriver, bind_failure
 
 
 class BuiltinPortDriver(PortDriver):
@@ -26,39 +27,79 @@ class BuiltinPortDriver(PortDriver):
             raise UsageError("--port-driver=builtin needs a network namespace: use it with "
                              "--net=slirp4netns, pasta or none")
         self.initial = [validate(parse(text)) for text in self.config.publish]
-        self._early = {}  # _spec_key(spec) -> its socket, bound by listen_early()
+        self._early = []  # (_spec_key(spec), its socket), bound by listen_early()
+        self._factory_link = self._factory_end = None
         for text, spec in zip(self.config.publish, self.initial):
             if spec.proto not in self.protos:
                 raise UsageError(f"-p {text}: {spec.proto} is not supported by "
                                  f"the builtin port driver (it supports "
                                  f"{', '.join(self.protos)})")
 
-    @staticmethod
-    def start_child(config, state_dir: str, netns: str | None) -> None:
-        _socket_factory.start(state_dir, netns, config.source_ip_transparent)
+    def link_child(self) -> None:
+        """The socket factory's connection: a socket pair made before the fork, so that
+        it is there before the command starts, and nothing later depends on a path in
+        the state dir (logind or tmpfiles may remove the dir under a live run)."""
+        import socket
+
+        self._factory_link, self._factory_end = socket.socketpair()
+
+    def forked(self, in_child: bool) -> None:
+        (self._factory_link if in_child else self._factory_end).close()
+
+    def start_child(self, config, state_dir: str, netns: str | None) -> None:
+        _socket_factory.start(self._factory_end, netns, config.source_ip_transparent)
+
+    def components(self) -> list:
+        from ..._supervise import Component
+
+        return [Component(self._factory_link.fileno(), lambda: (
+            "the socket factory (it makes the sockets of published ports in the "
+            "namespace) died while the command was running: the published ports cannot "
+            "reach it any more; stopping the command"))]
 
     def listen_early(self) -> list[int]:
         """The -p ports listen from the start; the relays load at their first client."""
-        from ...errors import PortSpecError
-
         for text, spec in zip(self.config.publish, self.initial):
             try:
-                self._early[_spec_key(spec)] = _bind(spec)
+                self._early.append((_spec_key(spec), _bind(spec)))
             except OSError as exc:  # those bound so far: close_early(), as always
-                raise PortSpecError(f"-p {text}: " + bind_failure(
-                    exc, spec.proto, spec.parentIP or "0.0.0.0", spec.parentPort)[1]) from None
-        return [sock.fileno() for sock in self._early.values()]
+                raise PortSpecError(f"-p {text}: {self._early_failure(spec, exc)}") from None
+        return [sock.fileno() for _, sock in self._early]
+
+    def _early_failure(self, spec, exc: OSError) -> str:
+        """Why -p `spec` cannot be bound: an earlier -p of the same port, or the host."""
+        from ...portspec import format as text
+
+        family, wildcards = FAMILY[spec.proto], ("", "0.0.0.0", "::")
+        for other in self.initial[:len(self._early)] if exc.errno == errno.EADDRINUSE else ():
+            if (FAMILY[other.proto] == family and other.parentPort == spec.parentPort
+                    and (other.parentIP == spec.parentIP or other.parentIP in wildcards
+                         or spec.parentIP in wildcards)):
+                return (f"{family} port {spec.parentPort} is already published by "
+                        f"-p {text(other)}: publish each port once")
+        return bind_failure(exc, spec.proto, spec.parentIP or "0.0.0.0", spec.parentPort)[1]
 
     def close_early(self) -> None:
-        for sock in self._early.values():
+        for _, sock in self._early:
             sock.close()
-        self._early = {}
+        self._early = []
+        if self._factory_link is not None:
+            self._factory_link.close()
+
+    def _take_early(self, spec):
+        """The socket listen_early() bound for `spec`, if any (each once)."""
+        key = _spec_key(spec)
+        for i, (bound, sock) in enumerate(self._early):
+            if bound == key:
+                del self._early[i]
+                return sock
+        return None
 
     async def serve(self, state_dir: str, *, task_status) -> None:
         import trio
 
         _relay.raise_fd_limit()
-        self.factory = _socket_factory.Factory(state_dir)
+        self.factory = _socket_factory.Factory(self._factory_link)
         self._udp_rules: dict[int, int] = {}  # child port -> published UDP ports using it
         await self.factory.connect()
         try:
@@ -77,7 +118,7 @@ class BuiltinPortDriver(PortDriver):
         from ...api.router import ApiFailure
 
         udp = spec.proto.startswith("udp")
-        sock = self._early.pop(_spec_key(spec), None)
+        sock = self._take_early(spec)
         if sock is None:
             try:
                 sock = _bind(spec)
