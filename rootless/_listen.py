@@ -6,14 +6,15 @@ import os
 def backlog() -> int:
     """The system's listen backlog (net.core.somaxconn), as Go's net package takes for
     rootlesskit: a burst of clients waits in the queue, where a backlog of 128 made
-    the 129th connect() fail with EAGAIN."""
-    import socket
-
+    the 129th connect() fail with EAGAIN. (api.sock is bound on the way to the
+    command: _socket, the C module, not socket.py and its enum.)"""
     try:
         with open("/proc/sys/net/core/somaxconn", "rb") as f:
             return max(int(f.read()), 1)
     except (OSError, ValueError):
-        return socket.SOMAXCONN
+        import _socket
+
+        return _socket.SOMAXCONN
 
 
 class SpareFd:
