@@ -30,10 +30,11 @@ class Services:
     def __init__(self, config, state, child_pid: int, network_info, ports, listeners):
         self.config, self.state, self.child_pid = config, state, child_pid
         self.network_info, self.ports = network_info, ports
-        # Bound by the parent, which closes them after stop(): the API's listening
-        # socket, and the fds of the -p ports whose first client loads the services
-        # (None: the port driver's serve() must run at once).
+        # Bound by the parent, which closes them after stop() unless taken over here:
+        # the API's listening socket, and the fds of the -p ports whose first client
+        # loads the services (None: the port driver's serve() must run at once).
         self._listener, self._early = listeners.api, listeners.early
+        self._api = None  # the listener as trio serves it (socket.socket), ours to close
         # The services' failure, in words: the supervisor polls it, prints it and ends
         # the run. It is not printed here: when the run is ending anyway (the command
         # exited, a helper died), the failure is only a consequence, not news.
@@ -89,6 +90,8 @@ class Services:
                 os.write(self._failed_w, _describe(exc).encode()[:4000] or b"?")
         finally:
             self.started.set()  # whatever happened, nobody waits for it any longer
+            if self._api is not None:
+                self._api.close()
 
     def _serve(self) -> None:
         if self._woken(_GRACE):
@@ -128,8 +131,8 @@ class Services:
             self._token = trio.lowlevel.current_trio_token()
             self._running.set()
             await nursery.start(self.ports.serve, self.state.path)
-            await nursery.start(serve, _stdlib_socket(self._listener),
-                                Router(self.info, self.ports))
+            self._api = _stdlib_socket(self._listener)
+            await nursery.start(serve, self._api, Router(self.info, self.ports))
             _log.debug(f"API on {self.state.file('api.sock')}")
             self.started.set()
 
@@ -153,8 +156,9 @@ class Services:
 
 
 def _stdlib_socket(sock):
-    """socket.socket (what trio wraps) for a listener bound with _socket, the C module
-    (socket.py and its enum stay off the path to the command): the same fd."""
+    """socket.socket (what the server wants) for a listener bound with _socket, the C
+    module (socket.py and its enum stay off the path to the command): the same fd,
+    detached from `sock`."""
     import socket
 
     if isinstance(sock, socket.socket):

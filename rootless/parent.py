@@ -227,7 +227,7 @@ class Listeners:
     def component(self) -> Component:
         """The API listener: shut down (its socket hung up), the API is gone for good."""
         return Component(self.api.fileno(), lambda: (
-            f"the REST API's socket {self.path} stopped listening while the command was "
+            f"the API listener on {self.path} was shut down while the command was "
             f"running; stopping the command"))
 
     def close(self) -> None:
