@@ -28,6 +28,11 @@ _PARENT_TIMEOUT = 60.0
 # SIGKILL: we must live long enough to kill the command's whole tree.
 _PARENT_DIED = signal.SIGRTMIN
 
+# A command's death by these is not said, as a shell does not: a Ctrl-C (which the
+# terminal sends us too, so we may forward it before the parent can say the run was
+# sent it) or a reader gone.
+_NO_NEWS = {signal.SIGINT, signal.SIGPIPE}
+
 
 def namespace_flags(config: Config) -> int:
     flags = CLONE_NEWUSER | CLONE_NEWNS
@@ -156,7 +161,7 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
         # As when a pid namespace's pid 1 exits: what the command left running dies with
         # the namespaces (their network is going now), instead of lingering outside.
         _kill_descendants()
-    if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in expected:
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) not in expected | _NO_NEWS:
         # As rootlesskit says it (its tests grep for it): the signal's name, Go's way.
         _log.error(f"command [{' '.join(config.command)}] exited: signal: "
                    f"{signal_name(os.WTERMSIG(status))}")

@@ -393,10 +393,20 @@ def test_a_signal_during_set_up_reaches_the_command(rootless_run, start, user_tm
 
 # -- the command killed by a signal (item 15) -----------------------------------------
 
-@pytest.mark.parametrize("flags", [["--pidns=false"], ["--pidns=true", "--reaper=auto"],
-                                   ["--pidns=true", "--reaper=true"],
-                                   ["--pidns=true", "--reaper=false"]],
-                         ids=lambda f: ",".join(f))
+PID_MODES = pytest.mark.parametrize("flags", [
+    ["--pidns=false"], ["--pidns=true", "--reaper=auto"], ["--pidns=true", "--reaper=true"],
+    ["--pidns=true", "--reaper=false"]], ids=lambda f: ",".join(f))
+
+
+@PID_MODES
+@pytest.mark.parametrize("code", [0, 42])
+def test_exit_status_passes_through(user, rootlesskit_link, flags, code):
+    """The first half of rootlesskit's exit-code scenario: `sh -exc "exit N"`."""
+    r = user.run([rootlesskit_link, *flags, "sh", "-exc", f"exit {code}"])
+    assert r.returncode == code, r.stderr
+
+
+@PID_MODES
 def test_death_by_signal_is_said_as_rootlesskit_says_it(user, rootlesskit_link, start,
                                                         state_dir, flags):
     """rootlesskit's hack/integration-exit-code.sh: SIGUSR1 to STATE/child_pid running
@@ -410,6 +420,19 @@ def test_death_by_signal_is_said_as_rootlesskit_says_it(user, rootlesskit_link, 
     assert ended(proc) == 128 + signal.SIGUSR1
     assert one_error_line(proc) == ("rootlesskit[child]: error: command [sleep infinity] "
                                     "exited: signal: user defined signal 1")
+
+
+def test_ctrl_c_ends_the_run_quietly(rootless_run, start, state_dir):
+    """A Ctrl-C reaches the whole process group (the supervisor, the child, the socket
+    factory, the command): the command ends with 130, and nothing is said (the factory
+    is not taken for a part that died, nor the command's death for news)."""
+    proc = start([rootless_run, "--net=slirp4netns", "--port-driver=builtin",
+                  f"--state-dir={state_dir}", "--", "sleep", "1000"])
+    until("the command", lambda: os.path.exists(os.path.join(state_dir, "namespaces")),
+          timeout=20)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert ended(proc) == 128 + signal.SIGINT
+    assert stderr_of(proc) == ""
 
 
 # -- what long-lived helpers hold (item 16) -------------------------------------------

@@ -48,8 +48,11 @@ def start(conn: socket.socket, netns: str | None, transparent: bool) -> None:
         set_parent_death_signal(signal.SIGKILL)
         # Only its connection: not the child's handshake pipes, nor the activation fds.
         close_fds_except(conn.fileno())
+        # A Ctrl-C (the terminal signals the whole process group) is for the command:
+        # the factory goes with the child or the parent's end, and its death would
+        # otherwise race the command's as the reason the run ends.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_DFL)
+            signal.signal(sig, signal.SIG_IGN)
         # The child holds the command's signals until the command runs: not ours.
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         if netns:
