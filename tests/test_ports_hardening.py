@@ -576,7 +576,10 @@ def test_buffer_fallback_yields_to_others_and_is_cancellable(user, instance, spa
         throttle(inst.pid, 10)
         flowing = received[0]
         until("more of the stream", lambda: received[0] > flowing + (16 << 20), timeout=10)
-        assert pipe_fds(inst.pid) == before, "the stream has a pipe: no buffer fallback"
+        # The fewest of a few looks: a pipe tried and found too small (once a second)
+        # is open for a moment, and one look may catch half of it closed.
+        assert min(pipe_fds(inst.pid) for _ in range(5)) == before, \
+            "the stream has a pipe: no buffer fallback"
         for _ in range(3):
             assert api(user, inst.sock, "GET", "/v1/info")[0] == 200, "the API starves"
             assert echo_ok_in_netns(), "the other port starves"
