@@ -33,9 +33,9 @@ from .errors import StateDirError, StateDirLocked, StateDirMissing
 # command runs (see enter.py): joiners wait for it and check child_pid against it.
 NAMESPACES = "namespaces"
 
-# The unix sockets a run binds in the dir (the API's, the socket factory's, slirp4netns'
-# API): their paths must fit in sun_path.
-SOCKETS = ("api.sock", ".ports.sock", "slirp4netns.sock")
+# The unix sockets a run binds in the dir (the API's, slirp4netns' API): their paths
+# must fit in sun_path.
+SOCKETS = ("api.sock", "slirp4netns.sock")
 _SUN_PATH = 107  # bytes of a socket's path (108 with the NUL some binders add)
 
 # Files a run writes; cleared at start (a crashed run may have left them) and at exit

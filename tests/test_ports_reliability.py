@@ -138,6 +138,20 @@ def pipe_fds(pid: int) -> int:
     return n
 
 
+def pipe_fds_at_rest(pid: int, quiet: float = 0.3, timeout: float = 10) -> int:
+    """pipe_fds(pid) once it has not changed for `quiet` s: api.sock answers before the
+    command starts, and the parent's services make their pipes just after."""
+    count, since = pipe_fds(pid), time.monotonic()
+    deadline = since + timeout
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, f"the pipes of {pid} never settled"
+        time.sleep(0.02)
+        now = pipe_fds(pid)
+        if now != count:
+            count, since = now, time.monotonic()
+    return count
+
+
 def nofile_limits(pid: int) -> tuple[int, int]:
     with open(f"/proc/{pid}/limits") as f:
         for line in f:
@@ -366,7 +380,7 @@ def _pipes_during_transfer(inst, port: int, client_first: bool) -> list[int]:
 def test_half_close_big_payloads_through_splice(server, client_first):
     port = free_port()
     inst = server(f"127.0.0.1:{port}:{BOTH}/tcp")
-    before = pipe_fds(inst.pid)  # no connection yet: no relay pipe
+    before = pipe_fds_at_rest(inst.pid)  # no connection yet: no relay pipe
     workers = worker_cpu_ns(inst.pid)
     seen = _pipes_during_transfer(inst, port, client_first)
     assert max(seen) >= before + 2, "no pipe in use: the data did not go through splice"
@@ -452,7 +466,7 @@ def test_half_close_big_payloads_without_pipes(user, server, spawned, client_fir
     assert new_size < 64 << 10, f"pipes still get {new_size} bytes after {taken} of 1 MiB"
     port = free_port()
     inst = server(f"127.0.0.1:{port}:{BOTH}/tcp")
-    before = pipe_fds(inst.pid)
+    before = pipe_fds_at_rest(inst.pid)
     seen = _pipes_during_transfer(inst, port, client_first)
     # (a pipe the pool tries and closes at once, being too small, may show briefly)
     assert sum(n > before for n in seen) <= len(seen) // 20, \
