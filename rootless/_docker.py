@@ -34,7 +34,7 @@ def preflight(config, subids, net_was_auto: bool) -> None:
             problems.append(f"{binary} ({why}) is in {sbin}, which is not in PATH: "
                             f"export PATH=$PATH:/usr/sbin:/sbin")
         else:
-            problems.append(f"{binary} ({why}): sudo apt-get install {package}")
+            problems.append(f"{binary} ({why}): as root, run: apt-get install {package}")
 
     need("newuidmap", "maps the image files' owners", "uidmap")
     need("newgidmap", "maps the image files' groups", "uidmap")
@@ -49,8 +49,8 @@ def preflight(config, subids, net_was_auto: bool) -> None:
                         "there): drop --net=host (rootless-run picks slirp4netns or pasta)")
     elif config.net == "none" and net_was_auto:
         problems.append("a network for the containers (neither slirp4netns with a usable "
-                        "/dev/net/tun nor pasta works here): sudo apt-get install slirp4netns "
-                        "and sudo chmod 666 /dev/net/tun, or sudo apt-get install passt; or "
+                        "/dev/net/tun nor pasta works here): as root, run: apt-get install "
+                        "slirp4netns and chmod 666 /dev/net/tun, or apt-get install passt; or "
                         "choose --net=none")
     if "/run" not in config.copy_up:
         problems.append("a writable /run (dockerd creates /run/docker): add --copy-up=/run")

@@ -340,14 +340,14 @@ def diagnose_unshare(exc: OSError) -> str:
     checks = (
         ("/proc/sys/kernel/unprivileged_userns_clone", "0",
          "unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone=0): "
-         "enable with sudo sysctl -w kernel.unprivileged_userns_clone=1"),
+         "as root, run: sysctl -w kernel.unprivileged_userns_clone=1"),
         ("/proc/sys/user/max_user_namespaces", "0",
-         "user namespaces are disabled (user.max_user_namespaces=0): enable with "
-         "sudo sysctl -w user.max_user_namespaces=28633"),
+         "user namespaces are disabled (user.max_user_namespaces=0): as root, run: "
+         "sysctl -w user.max_user_namespaces=28633"),
         ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
          "AppArmor restricts unprivileged user namespaces "
          "(kernel.apparmor_restrict_unprivileged_userns=1): add an AppArmor profile for "
-         "rootless-run that allows userns, or sudo sysctl -w "
+         "rootless-run that allows userns, or as root, run: sysctl -w "
          "kernel.apparmor_restrict_unprivileged_userns=0"),
     )
     for path, bad, message in checks:

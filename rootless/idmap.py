@@ -24,7 +24,7 @@ def _spawn(helper: str, pid: int, args: list[str]) -> tuple[int, int]:
     exe = which(helper)
     if exe is None:
         raise IdmapError(f"{helper} not found in PATH: install the uidmap package "
-                         f"(sudo apt-get install uidmap)")
+                         f"(as root: apt-get install uidmap)")
     rfd, wfd = os.pipe()
     try:
         child = os.posix_spawn(exe, [helper, str(pid), *args], os.environ,
@@ -49,7 +49,7 @@ def _finish(helper: str, child: int, rfd: int) -> None:
         text = b"".join(chunks).decode(errors="replace").strip().replace("\n", "; ")
         hint = ""
         if not os.stat(which(helper)).st_mode & 0o4000 and "Operation not permitted" in text:
-            hint = f"; {helper} must be setuid root (sudo chmod u+s $(command -v {helper}))"
+            hint = f"; {helper} must be setuid root (as root: chmod u+s $(command -v {helper}))"
         raise IdmapError(f"{helper} failed (exit {code}): {text or 'no message'}{hint}")
 
 

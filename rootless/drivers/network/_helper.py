@@ -13,7 +13,7 @@ from ...statedir import removed_at_exit
 def find_binary(flag: str, name: str, package: str) -> str:
     path = which(name)
     if path is None:
-        raise UsageError(f"{name} not found: install it (sudo apt-get install {package}) "
+        raise UsageError(f"{name} not found: install it (as root: apt-get install {package}) "
                          f"or point {flag} at it")
     return path
 
@@ -23,8 +23,8 @@ def check_tun() -> None:
         fd = os.open("/dev/net/tun", os.O_RDWR)
     except OSError as exc:
         raise UsageError(f"cannot open /dev/net/tun ({exc.strerror}): the network helpers "
-                         f"need it read-write; ask an admin to run: sudo chmod 666 "
-                         f"/dev/net/tun (or load the tun module)") from None
+                         f"need it read-write; as root, run: chmod 666 /dev/net/tun "
+                         f"(or load the tun module)") from None
     os.close(fd)
 
 
