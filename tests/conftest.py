@@ -239,6 +239,17 @@ def user_tmp(user, request):
 
 
 @pytest.fixture
+def start(user, spawned, user_tmp):
+    """start(args): rootless-run in the background, as the user. TMPDIR is private to
+    the test: a supervisor killed at teardown cannot remove its temp state dir."""
+    def start(args, **kw):
+        proc = user.popen(args, env={"TMPDIR": user_tmp}, **kw)
+        spawned.append(proc)
+        return proc
+    return start
+
+
+@pytest.fixture
 def subid_files(user, nosub_user):
     """Rewrite /etc/subuid and /etc/subgid for one test: `write(text)` puts `text` in
     both, followed by the lines of other users (those of other test slots, which

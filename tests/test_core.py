@@ -61,17 +61,6 @@ def wait_until(predicate, timeout: float, interval: float = 0.05):
         time.sleep(interval)
 
 
-@pytest.fixture
-def start(user, spawned, user_tmp):
-    """Start rootless-run in the background, as the user. TMPDIR is private to the test:
-    a supervisor killed at teardown cannot remove its temp state dir."""
-    def start(args, **kw):
-        proc = user.popen(args, env={"TMPDIR": user_tmp}, **kw)
-        spawned.append(proc)
-        return proc
-    return start
-
-
 # -- identity -------------------------------------------------------------------------
 
 def test_runs_as_root_with_subid_maps(user, rootless_run):

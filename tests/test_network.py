@@ -80,16 +80,6 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 @pytest.fixture
-def start(user, spawned, user_tmp):
-    """rootless-run in the background as the user, with a private TMPDIR."""
-    def start(args, **kw):
-        proc = user.popen(args, env={"TMPDIR": user_tmp}, **kw)
-        spawned.append(proc)
-        return proc
-    return start
-
-
-@pytest.fixture
 def http_server():
     """`serve(prefix=[])`: an HTTP server on 127.0.0.1 (of the netns `prefix` runs it in,
     e.g. ["ip", "netns", "exec", NAME]) serving /token. Returns (port, token)."""

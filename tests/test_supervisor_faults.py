@@ -120,16 +120,6 @@ def nothing_left(user, timeout: float = 5) -> None:
     assert not left, f"left running: {left}"
 
 
-@pytest.fixture
-def start(user, spawned, user_tmp):
-    """Start rootless-run as the user (TMPDIR private to the test)."""
-    def start(args, **kw):
-        proc = user.popen(args, env={"TMPDIR": user_tmp}, **kw)
-        spawned.append(proc)
-        return proc
-    return start
-
-
 # -- fail before the command starts ---------------------------------------------------
 
 BAD_P = {  # case -> (specs with {port}, what the line must say)
@@ -304,7 +294,7 @@ def test_a_broken_stderr_does_not_end_the_run(user, rootless_run, spawned, state
 
 # -- more than 1024 fds in the supervisor (item 12) -----------------------------------
 
-HOLD_PY = f'''
+HOLD_PY = '''
 import socket, time
 listener = socket.create_server(("127.0.0.1", 9000), backlog=1024)  # never accepts
 time.sleep(1e6)
