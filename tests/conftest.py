@@ -18,11 +18,42 @@ import time
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 VENV_BIN = os.path.dirname(sys.executable)
 TEST_USER = os.environ.get("RLT_TEST_USER", "rlt-test")
 NOSUB_USER = os.environ.get("RLT_NOSUB_USER", "rlt-nosub")
 RUN = os.path.join(VENV_BIN, "rootless-run")
+
+# Property tests (tests/test_properties_*.py). "ci", the default: few examples, the same
+# ones every run (derandomized: a CI failure is reproduced by running the test again),
+# the whole property suite well under a minute. "fuzz" (pytest --hypothesis-profile=fuzz):
+# at least 10,000 examples per property, random each run. Neither keeps a database in
+# the checkout. No deadline: this machine's two CPUs are shared, and a slow example is
+# not a failure (a hang is: the tests bound every wait with a timeout).
+FUZZ_EXAMPLES = 10_000
+_PROPERTY_SETTINGS = dict(database=None, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                 HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=100, derandomize=True, **_PROPERTY_SETTINGS)
+settings.register_profile("fuzz", max_examples=FUZZ_EXAMPLES, **_PROPERTY_SETTINGS)
+settings.load_profile("ci")
+
+
+def _fuzzing() -> bool:
+    return settings.default.max_examples >= FUZZ_EXAMPLES
+
+
+def examples(ci: int) -> settings:
+    """A property's number of examples: `ci` in the default profile (a costly property
+    takes fewer), the profile's in any other."""
+    return settings(max_examples=settings.default.max_examples if _fuzzing() else ci)
+
+
+def sample(ci: int, fuzz: int) -> settings:
+    """The number of examples of a check through a real entry point (a process per
+    example), which shows that an in-process property stands for it: a sample."""
+    return settings(max_examples=fuzz if _fuzzing() else ci)
 
 
 class User:
