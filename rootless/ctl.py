@@ -152,7 +152,8 @@ def _run(args) -> int:
             except ApiUnreachable:
                 raise
             except ApiError as exc:
-                raise ApiError(f"cannot add {text}: {exc}", exc.status) from None
+                raise ApiError(f"cannot add {portspec.written(text)}: {exc}", exc.status
+                               ) from None
             _out(_status_json(status) + "\n" if args.json else f"{status.id}\n")
     elif args.command == "remove-ports":
         for ident in ids:

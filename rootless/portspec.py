@@ -88,6 +88,12 @@ def validate(spec: PortSpec, *, text: str | None = None) -> PortSpec:
     )
 
 
+def written(text: str) -> str:
+    """A text `parse` accepted, as messages name it: without the blanks around it
+    (parse ignores them), the only characters of such a text that may not print."""
+    return text.strip()
+
+
 def format(spec: PortSpec) -> str:  # noqa: A001 - the module's own vocabulary
     """The text form of `spec`; `parse(format(s)) == s` for any valid normalized spec."""
     return (f"{_ip_text(spec.parentIP, parent=True)}{spec.parentPort}:"

@@ -21,7 +21,7 @@ class BuiltinPortDriver(PortDriver):
 
     def preflight(self) -> None:
         from ...errors import UsageError
-        from ...portspec import parse, validate
+        from ...portspec import parse, validate, written
 
         if self.config.net == "host":
             raise UsageError("--port-driver=builtin needs a network namespace: use it with "
@@ -31,7 +31,7 @@ class BuiltinPortDriver(PortDriver):
         self._factory_link = self._factory_end = None
         for text, spec in zip(self.config.publish, self.initial):
             if spec.proto not in self.protos:
-                raise UsageError(f"-p {text}: {spec.proto} is not supported by "
+                raise UsageError(f"-p {written(text)}: {spec.proto} is not supported by "
                                  f"the builtin port driver (it supports "
                                  f"{', '.join(self.protos)})")
 
@@ -59,11 +59,14 @@ class BuiltinPortDriver(PortDriver):
 
     def listen_early(self) -> list[int]:
         """The -p ports listen from the start; the relays load at their first client."""
+        from ...portspec import written
+
         for text, spec in zip(self.config.publish, self.initial):
             try:
                 self._early.append((_spec_key(spec), _bind(spec)))
             except OSError as exc:  # those bound so far: close_early(), as always
-                raise PortSpecError(f"-p {text}: {self._early_failure(spec, exc)}") from None
+                raise PortSpecError(f"-p {written(text)}: {self._early_failure(spec, exc)}"
+                                    ) from None
         return [sock.fileno() for _, sock in self._early]
 
     def _early_failure(self, spec, exc: OSError) -> str:

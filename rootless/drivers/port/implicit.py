@@ -67,7 +67,7 @@ def pasta_options(config) -> list[str]:
 def initial_specs(config) -> list:
     """The -p specs, parsed and checked against what pasta can do (UsageError)."""
     from ...errors import UsageError
-    from ...portspec import format as text, parse
+    from ...portspec import format as text, parse, written
 
     specs, seen = [], {}
     for given in config.publish:
@@ -82,11 +82,11 @@ def initial_specs(config) -> list:
                        f"{spec.childPort} (e.g. -p {spec.parentIP or '0.0.0.0'}:"
                        f"{spec.childPort}:{spec.childPort}/{spec.proto})")
         if problem:
-            raise UsageError(f"-p {given}: {problem}")
+            raise UsageError(f"-p {written(given)}: {problem}")
         key = (FAMILY[spec.proto], spec.parentPort)
         if key in seen:
-            raise UsageError(f"-p {given}: {key[0]} port {spec.parentPort} is already "
-                             f"published by -p {text(seen[key])}; pasta forwards a port "
+            raise UsageError(f"-p {written(given)}: {key[0]} port {spec.parentPort} is "
+                             f"already published by -p {text(seen[key])}; pasta forwards a port "
                              f"number once per protocol (--port-driver=builtin does not "
                              f"have that limit)")
         seen[key] = spec

@@ -38,12 +38,12 @@ class Slirp4netnsPortDriver(PortDriver):
         self.child_ip = Addressing(self.config.cidr).child
         self.initial = []
         if self.config.publish:  # msgspec (through portspec) only when there are specs
-            from ...portspec import parse
+            from ...portspec import parse, written
 
             for text in self.config.publish:
                 spec = parse(text)
-                self._check(spec, where=f"-p {text}")
-                self.initial.append((text, spec))
+                self._check(spec, where=f"-p {written(text)}")
+                self.initial.append((written(text), spec))
         self._warned = False
 
     # -- parent side, in the service thread (trio) --
