@@ -15,6 +15,9 @@ _INT = ((0xD0, ">b", 1 << 7), (0xD1, ">h", 1 << 15), (0xD2, ">i", 1 << 31), (0xD
 _STR = ((0xD9, ">B", 1 << 8), (0xDA, ">H", 1 << 16), (0xDB, ">I", 1 << 32))
 _ARRAY = ((0xDC, ">H", 1 << 16), (0xDD, ">I", 1 << 32))
 _MAP = ((0xDE, ">H", 1 << 16), (0xDF, ">I", 1 << 32))
+# A handshake message nests two deep: far deeper is garbage, which would otherwise
+# exhaust the stack (RecursionError) before it ran out of bytes.
+_MAX_DEPTH = 64
 
 
 def _sized(n: int, widths) -> bytes:
@@ -70,7 +73,7 @@ _WIDE = {code: (fmt, kind) for kind, widths in (("int", _UINT), ("int", _INT), (
          for code, fmt, _ in widths}
 
 
-def _unpack(data: bytes, at: int):
+def _unpack(data: bytes, at: int, depth: int = 0):
     code = data[at]
     at += 1
     if code < 0x80:
@@ -97,9 +100,11 @@ def _unpack(data: bytes, at: int):
         if at + n > len(data):
             raise IndexError("string past the end")
         return data[at:at + n].decode(), at + n
+    if depth == _MAX_DEPTH:
+        raise ProtocolError(f"undecodable handshake message: nested over {_MAX_DEPTH} deep")
     items = []
     for _ in range(n * (2 if kind == "map" else 1)):
-        item, at = _unpack(data, at)
+        item, at = _unpack(data, at, depth + 1)
         items.append(item)
     if kind == "array":
         return items, at
