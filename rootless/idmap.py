@@ -10,13 +10,27 @@ from .subid import Range, Subids, add_command
 
 
 def map_args(host_id: int, ranges: list[Range]) -> list[str]:
-    """0 -> the user's own id, then 1.. -> the subordinate ranges in order."""
+    """0 -> the user's own id, then 1.. -> the subordinate ranges in order, each id
+    once: the kernel refuses a map whose extents overlap (a line written twice in
+    /etc/subuid, ranges that overlap, a range holding the user's own id)."""
     args = ["0", str(host_id), "1"]
     inside = 1
+    taken = [(host_id, host_id + 1)]
     for r in ranges:
-        args += [str(inside), str(r.start), str(r.count)]
-        inside += r.count
+        for start, end in _untaken(r.start, r.start + r.count, taken):
+            args += [str(inside), str(start), str(end - start)]
+            inside += end - start
+            taken.append((start, end))
     return args
+
+
+def _untaken(start: int, end: int, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [start, end) outside every [first, last) of `taken`."""
+    parts = [(start, end)]
+    for first, last in taken:
+        parts = [piece for s, e in parts for piece in ((s, min(e, first)), (max(s, last), e))
+                 if piece[0] < piece[1]]
+    return parts
 
 
 def _spawn(helper: str, pid: int, args: list[str]) -> tuple[int, int]:

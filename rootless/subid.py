@@ -22,42 +22,101 @@ SUBGID_FILE = "/etc/subgid"
 
 
 def parse_subid_file(text: str, user: str, uid: int, path: str = SUBUID_FILE) -> list[Range]:
-    """Ranges of `user` (by name or numeric id) in subuid/subgid `text`, in file order.
+    """Ranges of `user` (by name or numeric id) in subuid/subgid `text`, in file order,
+    read as newuidmap reads them (shadow's lib/subordinateio.c): the owner exactly as
+    written, numbers as C's strtoul (base 0: 0x hex, a leading 0 octal), a fourth
+    field ignored.
 
     Lines of other users are not ours to judge (newuidmap skips what it cannot parse);
-    a malformed line of ours is an error, so a typo is not silently a missing range.
+    a line of ours that newuidmap cannot read, or whose range the kernel cannot map,
+    is an error, so a typo is not silently a missing range.
     """
+    if "\0" in text:
+        # shadow's reader runs the lines about a NUL together: it may lose any of them
+        line = text[:text.index("\0")].count("\n") + 1
+        raise SubidError(f"{path} line {line} has a NUL byte, which makes newuidmap "
+                         f"misread the file: remove it")
     keys = {user, str(uid)}
     ranges = []
-    for lineno, line, fields in _lines(text):
-        if fields[0].strip() not in keys:
+    for lineno, line, owner, found in _entries(text):
+        if owner not in keys:
             continue
-        where = f"{path} line {lineno} ({line!r})"
+        where = f"{path} line {lineno} ({_shown(line)})"
         fix = f"write it as {user}:START:COUNT, e.g. {user}:100000:65536"
-        if len(fields) != 3:
-            raise SubidError(f"{where}: expected 3 colon-separated fields; {fix}")
-        try:
-            start, count = int(fields[1]), int(fields[2])
-        except ValueError:
-            raise SubidError(f"{where}: START and COUNT must be numbers; {fix}") from None
-        if start < 0 or count <= 0 or start + count > 2**32 - 1:
-            raise SubidError(f"{where}: range out of bounds; {fix}")
-        ranges.append(Range(start, count))
+        if isinstance(found, str):
+            raise SubidError(f"{where}: {found}; {fix}")
+        ranges.append(_checked(*found, where, fix))
     return ranges
 
 
-def _lines(text: str):
-    """(line number, line, its fields) of the lines that are not blank or comments."""
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if line and not line.startswith("#"):
-            yield lineno, line, line.split(":")
+_SPACE = " \t\n\v\f\r"  # what strtoul skips (isspace in the C locale)
+_LINE_MAX = 1023  # bytes: a longer line does not fit shadow's buffer, which skips it
+_ULONG = 2**64
+_DIGITS = {8: "01234567", 10: "0123456789", 16: "0123456789abcdefABCDEF"}
+
+
+def _entries(text: str):
+    """(line number, line, owner, (start, count)) for each line, as shadow's parser
+    reads it; a line it cannot read has, instead of the numbers, why not. Lines are
+    split at \n only, and kept whole: blanks and \r are part of the fields."""
+    for lineno, line in enumerate(text.split("\n"), 1):
+        fields = line.split(":")
+        owner = fields[0]
+        if len(line.encode("utf-8", "surrogateescape")) > _LINE_MAX:
+            yield lineno, line, owner, f"longer than the {_LINE_MAX} bytes newuidmap reads"
+        elif len(fields) < 3 or "" in fields[:3]:
+            yield lineno, line, owner, "expected 3 colon-separated fields"
+        else:
+            start, count = _strtoul(fields[1]), _strtoul(fields[2])
+            if start is None or count is None:
+                yield lineno, line, owner, ("START and COUNT must be numbers (decimal, or "
+                                            "0x hex; a leading 0 means octal)")
+            else:
+                yield lineno, line, owner, (start, count)
+
+
+def _strtoul(text: str) -> int | None:
+    """`text` as C's strtoul(text, &end, 0) reads it when it must end at the end (shadow's
+    getulong): blanks, a sign (a negative wraps, as in C), then decimal, 0x hex or 0
+    octal digits. None if it is not such a number, or beyond an unsigned long."""
+    body = text.lstrip(_SPACE)
+    negative = body.startswith("-")
+    if body.startswith(("-", "+")):
+        body = body[1:]
+    if body[:2] in ("0x", "0X") and body[2:3] and body[2] in _DIGITS[16]:
+        base, body = 16, body[2:]
+    else:
+        base = 8 if body.startswith("0") else 10
+    if not body or body.strip(_DIGITS[base]):
+        return None
+    significant = body.lstrip("0")
+    if len(significant) > 22:  # beyond 2**64 in any base (and int()'s digit limit)
+        return None
+    value = int(significant or "0", base)
+    if value >= _ULONG:
+        return None
+    return -value % _ULONG if negative else value
+
+
+def _checked(start: int, count: int, where: str, fix: str) -> Range:
+    """The range, if the kernel can map it (32-bit ids, 4294967295 being none)."""
+    if count <= 0 or start < 0 or start + count > 2**32 - 1:
+        raise SubidError(f"{where}: range out of bounds; {fix}")
+    return Range(start, count)
+
+
+def _shown(line: str, limit: int = 80) -> str:
+    """A line for a message: quoted, escaped, cut."""
+    shown = repr(line[:limit])
+    return shown + "..." if len(line) > limit else shown
 
 
 def read_subid_file(path: str, user: str, uid: int) -> list[Range]:
+    """The ranges of `user` in the file at `path` (bytes: not all lines need be UTF-8,
+    nor are they to newuidmap)."""
     try:
-        with open(path) as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
     except FileNotFoundError:
         return []
     except OSError as exc:
@@ -66,18 +125,17 @@ def read_subid_file(path: str, user: str, uid: int) -> list[Range]:
 
 
 def parse_getsubids(text: str) -> list[Range]:
-    """getsubids prints one range a line: 'N: USER START COUNT'."""
+    """getsubids prints one range a line: 'N: USER START COUNT' (%lu: ASCII digits)."""
     ranges = []
     for line in text.splitlines():
         fields = line.split()
-        if len(fields) == 4 and fields[0].endswith(":"):
-            try:
-                ranges.append(Range(int(fields[2]), int(fields[3])))
-                continue
-            except ValueError:
-                pass
-        if line.strip():
-            raise SubidError(f"getsubids printed a line we cannot read: {line!r}")
+        where = f"getsubids printed {_shown(line)}"
+        if len(fields) == 4 and fields[0].endswith(":") and all(
+                f.isascii() and f.isdigit() and len(f) <= 20 for f in fields[2:]):
+            ranges.append(_checked(int(fields[2]), int(fields[3]), where,
+                                   "fix the subordinate ids of this user"))
+        elif line.strip():
+            raise SubidError(f"{where}, a line we cannot read")
     return ranges
 
 
@@ -140,19 +198,10 @@ LOGIN_DEFS = "/etc/login.defs"
 
 
 def _occupied(text: str) -> list[Range]:
-    """Every range of every user in subuid/subgid `text`; what cannot be read is
-    skipped (it is not ours to judge, and newuidmap skips it too)."""
-    ranges = []
-    for _, _, fields in _lines(text):
-        if len(fields) != 3:
-            continue
-        try:
-            start, count = int(fields[1]), int(fields[2])
-        except ValueError:
-            continue
-        if start >= 0 and count > 0:
-            ranges.append(Range(start, count))
-    return ranges
+    """Every range of every user in subuid/subgid `text`, as shadow reads them; what it
+    cannot read is skipped (it is not ours to judge, and newuidmap skips it too)."""
+    return [Range(*found) for _, _, _, found in _entries(text)
+            if not isinstance(found, str) and found[1] > 0]
 
 
 def _useradd_setting(defs: str, kind: str, name: str) -> int:

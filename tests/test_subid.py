@@ -47,7 +47,7 @@ def test_range_fields():
 @pytest.mark.parametrize("line", [
     "rlt:100000:abc",      # not a number
     "rlt:100000",          # missing field
-    "rlt:100000:65536:9",  # extra field
+    "rlt:100000:065536x",  # not a number as newuidmap reads one (octal)
     "1001:x:1",            # keyed by uid: still ours
     "rlt:100000:0",        # empty range
     "rlt:4294967295:10",   # beyond 32-bit ids
@@ -105,7 +105,10 @@ def test_first_free_range_fits_a_gap():
 def test_first_free_range_with_malformed_lines_of_other_users():
     text = ("# a:100000:65536\nbob:abc\nbob:1:2:3:4\n::\ngarbage\ncarol:-5:x\n"
             "dave:100000:0\neve:" + "9" * 5000 + ":1\nfrank:100010:10\n")
-    assert first_free_range(text, text) == (100020, 65536)
+    # shadow has no comments: "# a:100000:65536" is a range of user "# a", taken to it
+    assert first_free_range(text, text) == (165536, 65536)
+    assert first_free_range(text.replace("# a:", "#"), text.replace("# a:", "#")) == \
+        (100020, 65536)
 
 
 def test_first_free_range_follows_login_defs():
