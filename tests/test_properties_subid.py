@@ -239,6 +239,7 @@ def check_uid_map(text: str, ranges) -> None:
 @sample(10, 200)
 @given(files())
 @example(f"{NAME}:0x286a0:65536\n".encode())
+@example(f"{NAME}:165536:65536\nother\xff:1:1\n".encode("latin-1"))
 @example(f"{NAME}:165536:65536\r\n".encode())
 @example(f"{NAME}:165536:65536\n{NAME}:165536:65536\n".encode())
 @example(f"{NAME}:165536:65536\n{NAME}:200000:65536\n".encode())
