@@ -146,10 +146,11 @@ async def _connection(stream: trio.SocketStream, router: Router) -> None:
     async with stream:
         try:
             while await _one_request(http, router):
-                http.conn.start_next_cycle()
+                http.next_cycle()
         except _GONE:
             pass
         except h11.RemoteProtocolError as exc:  # e.g. 431 for a head beyond MAX_HEAD
+            http.refused()
             await http.answer_if_possible(exc.error_status_hint, f"bad request: {exc}")
         except _BadRequest as exc:
             await http.answer_if_possible(exc.status, f"bad request: {exc}")
@@ -157,6 +158,9 @@ async def _connection(stream: trio.SocketStream, router: Router) -> None:
             _log.limited("api-connection", f"API: a connection failed: {_what(exc)}",
                          level="error")
             await http.answer_if_possible(500, f"internal error: {_what(exc)}")
+
+
+_HEAD = b"HEAD "
 
 
 class _BadRequest(Exception):
@@ -172,6 +176,17 @@ class _Http:
         self.stream = stream
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.head = False
+        self._lead = b""  # the request's first bytes: its method, if h11 refuses the head
+
+    def next_cycle(self) -> None:
+        self.conn.start_next_cycle()
+        self.head = False
+        self._lead = self.conn.trailing_data[0][:len(_HEAD)]  # a pipelined request's
+
+    def refused(self) -> None:
+        """h11 refused the request (so no Request told its method): an answer to a
+        HEAD must still have no body, or the client reads it as another answer."""
+        self.head = self._lead == _HEAD
 
     async def next_event(self):
         while True:
@@ -179,6 +194,8 @@ class _Http:
             if event is not h11.NEED_DATA:
                 return event
             data = await self.stream.receive_some(65536)
+            if len(self._lead) < len(_HEAD):
+                self._lead += data[:len(_HEAD) - len(self._lead)]
             self.conn.receive_data(data)
 
     async def send(self, status: int, payload: bytes, close: bool = False) -> None:
@@ -198,8 +215,13 @@ class _Http:
         """The last answer on this connection, if it is not too late for one."""
         if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return  # an answer was already begun: closing is all that is left
+        status, payload = error(status, clip(message, 300))
+        if self.head and self.conn.their_state is h11.ERROR:
+            # h11 refused the HEAD before it knew its method: it would frame the answer
+            # by its Content-Length, and want the body that a HEAD answer cannot have
+            payload = b""
         try:
-            await self.send(*error(status, clip(message, 300)), close=True)
+            await self.send(status, payload, close=True)
         except (*_GONE, h11.LocalProtocolError):
             pass
 
