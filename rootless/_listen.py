@@ -3,13 +3,13 @@ backlog, and the fd their accept loops keep in reserve for when fds run out."""
 import os
 
 
-def backlog() -> int:
+def backlog(path: str = "/proc/sys/net/core/somaxconn") -> int:
     """The system's listen backlog (net.core.somaxconn), as Go's net package takes for
     rootlesskit: a burst of clients waits in the queue, where a backlog of 128 made
     the 129th connect() fail with EAGAIN. (api.sock is bound on the way to the
     command: _socket, the C module, not socket.py and its enum.)"""
     try:
-        with open("/proc/sys/net/core/somaxconn", "rb") as f:
+        with open(path, "rb") as f:
             return max(int(f.read()), 1)
     except (OSError, ValueError):
         import _socket

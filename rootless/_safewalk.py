@@ -152,16 +152,21 @@ def _unmapped_uid() -> int:
     """The id unmapped owners show as, in a user namespace other than the first; -1 in
     the first (there it is a real user's, nobody's)."""
     if not _overflow:
-        _overflow.append(-1)
-        try:
-            with open("/proc/self/uid_map") as f:
-                initial = f.read().split() == ["0", "0", "4294967295"]
-            if not initial:
-                with open("/proc/sys/kernel/overflowuid") as f:
-                    _overflow[0] = int(f.read())
-        except (OSError, ValueError):
-            pass
+        _overflow.append(_overflow_id())
     return _overflow[0]
+
+
+def _overflow_id(uid_map: str = "/proc/self/uid_map",
+                 overflowuid: str = "/proc/sys/kernel/overflowuid") -> int:
+    try:
+        with open(uid_map) as f:
+            initial = f.read().split() == ["0", "0", "4294967295"]
+        if not initial:
+            with open(overflowuid) as f:
+                return int(f.read())
+    except (OSError, ValueError):
+        pass
+    return -1
 
 
 def describe(exc: BaseException) -> str:

@@ -7,16 +7,16 @@ from .errors import RootlessError, UsageError
 _ROOT = "/sys/fs/cgroup"
 
 
-def _own_cgroup() -> str:
-    with open("/proc/self/cgroup") as f:
+def _own_cgroup(path: str = "/proc/self/cgroup") -> str:
+    with open(path) as f:
         for line in f:
             if line.startswith("0::"):
                 return line[3:].strip()
     return ""
 
 
-def _is_cgroup2(path: str) -> bool:
-    with open("/proc/self/mountinfo") as f:
+def _is_cgroup2(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
+    with open(mountinfo) as f:
         for line in f:
             fields = line.split()
             sep = fields.index("-")

@@ -266,12 +266,18 @@ def _children(ppid: str) -> list[int]:
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
+                text = f.read()
         except OSError:
             continue
-        if fields and fields[1] == ppid:
+        if _parent_in_stat(text) == ppid:
             found.append(int(entry))
     return found
+
+
+def _parent_in_stat(text: str) -> str | None:
+    """The parent pid in the text of /proc/PID/stat."""
+    fields = text.rpartition(")")[2].split()
+    return fields[1] if fields else None
 
 
 def _split_pid_namespace(mask: set) -> int:

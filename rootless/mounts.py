@@ -177,12 +177,12 @@ def _bind_over(fd: int, source: str, target: str) -> None:
                               f"{exc.strerror}{hint}") from None
 
 
-def _on_tmpfs(path: str) -> bool:
+def _on_tmpfs(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
     """Whether the mount on top at `path` is a tmpfs (later lines of mountinfo are
     mounted over earlier ones)."""
     # Bytes: mount points need not be UTF-8 (mountinfo escapes only blanks and '\\').
     fstype = None
-    with open("/proc/self/mountinfo", "rb") as f:
+    with open(mountinfo, "rb") as f:
         for line in f:
             fields = line.split()
             if fields[4] == os.fsencode(path):

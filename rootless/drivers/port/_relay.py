@@ -152,13 +152,13 @@ class PipePool:
             self._sweeping = False
 
 
-def _pipe_share() -> int:
+def _pipe_share(sysctls: str = "/proc/sys/fs") -> int:
     """Bytes of pipe this process may hold: half of the user's quota, which all the
     user's processes share (dockerd's and the containers' pipes count in it too)."""
     limits = []
     for name in ("pipe-user-pages-soft", "pipe-user-pages-hard"):
         try:
-            with open(f"/proc/sys/fs/{name}") as f:
+            with open(f"{sysctls}/{name}") as f:
                 limits.append(int(f.read()))
         except (OSError, ValueError):
             pass

@@ -31,9 +31,10 @@ def bind_failure(exc: OSError, proto: str, ip: str, port: int) -> tuple[int, str
     return 400, f"cannot listen on {where}: {exc.strerror}"
 
 
-def unprivileged_port_start() -> str:
+def unprivileged_port_start(
+        path: str = "/proc/sys/net/ipv4/ip_unprivileged_port_start") -> str:
     try:
-        with open("/proc/sys/net/ipv4/ip_unprivileged_port_start") as f:
+        with open(path) as f:
             return f.read().strip()
     except OSError:
         return "1024"
