@@ -10,7 +10,7 @@ def backlog(path: str = "/proc/sys/net/core/somaxconn") -> int:
     command: _socket, the C module, not socket.py and its enum.)"""
     try:
         with open(path, "rb") as f:
-            return max(int(f.read()), 1)
+            return min(max(int(f.read()), 1), 2**31 - 1)  # listen() takes a C int
     except (OSError, ValueError):
         import _socket
 

@@ -33,11 +33,20 @@ def set_role(role: str) -> None:
     _role = role
 
 
+def printable(text: str) -> str:
+    """`text` with what does not print (a newline, a terminal's escape sequence, a
+    byte that is not UTF-8, all of which a user's value may hold) escaped as repr
+    shows it: a message is one line, whatever it quotes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _emit(level: str, message: str) -> None:
     # os.write: the child may log between fork and exec, where buffered stdio is unsafe.
     where = f"{_program}[{_role}]" if _role else _program
     try:
-        os.write(2, f"{where}: {level}: {message}\n".encode(errors="replace"))
+        os.write(2, f"{where}: {level}: {printable(message)}\n".encode(errors="replace"))
     except OSError:
         pass  # nobody to tell: the line is lost, the run is not
 

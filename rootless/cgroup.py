@@ -8,21 +8,18 @@ _ROOT = "/sys/fs/cgroup"
 
 
 def _own_cgroup(path: str = "/proc/self/cgroup") -> str:
-    with open(path) as f:
+    # Bytes: a cgroup's name need not be UTF-8 (os.fsdecode keeps it as a path).
+    with open(path, "rb") as f:
         for line in f:
-            if line.startswith("0::"):
-                return line[3:].strip()
+            if line.startswith(b"0::"):
+                return os.fsdecode(line[3:].rstrip(b"\n"))
     return ""
 
 
 def _is_cgroup2(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
-    with open(mountinfo) as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[4] == path and fields[sep + 1] == "cgroup2":
-                return True
-    return False
+    from .mounts import top_fstype
+
+    return top_fstype(path, mountinfo) == b"cgroup2"
 
 
 def check_name(name: str) -> None:

@@ -63,6 +63,9 @@ def main(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
 
 
 def _report(channel: Channel, message: str, code: int) -> None:
+    # A path from the command line may hold bytes that are not UTF-8 (as surrogates):
+    # escaped, or msgspec could not send the message, and the cause would be lost.
+    message = message.encode(errors="backslashreplace").decode()
     try:
         from .messages import ChildFailed
         channel.send(ChildFailed(message=message, exit_code=code))
@@ -276,8 +279,8 @@ def _children(ppid: str) -> list[int]:
 
 def _parent_in_stat(text: str) -> str | None:
     """The parent pid in the text of /proc/PID/stat."""
-    fields = text.rpartition(")")[2].split()
-    return fields[1] if fields else None
+    fields = text.rpartition(")")[2].split()  # comm may hold ")": after the last one
+    return fields[1] if len(fields) > 1 else None
 
 
 def _split_pid_namespace(mask: set) -> int:

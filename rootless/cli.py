@@ -92,6 +92,8 @@ def _check_ifname(name: str) -> None:
     problem = None
     if not name:
         problem = "is empty"
+    elif not _is_text(name):
+        problem = "has bytes that are not UTF-8 text"
     elif len(name.encode()) > 15:
         problem = f"is {len(name.encode())} bytes long, more than an interface name's 15"
     elif name in (".", ".."):
@@ -100,6 +102,16 @@ def _check_ifname(name: str) -> None:
         problem = "has a '/', ':' or a space, which an interface name cannot have"
     if problem:
         raise UsageError(f"--ifname={name}: {problem}; use a name such as tap0")
+
+
+def _is_text(value: str) -> bool:
+    """Whether an argument is UTF-8 text (others reach us as lone surrogates), as the
+    values sent to the child and the API must be."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:

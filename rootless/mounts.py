@@ -178,13 +178,25 @@ def _bind_over(fd: int, source: str, target: str) -> None:
 
 
 def _on_tmpfs(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
-    """Whether the mount on top at `path` is a tmpfs (later lines of mountinfo are
-    mounted over earlier ones)."""
-    # Bytes: mount points need not be UTF-8 (mountinfo escapes only blanks and '\\').
+    return top_fstype(path, mountinfo) == b"tmpfs"
+
+
+def top_fstype(path: str, mountinfo: str = "/proc/self/mountinfo") -> bytes | None:
+    """The file system type of the mount on top at `path` (later lines of mountinfo
+    are mounted over earlier ones), None if nothing is mounted there. A line that is
+    not as the kernel writes them is skipped."""
+    # Bytes: mount points need not be UTF-8; the kernel escapes blanks and '\\' (\ooo).
+    point = os.fsencode(path).replace(b"\\", b"\\134").replace(b" ", b"\\040")
+    point = point.replace(b"\t", b"\\011").replace(b"\n", b"\\012")
     fstype = None
     with open(mountinfo, "rb") as f:
         for line in f:
+            # ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE ...
             fields = line.split()
-            if fields[4] == os.fsencode(path):
-                fstype = fields[fields.index(b"-") + 1]
-    return fstype == b"tmpfs"
+            try:
+                end = fields.index(b"-", 6)
+            except ValueError:
+                continue
+            if end + 1 < len(fields) and fields[4] == point:
+                fstype = fields[end + 1]
+    return fstype

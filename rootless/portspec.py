@@ -20,6 +20,7 @@ import re
 
 import msgspec
 
+from ._log import printable
 from .api.models import PortSpec
 from .errors import PortSpecError
 
@@ -232,5 +233,5 @@ def _ip_text(ip: str, *, parent: bool) -> str:
 def _quote(text: str, limit: int = 80) -> str:
     """`text` in double quotes for a one-line message: control characters escaped, a
     long text cut."""
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    shown = printable(text)
     return f'"{shown[:limit]}..."' if len(shown) > limit else f'"{shown}"'

@@ -34,10 +34,11 @@ def bind_failure(exc: OSError, proto: str, ip: str, port: int) -> tuple[int, str
 def unprivileged_port_start(
         path: str = "/proc/sys/net/ipv4/ip_unprivileged_port_start") -> str:
     try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
+        with open(path, "rb") as f:
+            text = f.read().strip().decode("ascii")
+    except (OSError, ValueError):
         return "1024"
+    return text if text.isdigit() else "1024"
 
 
 class PortDriver:
