@@ -48,6 +48,15 @@ def mangled(text: st.SearchStrategy[str], odd: st.SearchStrategy[str] | None = N
     return build()
 
 
+def to_bytes(text: str) -> bytes:
+    """`text` as the bytes of a file: surrogates of undecodable bytes back as those
+    bytes (surrogateescape), any other lone surrogate as 3 bytes that are not UTF-8."""
+    try:
+        return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def argv_text() -> st.SearchStrategy[str]:
     """An argument as Python sees it in sys.argv: any bytes but NUL (execve cannot
     pass one), decoded as the interpreter does (surrogateescape)."""

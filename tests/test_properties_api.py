@@ -326,6 +326,12 @@ def test_real_rootless_ctl_add_ports_says_what_the_property_says(instance, text)
             assert r.returncode == 0 and r.stdout.startswith(b"usage:")
         else:
             assert r.returncode == 1 and stderr_line(r.stderr, "rootless-ctl") == expected
+        return
+    status, answer = api_answer(msgspec.json.encode(expected[0]))
+    if status != 201:  # the API refuses it, as it says
+        message = json.loads(answer)["message"]
+        assert r.returncode == 1 and stderr_line(r.stderr, "rootless-ctl") == \
+            f"cannot add {text.strip()}: {message}"
     elif r.returncode != 0:
         line = stderr_line(r.stderr, "rootless-ctl")
         assert r.returncode == 1 and line.startswith(f"cannot add {text.strip()}: "), line

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import example, given, strategies as st
 
 from conftest import RUN, TEST_USER, examples, sample
-from hostile import NUMBERS, any_text, pieces
+from hostile import NUMBERS, any_text, pieces, to_bytes
 from rootless.errors import SubidError
 from rootless.subid import parse_getsubids, parse_subid_file, read_subid_file
 
@@ -29,16 +29,22 @@ assert _PW.pw_gid == _PW.pw_uid  # newgidmap matches the uid, getsubids -g the g
 
 # -- the oracle: getsubids in a mount namespace of its own ------------------------------
 
+# The bind mounts go when the host replaces its /etc/subuid (another test slot's
+# contrib/test.sh edits it with sed -i): they are checked, and made again, around each
+# answer.
 HELPER = r'''
-import json, subprocess, sys, traceback
+import json, os, subprocess, sys, traceback
 files = sys.argv[1]
-for name in ("subuid", "subgid"):
-    subprocess.run(["mount", "--bind", f"{files}/{name}", f"/etc/{name}"], check=True)
-from rootless.errors import SubidError
-from rootless.subid import run_getsubids
-print("ready", flush=True)
-for request in sys.stdin:
-    user, group = json.loads(request)
+
+def bound():
+    return all(os.stat(f"/etc/{name}").st_ino == os.stat(f"{files}/{name}").st_ino
+               for name in ("subuid", "subgid"))
+
+def bind():
+    for name in ("subuid", "subgid"):
+        subprocess.run(["mount", "--bind", f"{files}/{name}", f"/etc/{name}"], check=True)
+
+def answer(user, group):
     raw = subprocess.run(["getsubids", *(["-g"] if group else []), user],
                          capture_output=True)
     try:
@@ -47,8 +53,21 @@ for request in sys.stdin:
         ours = {"error": str(exc)}
     except Exception:
         ours = {"crash": traceback.format_exc()}
-    print(json.dumps({"rc": raw.returncode, "out": raw.stdout.decode("latin-1"),
-                      "err": raw.stderr.decode("latin-1"), "ours": ours}), flush=True)
+    return {"rc": raw.returncode, "out": raw.stdout.decode("latin-1"),
+            "err": raw.stderr.decode("latin-1"), "ours": ours}
+
+bind()
+from rootless.errors import SubidError
+from rootless.subid import run_getsubids
+print("ready", flush=True)
+for request in sys.stdin:
+    while True:
+        if not bound():
+            bind()
+        result = answer(*json.loads(request))
+        if bound():
+            break
+    print(json.dumps(result), flush=True)
 '''
 
 
@@ -130,8 +149,7 @@ def files(draw) -> bytes:
     with \\n or \\r\\n, perhaps cut, perhaps with a stray byte (NUL, not UTF-8)."""
     lines = draw(st.lists(_line, max_size=8))
     newline = draw(st.sampled_from(["\n", "\n", "\r\n"]))
-    data = (newline.join(lines) + draw(st.sampled_from([newline, ""]))).encode(
-        "utf-8", "surrogateescape")
+    data = to_bytes(newline.join(lines) + draw(st.sampled_from([newline, ""])))
     how = draw(st.sampled_from(["as is", "as is", "cut", "byte"]))
     if how == "cut" and data:
         data = data[:draw(st.integers(0, len(data)))]
@@ -255,7 +273,11 @@ def test_real_run_maps_what_the_property_says(user, user_tmp, content):
     outer = ("unshare", "-m", "--propagation", "private", "sh", "-c",
              'mount --bind "$1" /etc/subuid && mount --bind "$2" /etc/subgid && shift 2 && '
              'exec "$@"', "sh", files["subuid"], files["subgid"])
-    r = user.run([RUN, "--net=host", "--", "cat", "/proc/self/uid_map"], outer=outer)
+    while True:
+        host = os.stat("/etc/subuid").st_ino, os.stat("/etc/subgid").st_ino
+        r = user.run([RUN, "--net=host", "--", "cat", "/proc/self/uid_map"], outer=outer)
+        if host == (os.stat("/etc/subuid").st_ino, os.stat("/etc/subgid").st_ino):
+            break  # else the host's files were replaced meanwhile, our bind mounts gone
     try:
         ranges = parse_subid_file(content.decode("utf-8", "surrogateescape"), NAME, int(UID))
     except SubidError as exc:
