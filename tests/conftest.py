@@ -19,6 +19,7 @@ import uuid
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 
 VENV_BIN = os.path.dirname(sys.executable)
 TEST_USER = os.environ.get("RLT_TEST_USER", "rlt-test")
@@ -29,7 +30,7 @@ RUN = os.path.join(VENV_BIN, "rootless-run")
 # ones every run (derandomized: a CI failure is reproduced by running the test again),
 # the whole property suite well under a minute. "fuzz" (pytest --hypothesis-profile=fuzz):
 # at least 10,000 examples per property, random each run. Neither keeps a database in
-# the checkout. No deadline: this machine's two CPUs are shared, and a slow example is
+# the checkout (nor does hypothesis' own cache). No deadline: this machine's two CPUs are shared, and a slow example is
 # not a failure (a hang is: the tests bound every wait with a timeout).
 FUZZ_EXAMPLES = 10_000
 _PROPERTY_SETTINGS = dict(database=None, deadline=None, print_blob=True,
@@ -38,6 +39,7 @@ _PROPERTY_SETTINGS = dict(database=None, deadline=None, print_blob=True,
 settings.register_profile("ci", max_examples=100, derandomize=True, **_PROPERTY_SETTINGS)
 settings.register_profile("fuzz", max_examples=FUZZ_EXAMPLES, **_PROPERTY_SETTINGS)
 settings.load_profile("ci")
+set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "rootless-hypothesis"))
 
 
 def _fuzzing() -> bool:
