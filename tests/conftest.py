@@ -29,9 +29,9 @@ RUN = os.path.join(VENV_BIN, "rootless-run")
 # Property tests (tests/test_properties_*.py). "ci", the default: few examples, the same
 # ones every run (derandomized: a CI failure is reproduced by running the test again),
 # the whole property suite well under a minute. "fuzz" (pytest --hypothesis-profile=fuzz):
-# at least 10,000 examples per property, random each run. Neither keeps a database in
-# the checkout (nor does hypothesis' own cache). No deadline: this machine's two CPUs are shared, and a slow example is
-# not a failure (a hang is: the tests bound every wait with a timeout).
+# at least 10,000 examples per property, random each run. No database, and hypothesis'
+# own cache in /tmp: nothing in the checkout. No deadline: this machine's two CPUs are
+# shared, and a slow example is not a failure (a hang is: every wait has a timeout).
 FUZZ_EXAMPLES = 10_000
 _PROPERTY_SETTINGS = dict(database=None, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.function_scoped_fixture,
