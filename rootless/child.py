@@ -344,24 +344,24 @@ def _start_command(config: Config, env: dict[str, str], mask: set, activation: i
     return pid
 
 
-def diagnose_unshare(exc: OSError) -> str:
+def diagnose_unshare(exc: OSError, sysctls: str = "/proc/sys") -> str:
     """Why unshare failed, and what to do about it, from the knobs that cause it."""
     checks = (
-        ("/proc/sys/kernel/unprivileged_userns_clone", "0",
+        ("kernel/unprivileged_userns_clone", b"0",
          "unprivileged user namespaces are disabled (kernel.unprivileged_userns_clone=0): "
          "as root, run: sysctl -w kernel.unprivileged_userns_clone=1"),
-        ("/proc/sys/user/max_user_namespaces", "0",
+        ("user/max_user_namespaces", b"0",
          "user namespaces are disabled (user.max_user_namespaces=0): as root, run: "
          "sysctl -w user.max_user_namespaces=28633"),
-        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+        ("kernel/apparmor_restrict_unprivileged_userns", b"1",
          "AppArmor restricts unprivileged user namespaces "
          "(kernel.apparmor_restrict_unprivileged_userns=1): add an AppArmor profile for "
          "rootless-run that allows userns, or as root, run: sysctl -w "
          "kernel.apparmor_restrict_unprivileged_userns=0"),
     )
-    for path, bad, message in checks:
+    for name, bad, message in checks:
         try:
-            with open(path) as f:
+            with open(f"{sysctls}/{name}", "rb") as f:
                 if f.read().strip() == bad:
                     return message
         except OSError:

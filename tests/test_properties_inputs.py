@@ -7,6 +7,7 @@
 - the state dir's files a joiner reads (`namespaces`, `child_pid`), generated: the
   namespaces to join, or one error line; on a sample, the real `rootless-ctl enter`
   and `rootless-run --reuse` say the same."""
+import errno
 import fcntl
 import os
 import shutil
@@ -22,7 +23,7 @@ from conftest import RUN, VENV_BIN, examples, sample
 from hostile import NUMBERS, argv_text, garbage_bytes, mangled, pieces, to_bytes
 from rootless import _flags, _listen, _log, cgroup, cli, enter, mounts
 from rootless._safewalk import _overflow_id
-from rootless.child import _parent_in_stat
+from rootless.child import _parent_in_stat, diagnose_unshare
 from rootless.config import Config
 from rootless.drivers.port._relay import _pipe_share
 from rootless.drivers.port.base import unprivileged_port_start
@@ -232,6 +233,11 @@ def test_sysctl_readers_answer_whatever_they_read(scratch, content):
     start = unprivileged_port_start(scratch(content))
     assert start.isascii() and start.isdigit(), start
     assert isinstance(_overflow_id(scratch(content), scratch(content)), int)
+    for name in ("kernel/unprivileged_userns_clone", "user/max_user_namespaces",
+                 "kernel/apparmor_restrict_unprivileged_userns"):
+        os.makedirs(os.path.dirname(os.path.join(directory, name)), exist_ok=True)
+        scratch(content, name)
+    assert diagnose_unshare(OSError(errno.EPERM, "Operation not permitted"), directory)
 
 
 # -- the state dir's files, as a joiner reads them ---------------------------------------
