@@ -228,18 +228,27 @@ def request(method: bytes, target: bytes, body: bytes, headers: str = "plain") -
     return b"\r\n".join(lines) + b"\r\n\r\n" + body
 
 
-def deleted_id(method: bytes, target: bytes) -> int | None:
-    """The id `method` `target` asks to remove, read here apart from the router: a
-    DELETE of /v1/ports/DIGITS (origin or absolute form, query ignored, path
-    percent-decoded)."""
-    if method != b"DELETE":
-        return None
+def path_of(target: bytes) -> bytes:
+    """The path a target names, read here apart from the router: origin or absolute
+    form, the query left out, percent-decoded."""
     path = target.partition(b"?")[0]
     absolute = re.fullmatch(rb"(?i:https?)://[^/]*(/.*)?", path)
     if absolute:
         path = absolute[1] or b"/"
-    found = re.fullmatch(rb"/v1/ports/([0-9]{1,19})", unquote_to_bytes(path))
-    return int(found[1]) if found else None
+    return unquote_to_bytes(path)
+
+
+def deleted_id(method: bytes, target: bytes) -> int | None:
+    """The id `method` `target` asks to remove: a DELETE of /v1/ports/DIGITS."""
+    found = re.fullmatch(rb"/v1/ports/([0-9]{1,19})", path_of(target))
+    return int(found[1]) if method == b"DELETE" and found else None
+
+
+def valid(method: bytes, target: bytes) -> bool:
+    """Whether the request is one the API serves (else its answer is a 4xx)."""
+    return ((method, path_of(target)) in ((b"GET", b"/v1/info"), (b"GET", b"/v1/ports"),
+                                          (b"POST", b"/v1/ports"))
+            or deleted_id(method, target) is not None)
 
 
 # -- properties ----------------------------------------------------------------------------
@@ -269,6 +278,7 @@ def test_any_request_gets_one_answer_and_removes_nothing_it_should_not(
     else:
         [(status, payload)] = parse_answers(exchange(instance.sock, sent), [method])
     assert 200 <= status < 500, (status, payload)
+    assert status >= 400 or valid(method, target), (sent[:200], status)
     if status >= 400 and method != b"HEAD":
         assert json.loads(payload)["message"].isprintable()
     after = instance.ports()
