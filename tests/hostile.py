@@ -57,6 +57,16 @@ def to_bytes(text: str) -> bytes:
         return text.encode("utf-8", "surrogatepass")
 
 
+def argv_able(text: str) -> bool:
+    """Whether `text` can be an argument of a real process: no NUL, and no surrogate
+    but those of undecodable bytes."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return "\0" not in text
+
+
 def argv_text() -> st.SearchStrategy[str]:
     """An argument as Python sees it in sys.argv: any bytes but NUL (execve cannot
     pass one), decoded as the interpreter does (surrogateescape)."""

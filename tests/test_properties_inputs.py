@@ -20,7 +20,7 @@ import pytest
 from hypothesis import example, given, strategies as st
 
 from conftest import RUN, VENV_BIN, examples, sample
-from hostile import NUMBERS, argv_text, garbage_bytes, mangled, pieces, to_bytes
+from hostile import NUMBERS, argv_able, argv_text, garbage_bytes, mangled, pieces, to_bytes
 from rootless import _flags, _listen, _log, cgroup, cli, enter, mounts
 from rootless._safewalk import _overflow_id
 from rootless.child import _parent_in_stat, diagnose_unshare
@@ -128,8 +128,8 @@ def netns():
 
 
 def _runs_only_true(flags: list[str]) -> bool:
-    """Whether a real process can have `flags` (no NUL), and runs `true` with them."""
-    if any("\0" in flag for flag in flags):
+    """Whether a real process can have `flags`, and runs `true` with them."""
+    if not all(map(argv_able, flags)):
         return False
     result, _ = config_of("rootless-run", flags + ["--", "true"])
     return not isinstance(result, Config) or result.command == ("true",)

@@ -20,7 +20,7 @@ import trio
 from hypothesis import example, given, strategies as st
 
 from conftest import RUN, examples, sample
-from hostile import any_text, joined, mangled, pieces
+from hostile import any_text, argv_able, joined, mangled, pieces
 from rootless import cli, ctl, portspec
 from rootless.api.models import ErrorBody, PortSpec
 from rootless.api.router import Router
@@ -51,21 +51,11 @@ spec_texts = st.one_of(_shaped, _padded, mangled(_shaped),
                        any_text())
 
 
-def _argv_able(text: str) -> bool:
-    """Whether `text` can be an argument of a real process: no NUL, and no surrogate
-    but those of undecodable bytes."""
-    try:
-        os.fsencode(text)
-    except UnicodeEncodeError:
-        return False
-    return "\0" not in text
-
-
 # The specs a real process gets: mostly publishable ones (on 127.0.0.1 and free high
 # ports, so that some runs bind), with the blanks and odd bytes a shell passes on.
 _free_ish = st.builds("127.0.0.1:{}:{}/{}".format, st.integers(20000, 60000),
                       st.integers(1, 65535), st.sampled_from(["tcp", "udp", "tcp4", "udp4"]))
-argv_specs = st.one_of(_free_ish, mangled(_free_ish), spec_texts).filter(_argv_able)
+argv_specs = st.one_of(_free_ish, mangled(_free_ish), spec_texts).filter(argv_able)
 
 _value = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-2**70, 2**70),
                    st.floats(), any_text(surrogates=False, max_size=20), st.sampled_from(
