@@ -33,7 +33,7 @@ def supervise(child, components: list) -> int:
     The child closes its end of the handshake channel as its command ends, before it
     kills what the command left (the socket factory among them): so a component that
     goes with the run is never taken for one that failed."""
-    pidfd = os.pidfd_open(child.pid)
+    pidfd = child.pidfd
     # Our own copies: the services thread may close its sockets while we poll them.
     fds = {os.dup(c.fd): c for c in components}
     try:
@@ -51,7 +51,6 @@ def supervise(child, components: list) -> int:
         _stop(child, pidfd)
         return 1
     finally:
-        os.close(pidfd)
         for fd in fds:
             os.close(fd)
 

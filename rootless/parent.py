@@ -11,12 +11,12 @@ import _signal as signal  # the C module: see _process.py
 
 from . import _log
 from ._process import (FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals, readable,
-                       wait_for)
+                       wait_for_status)
 from ._supervise import Component, supervise
 from .config import Config
 from .drivers import network, port
 from .enter import record_namespaces
-from .errors import ChildSetupError, ProtocolError, StateDirError
+from .errors import ChildSetupError, ProtocolError, RootlessError, StateDirError
 from .idmap import write_maps
 from ._framing import Channel
 from .statedir import NAMESPACES, StateDir
@@ -27,18 +27,25 @@ from .subid import current_user, lookup
 _CHILD_TIMEOUT = 60.0
 # How long the child may take to kill the command's tree before it is killed itself.
 _KILL_TREE_TIMEOUT = 5.0
+# A step done on the child from outside failed (newuidmap, the network helper): how
+# long a child that is dying may take to be gone, if its death is why.
+_DYING = 0.1
 
 
 class Child:
     """The forked child and our ends of its two pipes. The channel stays open while the
     command runs: the child closes its end as the command ends, and we close ours to
-    tell it that we are stopping the command (see _supervise)."""
+    tell it that we are stopping the command (see _supervise). Its pidfd is opened
+    at once and kept: what watches and stops it needs no new fd, even when the run
+    is out of them."""
 
     def __init__(self, pid: int, channel: Channel, pidns: bool):
         self.pid = pid
+        self.pidfd = os.pidfd_open(pid)  # ours, unreaped: the pid is still its own
         self.channel = channel
         self.pidns = pidns
         self.status: int | None = None
+        self.signal = 0  # the signal that killed it, once waited for
 
     @classmethod
     def spawn(cls, config: Config, state: StateDir, ports) -> "Child":
@@ -68,6 +75,20 @@ class Child:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         return cls(pid, Channel(to_parent_r, to_child_w), config.pidns)
 
+    def send(self, message, doing: str) -> None:
+        """Send the child `message` (see _framing.Channel.send) as the set-up goes on
+        (`doing`, for the error if the child is gone)."""
+        try:
+            self.channel.send(message)
+        except BrokenPipeError:
+            raise self._gone(doing) from None
+
+    def send_network(self, info, doing: str) -> None:
+        try:
+            self.channel.send_network(info)
+        except BrokenPipeError:
+            raise self._gone(doing) from None
+
     def expect(self, kind: str, waiting_for: str):
         """The child's next message, of type `kind` (None if it carried no data)."""
         try:
@@ -76,9 +97,7 @@ class Child:
             raise ChildSetupError(f"the child did not answer within {_CHILD_TIMEOUT:.0f} s "
                                   f"({waiting_for})") from None
         if received is None:
-            code = self.wait()
-            raise ChildSetupError(f"the child exited during set-up ({waiting_for}) with "
-                                  f"status {code}", exit_code=code or 1)
+            raise self._gone(waiting_for)
         name, message = received
         if name == "ChildFailed":
             self.wait()
@@ -87,10 +106,30 @@ class Child:
             raise ProtocolError(f"expected {kind} from the child, got {name}")
         return message
 
+    def raise_if_gone(self, doing: str) -> None:
+        """A step done on the child from outside failed: if the child died, that is
+        the cause to report, not what failed on its pid."""
+        if readable(self.pidfd, _DYING):
+            raise self._gone(doing)
+
+    def _gone(self, doing: str) -> ChildSetupError:
+        """The child died during the set-up (killed, or out of memory): say how."""
+        code = self.wait()
+        return ChildSetupError(f"the child {self.how()} during set-up ({doing})",
+                               exit_code=code or 1)
+
     def wait(self) -> int:
         if self.status is None:
-            self.status = wait_for(self.pid)
+            status = wait_for_status(self.pid)
+            self.status = exit_code(status)
+            self.signal = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
         return self.status
+
+    def how(self) -> str:
+        """How the child ended, in words (once waited for)."""
+        if self.signal:
+            return f"was killed by signal {self.signal}"
+        return f"exited with status {self.status}"
 
     def stopping(self) -> None:
         """Tell the child that we stop its command: the command's death by our SIGTERM
@@ -120,19 +159,13 @@ class Child:
         namespace's pid 1 dies with the shim (its parent-death signal)."""
         try:
             if self.pidns:
-                os.kill(self.pid, signal.SIGKILL)
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
                 return
-            os.kill(self.pid, KILL_TREE)
-        except ProcessLookupError:
-            return
-        fd = os.pidfd_open(self.pid)
-        try:
-            if not readable(fd, _KILL_TREE_TIMEOUT):  # a wedged child: the last resort
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            signal.pidfd_send_signal(self.pidfd, KILL_TREE)
+            if not readable(self.pidfd, _KILL_TREE_TIMEOUT):  # wedged: the last resort
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        finally:
-            os.close(fd)
 
     def kill(self) -> None:
         """Make sure the child and the command's tree are gone (on errors); idempotent."""
@@ -140,6 +173,9 @@ class Child:
             self.kill_tree()
             self.wait()
         self.channel.close()
+        if self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 def run(config: Config) -> int:
@@ -267,33 +303,42 @@ def _auto_port_driver(config: Config) -> str:
 def _handshake(config, state, child, net, ports, listeners, uid, gid, user, subids):
     """Drive the child to its command; returns (its anchor pid, the NetworkInfo)."""
     _log.debug(f"child {child.pid} forked")
-    child.channel.send("ParentHello")
+    child.send("ParentHello", "creating namespaces")
     hello = child.expect("ChildHello", "creating namespaces")
     anchor = hello.pid if hello and hello.pid else child.pid
     state.write("child_pid", str(anchor))
     state.hold_userns(anchor)  # to remove what the command leaves owned by subids
-    write_maps(anchor, uid, gid, subids, user)
+    try:
+        write_maps(anchor, uid, gid, subids, user)
+    except RootlessError:
+        child.raise_if_gone("writing the id maps")
+        raise
     _log.debug("uid/gid maps written")
-    child.channel.send("ParentInitIdmapCompleted")
+    child.send("ParentInitIdmapCompleted", "setting up mounts")
     child.expect("ChildInitUserNSCompleted", "setting up mounts")
     _log.debug("child mounts done")
     netns = None
     if config.detach_netns:
         # The netns is bind-mounted in the child's mount namespace, not in ours.
         netns = f"/proc/{anchor}/root{state.file('netns')}"
-    info = net.start(anchor, state.path, netns)
+    try:
+        info = net.start(anchor, state.path, netns)
+    except RootlessError:
+        child.raise_if_gone("starting the network")
+        raise
     _log.debug(f"network {config.net} ready")
     listeners.bind(state)  # last: a client of api.sock finds the network up
+    doing = "configuring the network"
     if info is None:
-        child.channel.send("ParentInitNetworkDriverCompleted")
+        child.send("ParentInitNetworkDriverCompleted", doing)
     else:
-        child.channel.send_network(info)
+        child.send_network(info, doing)
     opaque = ports.opaque()
     if opaque:
         from .messages import ParentInitPortDriverCompleted
-        child.channel.send(ParentInitPortDriverCompleted(opaque=opaque))
+        child.send(ParentInitPortDriverCompleted(opaque=opaque), doing)
     else:
-        child.channel.send("ParentInitPortDriverCompleted")
+        child.send("ParentInitPortDriverCompleted", doing)
     child.expect("ChildCommandStarted", "starting the command")
     namespaces = record_namespaces(anchor)
     if namespaces is not None:  # written last: `enter` and `--reuse` join once it exists

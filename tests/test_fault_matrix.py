@@ -116,6 +116,7 @@ NO_FACTORY = NA("the child forks the socket factory just before the command")
 NO_COMMAND = NA("the command does not exist yet")
 # Death by SIGKILL as rootlesskit says it; the command's own status, 128+9.
 COMMAND_KILLED = ENDS("exited: signal: killed", 128 + signal.SIGKILL)
+CHILD_KILLED = ENDS("the child was killed by signal 9", None)
 OUT_OF_FDS = ENDS("Too many open files")  # set-up cannot go on: refused, in one line
 
 
@@ -140,11 +141,10 @@ EXPECTED: dict[str, dict[str, Expect]] = {
                                SHUTTING_DOWN: ENDS("socket factory")},
     "SIGSTOP socket factory": {BEFORE_MAPS: NO_FACTORY, AFTER_MAPS: NO_FACTORY,
                                **_running(SERVES), SHUTTING_DOWN: STOPS},
-    # The child dies: one line naming it, whatever else fails after it (newuidmap
-    # or slirp4netns on a pid that is gone), and the command's whole tree goes.
-    "SIGKILL child": {BEFORE_MAPS: ENDS("child", None), AFTER_MAPS: ENDS("child", None),
-                      **_running(ENDS("child", None)),
-                      SHUTTING_DOWN: ENDS("child", None)},
+    # The child dies: one line saying so, not what failed after it (newuidmap or
+    # slirp4netns on a pid that is gone), and the command's whole tree goes.
+    "SIGKILL child": {BEFORE_MAPS: CHILD_KILLED, AFTER_MAPS: CHILD_KILLED,
+                      **_running(CHILD_KILLED), SHUTTING_DOWN: CHILD_KILLED},
     "SIGSTOP child": {BEFORE_MAPS: SERVES, AFTER_MAPS: SERVES, **_running(SERVES),
                       SHUTTING_DOWN: STOPS},
     "SIGKILL command": {BEFORE_MAPS: NO_COMMAND, AFTER_MAPS: NO_COMMAND,
@@ -973,6 +973,11 @@ class Matrix:
                     texts.append("")
             rows.append(f"| {fault} | " + " | ".join(texts) + " |")
         rows += [""] + [f"({n}) n/a: {why}" for why, n in notes.items()]
+        said = [c for c in self.cells.values() if c.observed == "ends" and c.stderr_seen]
+        if said:
+            rows += ["", "what the runs that ended said:"]
+        for cell in said:
+            rows.append(f"  {cell.fault} / {cell.phase}: {clip(cell.stderr_seen.strip(), 300)}")
         failed = [c for c in self.cells.values() if c.problems]
         for cell in failed:
             rows.append(f"✗ {cell.fault} / {cell.phase}: {'; '.join(cell.problems)}")
