@@ -14,10 +14,10 @@ from ._process import (KILL_TREE, close_fds_except, command_environment, exit_co
                        wait_for, wait_for_status)
 from .config import Config
 from .drivers import network
-from .errors import ChildSetupError, ProtocolError, RootlessError
+from .errors import ChildSetupError, OutOfFds, ProtocolError, RootlessError
 from .linux import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID,
-                    CLONE_NEWUSER, CLONE_NEWUTS, set_child_subreaper, set_parent_death_signal,
-                    setns, unshare)
+                    CLONE_NEWUSER, CLONE_NEWUTS, raise_fd_limit, set_child_subreaper,
+                    set_parent_death_signal, setns, unshare)
 from ._framing import Channel
 from . import mounts
 
@@ -57,7 +57,9 @@ def main(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
         code = exc.exit_code
         _report(channel, str(exc), code)
     except BaseException as exc:  # the parent must hear of it, never a silent hang
-        _report(channel, f"internal error in the child: {type(exc).__name__}: {exc}", 1)
+        error = OutOfFds.check(exc) if isinstance(exc, OSError) else None
+        _report(channel, str(error) if error else
+                f"internal error in the child: {type(exc).__name__}: {exc}", 1)
     finally:
         os._exit(code)
 
@@ -66,6 +68,8 @@ def _report(channel: Channel, message: str, code: int) -> None:
     # A path from the command line may hold bytes that are not UTF-8 (as surrogates):
     # escaped, or msgspec could not send the message, and the cause would be lost.
     message = message.encode(errors="backslashreplace").decode()
+    # Saying it takes fds (the message's import): the soft limit may be what ran out.
+    raise_fd_limit()
     try:
         from .messages import ChildFailed
         channel.send(ChildFailed(message=message, exit_code=code))
@@ -248,6 +252,7 @@ def _kill_all_on_parent_death(parent_pid: int) -> None:
 def _kill_descendants() -> None:
     """SIGKILL our children until none is left. As a subreaper we inherit the orphans
     of each process we kill before we can reap it, so every level is reached."""
+    raise_fd_limit()  # reading /proc takes fds: the soft limit may be what ran out
     me = str(os.getpid())
     while True:
         for pid in _children(me):

@@ -5,7 +5,7 @@ import sys
 
 from . import __version__, _flags, _log
 from .config import FIELDS, Config
-from .errors import RootlessError, UsageError
+from .errors import OutOfFds, RootlessError, UsageError
 
 ROOTLESSKIT_NAMES = ("rootlesskit", "docker-rootlesskit")
 
@@ -133,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     except RootlessError as exc:
         _log.error(str(exc))
         return exc.exit_code
+    except OSError as exc:
+        # Out of fds, any step may fail (even an import): one line, not a traceback.
+        error = OutOfFds.check(exc)
+        if error is None:
+            raise
+        _log.error(str(error))
+        return error.exit_code
     except KeyboardInterrupt:
         return 130
 

@@ -4,6 +4,7 @@ Each is raised at the edge where the cause is known, with a message that names t
 cause and, where there is one, the fix. The CLI prints the message on one line and
 exits 1; nothing else reaches the user as a traceback.
 """
+import errno
 
 
 class RootlessError(Exception):
@@ -80,3 +81,19 @@ class DriverError(RootlessError):
 
 class StateDirMissing(StateDirError):
     """The state dir (or a dir on its way) does not exist, and was not to be created."""
+
+
+class OutOfFds(RootlessError):
+    """The process or the system ran out of file descriptors where the run cannot wait
+    for them (setting up)."""
+
+    @classmethod
+    def check(cls, exc: OSError) -> "OutOfFds | None":
+        """The error to report for `exc`, if fds ran out; else None."""
+        if exc.errno == errno.EMFILE:
+            return cls(f"out of file descriptors ({exc.strerror}): raise the limit of open "
+                       f"files (ulimit -n; LimitNOFILE= in a systemd unit)")
+        if exc.errno == errno.ENFILE:
+            return cls(f"the system is out of file descriptors ({exc.strerror}): close some, "
+                       f"or raise fs.file-max")
+        return None

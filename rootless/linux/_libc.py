@@ -35,6 +35,8 @@ _IFNAMSIZ = 16
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
+_RLIMIT_NOFILE = 7
+
 
 def _check(result: int, what: str, path: str | None = None) -> None:
     if result == -1:
@@ -99,3 +101,19 @@ def set_parent_death_signal(sig: int) -> None:
 def set_child_subreaper() -> None:
     _check(_libc.prctl(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(1), 0, 0, 0),
            "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+class _Rlimit(ctypes.Structure):
+    _fields_ = [("cur", ctypes.c_ulong), ("max", ctypes.c_ulong)]
+
+
+def raise_fd_limit() -> None:
+    """The soft limit of open files up to the hard one, for a process whose soft limit
+    was lowered under it (prlimit, a shell's ulimit) and that must still clean up. Here,
+    with ctypes (loaded in the child from the start), not `resource`: that is a shared
+    object, which cannot even be loaded once no fd is left. Never raises."""
+    limit = _Rlimit()
+    if _libc.getrlimit(ctypes.c_int(_RLIMIT_NOFILE), ctypes.byref(limit)) == 0 and \
+            limit.cur < limit.max:
+        limit.cur = limit.max
+        _libc.setrlimit(ctypes.c_int(_RLIMIT_NOFILE), ctypes.byref(limit))
