@@ -1,5 +1,6 @@
 """Listening sockets that face clients (api.sock and published ports): their listen
-backlog, and the fd their accept loops keep in reserve for when fds run out."""
+backlog, the fd their accept loops keep in reserve for when fds run out, and the limit
+of open files the services raise for them."""
 import os
 
 
@@ -55,3 +56,20 @@ def spare_fd() -> SpareFd:
     if not _spare:
         _spare.append(SpareFd())
     return _spare[0]
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft limit of open files to the hard one, as Go does at the start of
+    every program (rootlesskit's included): each connection costs two sockets, and the
+    default soft limit (1024) would cap a port at some 500 connections. The services
+    do it as they load, which takes fds too (imports, trio's own): the limit may have
+    been lowered since the start. (The child has its own, in ctypes: see
+    linux.raise_fd_limit.)"""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):
+            pass

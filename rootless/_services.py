@@ -16,10 +16,15 @@ stalled a command busy on every CPU (iperf3 through slirp4netns lost 0.25-0.75 s
 traffic). An instance nobody calls also stays small (14 MiB RSS instead of 27).
 """
 import os
+# Loaded with this module, before the thread starts: raise_fd_limit needs it as the
+# services load, and a limit lowered by then could leave no fd to load it with (0.2 ms,
+# once the command runs).
+import resource  # noqa: F401
 import select
 import threading
 
 from . import __version__, _log
+from ._listen import raise_fd_limit
 from ._supervise import Component
 from .api import API_VERSION
 
@@ -103,6 +108,7 @@ class Services:
             self.started.set()
             if self._woken(None, also=[self._listener.fileno(), *wake]):
                 return
+        raise_fd_limit()  # loading takes fds (imports, trio's own), and serving does
         import trio
 
         with self._lock:

@@ -381,17 +381,3 @@ def _shutdown(sink) -> None:
 def _debug(doing: str, exc: OSError) -> None:
     if exc.errno not in (errno.ECONNRESET, errno.EPIPE):
         _log.debug(f"port relay: {doing}: {exc.strerror or exc}")
-
-
-def raise_fd_limit() -> None:
-    """Raise the soft limit of open files to the hard one, as Go does at the start of
-    every program (rootlesskit's included): each connection costs two sockets, and the
-    default soft limit (1024) would cap a port at some 500 connections."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (OSError, ValueError):
-            pass

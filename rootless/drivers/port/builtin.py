@@ -101,7 +101,6 @@ class BuiltinPortDriver(PortDriver):
     async def serve(self, state_dir: str, *, task_status) -> None:
         import trio
 
-        _relay.raise_fd_limit()
         self.factory = _socket_factory.Factory(self._factory_link)
         self._udp_rules: dict[int, int] = {}  # child port -> published UDP ports using it
         await self.factory.connect()
