@@ -86,9 +86,19 @@ def _hello(transparent: bool) -> bytes:
 
 def _in_subprocess(function, *args) -> str:
     """Run `function` in a short-lived child; returns "" or why it failed. The
-    factory lives as long as the command: pyroute2 (20 MiB) must not stay in it."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
+    factory lives as long as the command: pyroute2 (20 MiB) must not stay in it.
+    Neither can the factory die of it: out of fds or memory, this request fails alone
+    (its answer says why), and the factory serves the next one."""
+    try:
+        read_end, write_end = _pipe()
+    except OSError as exc:
+        return exc.strerror or "cannot make a pipe"
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        return exc.strerror or "cannot fork"
     if pid == 0:
         try:
             os.close(read_end)
@@ -103,6 +113,20 @@ def _in_subprocess(function, *args) -> str:
         why = f.read().decode(errors="replace")
     os.waitpid(pid, 0)
     return why
+
+
+def _pipe() -> tuple[int, int]:
+    """os.pipe(); out of fds, after the soft limit is raised to the hard one (it may
+    have been lowered under us)."""
+    try:
+        return os.pipe()
+    except OSError as exc:
+        if exc.errno != errno.EMFILE:
+            raise
+    from ...linux import raise_fd_limit
+
+    raise_fd_limit()
+    return os.pipe()
 
 
 def _serve(conn: socket.socket, transparent: bool) -> None:
