@@ -6,6 +6,10 @@ exits 1; nothing else reaches the user as a traceback.
 """
 import errno
 
+# An OSError with one of these says "no resources just now" (fds, memory): the work
+# that needed them may succeed later (the API answers 503, a connection is closed).
+CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
 
 class RootlessError(Exception):
     """Base of every error with a message meant for the user."""

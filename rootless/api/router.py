@@ -9,12 +9,11 @@ redirects some of those; a redirect would help no API client). HEAD is not serve
 
 The port operations are delegated to a PortManager (the port driver's parent side),
 whose errors carry their HTTP status."""
-import errno
 from urllib.parse import unquote
 
 import msgspec
 
-from ..errors import RootlessError
+from ..errors import CAPACITY_ERRNOS, RootlessError
 from .models import ErrorBody, PortSpec
 
 _json = msgspec.json.Encoder()
@@ -23,8 +22,6 @@ _spec_decoder = msgspec.json.Decoder(PortSpec)
 INFO, PORTS, PORT = "/v1/info", "/v1/ports", "/v1/ports/{id}"
 _METHODS = {INFO: ("GET",), PORTS: ("GET", "POST"), PORT: ("DELETE",)}
 _ID_MAX = 2**63 - 1  # rootlesskit's port ids are Go ints
-# A handler's OSError that says "no resources just now": the request may work later.
-CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 class ApiFailure(RootlessError):

@@ -9,6 +9,7 @@ Drivers never import trio at module level: the child imports them too.
 import errno
 
 from ...config import Config
+from ...errors import CAPACITY_ERRNOS
 
 # Families of the protos: a conflict is the same family, parent IP and port.
 FAMILY = {"tcp": "tcp", "tcp4": "tcp", "tcp6": "tcp", "udp": "udp", "udp4": "udp",
@@ -25,6 +26,8 @@ def bind_failure(exc: OSError, proto: str, ip: str, port: int) -> tuple[int, str
     if exc.errno == errno.EADDRNOTAVAIL:
         return 400, (f"{ip} is not an address of this host: use 127.0.0.1, 0.0.0.0 or "
                      f"one of the host's addresses")
+    if exc.errno in CAPACITY_ERRNOS:  # a 503: the same request may do later
+        return 503, f"cannot listen on {where} for now ({exc.strerror}): try again later"
     if exc.errno == errno.EACCES:
         return 400, (f"port {port} is privileged on this host: use a port from "
                      f"{unprivileged_port_start()} up (net.ipv4.ip_unprivileged_port_start)")
