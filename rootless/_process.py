@@ -100,6 +100,45 @@ def wait_for_status(pid: int, reap_all: bool = False) -> int:
             return status
 
 
+def kill_user_namespace(ns_fd: int) -> None:
+    """SIGKILL every process in the user namespace open as `ns_fd` until none is left:
+    what the child could not kill, dead before it could (the command's tree,
+    reparented to init). As the namespace's owner we may signal them all, whatever
+    ids they took in it. Held open, the namespace cannot be freed and its inode
+    number given to another one meanwhile."""
+    ns = os.fstat(ns_fd)
+    for _ in range(100):  # each pass kills what the last one's victims forked
+        found = [pid for pid in _live_pids() if _in_namespace(pid, ns)]
+        if not found:
+            return
+        for pid in found:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        select.select([], [], [], 0.01)  # they die meanwhile
+
+
+def _live_pids():
+    """The pids of /proc that are not zombies (those are dead, waiting to be reaped)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    if f.read().rpartition(b")")[2].split()[0] not in (b"Z", b"X"):
+                        yield int(entry)
+            except (OSError, IndexError):
+                pass
+
+
+def _in_namespace(pid: int, ns: os.stat_result) -> bool:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/user")
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (ns.st_dev, ns.st_ino)
+
+
 def command_environment(state_dir: str, parent_ids: tuple[int, int]) -> dict[str, str]:
     """What the command sees, started by the instance or entered later."""
     env = dict(os.environ)

@@ -28,7 +28,8 @@ class Component:
 def supervise(child, components: list) -> int:
     """Wait until the child ends and return its exit code. If a component ends first,
     the run cannot go on: say why in one line, stop the command (SIGTERM, then after
-    STOP_GRACE its whole tree) and return 1.
+    STOP_GRACE its whole tree) and return 1. A child killed by a signal is said in one
+    line too, and returns 1 (the command died with it; Child.kill ends the rest).
 
     The child closes its end of the handshake channel as its command ends, before it
     kills what the command left (the socket factory among them): so a component that
@@ -44,7 +45,13 @@ def supervise(child, components: list) -> int:
             poller.register(fd, component.events)
         ready = {fd for fd, _ in poller.poll()}  # signal handlers run here
         if ready & {pidfd, child.channel.rfd}:
-            return child.wait()
+            status = child.wait()
+            if not child.signal:
+                return status
+            # Killed: the command's tree is left to init (the parent kills it).
+            _log.error(f"the child {child.how()} while the command was running: "
+                       f"stopping what the command left")
+            return 1
         # In the order given: a helper's death first, the services' failure last (it
         # is then only a consequence).
         _log.error(next(c for fd, c in fds.items() if fd in ready).why())

@@ -10,8 +10,8 @@ import os
 import _signal as signal  # the C module: see _process.py
 
 from . import _log
-from ._process import (FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals, readable,
-                       wait_for_status)
+from ._process import (FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals,
+                       kill_user_namespace, readable, wait_for_status)
 from ._supervise import Component, supervise
 from .config import Config
 from .drivers import network, port
@@ -46,6 +46,12 @@ class Child:
         self.pidns = pidns
         self.status: int | None = None
         self.signal = 0  # the signal that killed it, once waited for
+        self.userns = -1  # its user namespace, where the command's tree lives
+
+    def hold_userns(self, anchor: int) -> None:
+        """Keep the namespaces' user namespace (that of `anchor`): if the child dies
+        by a signal, what the command left is found there (see kill)."""
+        self.userns = os.open(f"/proc/{anchor}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
 
     @classmethod
     def spawn(cls, config: Config, state: StateDir, ports) -> "Child":
@@ -168,14 +174,20 @@ class Child:
             pass
 
     def kill(self) -> None:
-        """Make sure the child and the command's tree are gone (on errors); idempotent."""
+        """Make sure the child and the command's tree are gone (on errors); idempotent.
+        A child killed by a signal (by someone, or as a last resort by kill_tree) did
+        not kill the command's tree: its orphans went to init, out of our sight but
+        in the user namespace."""
         if self.status is None:
             self.kill_tree()
             self.wait()
+        if self.signal and self.userns >= 0:
+            kill_user_namespace(self.userns)
         self.channel.close()
-        if self.pidfd >= 0:
-            os.close(self.pidfd)
-            self.pidfd = -1
+        for fd in (self.pidfd, self.userns):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfd = self.userns = -1
 
 
 def run(config: Config) -> int:
@@ -307,6 +319,7 @@ def _handshake(config, state, child, net, ports, listeners, uid, gid, user, subi
     hello = child.expect("ChildHello", "creating namespaces")
     anchor = hello.pid if hello and hello.pid else child.pid
     state.write("child_pid", str(anchor))
+    child.hold_userns(anchor)
     state.hold_userns(anchor)  # to remove what the command leaves owned by subids
     try:
         write_maps(anchor, uid, gid, subids, user)

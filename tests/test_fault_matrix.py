@@ -220,10 +220,12 @@ def hook(directory: str, name: str, real: str) -> tuple[str, str]:
 
 
 def command(directory: str, delay: float, held: bool) -> list[str]:
-    """The command: a grandchild that ignores SIGTERM, then (held: after the test's
-    go) the echo server, which takes `delay` s to stop on SIGTERM and exits 7."""
+    """The command: a grandchild that ignores SIGTERM and runs as another uid in the
+    namespace (a subordinate id on the host), then (held: after the test's go) the
+    echo server, which takes `delay` s to stop on SIGTERM and exits 7."""
     wait = f"{hold(directory, 'command')}; " if held else ""
-    return ["sh", "-c", f"(trap '' TERM; exec sleep 1000) & {wait}"
+    grandchild = "setpriv --reuid=1000 --regid=1000 --clear-groups sleep 1000"
+    return ["sh", "-c", f"(trap '' TERM; exec {grandchild}) & {wait}"
             f"exec python3 {directory}/server.py {directory}/stopping {delay} "
             f"2>{directory}/server.log"]
 
@@ -243,23 +245,26 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def tagged(user, tag: str) -> list[tuple[int, str]]:
-    """Live processes of the user whose environment carries `tag`."""
+def tagged(tag: str) -> list[tuple[int, str]]:
+    """Live processes whose environment carries `tag`: the user's, and those of its
+    subordinate ids (the command's grandchild)."""
     marker = f"{TAG}={tag}\0".encode()
     found = []
-    for pid, _, cmd in user.processes():
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or exited(int(entry)):
+            continue
         try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
+            with open(f"/proc/{entry}/environ", "rb") as f:
                 if marker in f.read():
-                    found.append((pid, cmd))
+                    found.append((int(entry), cmdline(int(entry))))
         except OSError:
             pass
     return found
 
 
-def left_behind(user, tag: str, timeout: float = 5.0) -> list:
+def left_behind(tag: str, timeout: float = 5.0) -> list:
     deadline = time.monotonic() + timeout
-    while (left := tagged(user, tag)) and time.monotonic() < deadline:
+    while (left := tagged(tag)) and time.monotonic() < deadline:
         time.sleep(0.05)
     return left
 
@@ -831,7 +836,7 @@ class Cell:
             if [line for line in text.splitlines() if ": error: " in line] or \
                     "Traceback" in text:
                 self.problems.append(f"the next instance said: {clip(text)!r}")
-        left = left_behind(self.user, tag)
+        left = left_behind(tag)
         if left:
             self.problems.append(f"the next instance left {left}")
 
@@ -869,7 +874,7 @@ class Cell:
             if self.observed == "serves":
                 self.check_serving()
             self.check_lines(expect)
-            left = left_behind(self.user, self.tag)
+            left = left_behind(self.tag)
             if left:
                 self.problems.append(f"left running: {left}")
             self.clean_up_processes()
@@ -900,7 +905,7 @@ class Cell:
     def clean_up_processes(self) -> None:
         if os.path.isdir(self.dir):
             self.go()
-        pids = [pid for pid, _ in tagged(self.user, self.tag)]
+        pids = [pid for pid, _ in tagged(self.tag)]
         signal_all(pids, signal.SIGKILL)
         signal_all(pids, signal.SIGCONT)
         if self.proc is not None and self.proc.poll() is None:
@@ -923,7 +928,7 @@ class Cell:
             os.close(self.stderr_read)
         self.clean_up_processes()
         for tag in (self.tag, self.tag + "-again"):
-            signal_all([pid for pid, _ in tagged(self.user, tag)], signal.SIGKILL)
+            signal_all([pid for pid, _ in tagged(tag)], signal.SIGKILL)
         if self.mount:
             deadline = time.monotonic() + 10
             while subprocess.run(["umount", self.mount], capture_output=True).returncode:
