@@ -57,6 +57,12 @@ def _log_named(log: str) -> str:
     return "" if removed_at_exit(log) else f" (log: {log})"
 
 
+def ended(status: int) -> str:
+    """How a process ended, from its wait status, in words."""
+    code = os.waitstatus_to_exitcode(status)
+    return f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
+
+
 def helper_failed(name: str, how: str, log: str) -> DriverError:
     tail = log_tail(log)
     return DriverError(f"{name} {how}" + (f": {tail}" if tail else "") + _log_named(log))
@@ -107,12 +113,13 @@ class Helper:
     def why(self) -> str:
         return self.death_message()
 
+    def how(self) -> str:
+        """Once it has ended: how, reaping it (when it is ours: else only that it did)."""
+        return ended(os.waitpid(self.pid, 0)[1]) if self.reapable else "exited"
+
     def death_message(self) -> str:
         """Reap the helper (when it is ours) and say what happened, for the user."""
-        how = "exited"
-        if self.reapable:
-            code = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
-            how = f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
+        how = self.how()
         tail = log_tail(self.log)
         return (f"{self.name} {how} while the command was running: the namespace has lost "
                 f"its network; stopping the command" + (f" ({tail})" if tail else "") +

@@ -10,7 +10,7 @@ import _signal as signal  # the C module: see _process.py
 
 from ..._process import readable
 from ...errors import DriverError
-from ._helper import Helper, Watchdog, capture_output, helper_failed, spawn
+from ._helper import Helper, Watchdog, capture_output, ended, helper_failed, spawn
 from .base import HelperDriver
 
 _START_TIMEOUT = 10.0
@@ -58,9 +58,8 @@ class PastaDriver(HelperDriver):
             os.waitpid(starter, 0)
             raise helper_failed("pasta", f"did not configure the network within "
                                 f"{_START_TIMEOUT:.0f} s", log)
-        if os.waitstatus_to_exitcode(status) != 0:
-            raise helper_failed("pasta", f"failed (exit {os.waitstatus_to_exitcode(status)})",
-                                log)
+        if status != 0:
+            raise helper_failed("pasta", f"{ended(status)} before the network was up", log)
         try:
             with open(pidfile) as f:
                 daemon = int(f.read().strip())

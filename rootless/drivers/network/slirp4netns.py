@@ -9,6 +9,7 @@ from ._helper import Helper, capture_output, helper_failed, spawn
 from .base import HelperDriver
 
 _READY_TIMEOUT = 10.0
+_EXITING = 1.0  # s: a helper whose pipe closed unanswered has this long to be gone
 # libslirp (4.7.0 here) does not scale TCP windows: 65535 bytes at most are in flight
 # between it and the child, either way. At MTU 65520, Linux sends it segments of half
 # that (the most it sends into a peer's window at once) and libslirp's own segment size
@@ -91,13 +92,24 @@ class Slirp4netnsDriver(HelperDriver):
                 os.close(fd)
         self.helper = Helper("slirp4netns", pid, log)
         try:
-            ready = readable(ready_r, _READY_TIMEOUT) and os.read(ready_r, 16)
+            answered = readable(ready_r, _READY_TIMEOUT)
+            ready = answered and os.read(ready_r, 16)
         finally:
             os.close(ready_r)
         if not ready:
-            self.stop()
-            raise helper_failed("slirp4netns", "did not get the network ready", log)
+            self._not_ready(answered, log)
         return self.info(api_socket=api) if api else self.info()
+
+    def _not_ready(self, answered: bool, log: str) -> None:
+        """Raise why slirp4netns gave no readiness: it died (its end of the pipe closed
+        as it exited: how, then), or is stuck."""
+        if answered and readable(self.helper.fd, _EXITING):
+            how = f"{self.helper.how()} before the network was ready"
+        else:
+            how = "did not get the network ready" + (
+                "" if answered else f" within {_READY_TIMEOUT:.0f} s")
+        self.stop()
+        raise helper_failed("slirp4netns", how, log)
 
     @staticmethod
     def configure_child(info) -> None:
