@@ -119,10 +119,11 @@ class Child:
             raise self._gone(doing)
 
     def _gone(self, doing: str) -> ChildSetupError:
-        """The child died during the set-up (killed, or out of memory): say how."""
+        """The child died during the set-up (killed, or out of memory): say how. Exit 1
+        when it was killed, as when it is killed later (see _supervise)."""
         code = self.wait()
         return ChildSetupError(f"the child {self.how()} during set-up ({doing})",
-                               exit_code=code or 1)
+                               exit_code=1 if self.signal else code or 1)
 
     def wait(self) -> int:
         if self.status is None:
@@ -218,8 +219,12 @@ def run(config: Config) -> int:
         child = Child.spawn(config, state, ports)
         listeners = Listeners(ports)
         try:
-            anchor, info = _handshake(config, state, child, net, ports, listeners, uid, gid,
-                                      user, subids)
+            try:
+                anchor, info = _handshake(config, state, child, net, ports, listeners, uid,
+                                          gid, user, subids)
+            except RootlessError:
+                state.raise_if_removed()
+                raise
             child.forward_noted()
             if auto_choice:
                 _log.info(auto_choice)  # once it works: a failed run prints only its error
