@@ -196,7 +196,15 @@ def serve():
         conn, _ = listener.accept()
         threading.Thread(target=echo, args=(conn,), daemon=True).start()
 
+def serve_udp():
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", {ECHO}))
+    while True:
+        data, peer = sock.recvfrom(65536)
+        sock.sendto(data, peer)
+
 threading.Thread(target=serve, daemon=True).start()
+threading.Thread(target=serve_udp, daemon=True).start()
 while not term:
     time.sleep(0.05)
 open(stopping, "w").close()
@@ -330,8 +338,21 @@ def _status(answer: bytes) -> int:
 
 
 def _port_body(port: int) -> bytes:
-    return json.dumps({"proto": "tcp", "parentIP": "127.0.0.1", "parentPort": port,
+    """The port the API adds: UDP, whose flows (and whose routing rule, made at the
+    add) come from the socket factory."""
+    return json.dumps({"proto": "udp", "parentIP": "127.0.0.1", "parentPort": port,
                        "childPort": ECHO}).encode()
+
+
+def udp_echoes(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(1)
+        payload = os.urandom(1000)
+        s.sendto(payload, ("127.0.0.1", port))
+        try:
+            return s.recv(2000) == payload
+        except OSError:
+            return False
 
 
 def echoes(port: int, size: int, timeout: float) -> bool:
@@ -466,10 +487,10 @@ _ports_lock = threading.Lock()
 _ports_taken: set[int] = set()
 
 
-def new_port() -> int:
+def new_port(kind: int = socket.SOCK_STREAM) -> int:
     """A free loopback port no other cell of this session was given."""
     with _ports_lock:
-        while (port := free_port()) in _ports_taken:
+        while (port := free_port(kind=kind)) in _ports_taken:
             pass
         _ports_taken.add(port)
         return port
@@ -502,6 +523,7 @@ class SharedLock:
 
 _machine = SharedLock()
 USER_WIDE = {"pipe budget used up"}
+PAUSES_THE_RUN = {"SIGSTOP child", "SIGSTOP command"}
 
 
 # -- one cell ---------------------------------------------------------------------------
@@ -613,7 +635,7 @@ class Cell:
             self.stream = Stream(self.port)
             wait_until("the stream moving", lambda: self.stream.moving(1 << 20), proc=proc)
         if self.phase == PORT_ADD:
-            self.added_port = new_port()
+            self.added_port = new_port(socket.SOCK_DGRAM)
             self.pending = PendingAdd(self.sock, self.added_port)
         if self.phase == SHUTTING_DOWN:
             proc.send_signal(signal.SIGTERM)
@@ -694,7 +716,7 @@ class Cell:
         """The fault held since inject() goes: SIGCONT, the pressure gone."""
         fault = self.fault
         if fault.startswith("SIGSTOP"):
-            os.kill(self.target(), signal.SIGCONT)
+            signal_all([self.target()], signal.SIGCONT)  # it may be gone with the run
         elif fault == "RLIMIT_NOFILE lowered":
             for pid, (soft, hard) in self.lowered.items():
                 self.user.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"])
@@ -777,8 +799,8 @@ class Cell:
                 if status != 201:
                     self.problems.append(f"the port add, again: {status}")
             try:
-                wait_until("the added port serving",
-                           lambda: serves(self.added_port, self.api), timeout=10)
+                wait_until("the added UDP port serving",
+                           lambda: udp_echoes(self.added_port), timeout=10)
             except CellError as exc:
                 self.problems.append(str(exc))
         self.proc.send_signal(signal.SIGTERM)
@@ -888,14 +910,22 @@ class Cell:
             _machine.release(alone)
 
     def hold(self) -> None:
-        """While the fault holds, a client comes. A pressure in the shutdown phase
-        holds until the run has ended: it must end as asked under it too."""
+        """While the fault holds, a client comes (under the pipe budget, once the run
+        serves, it must be served: through a buffer). In the shutdown phase the fault
+        lasts until the run has ended, which it must under it too: all but a stop of
+        the child or the command, whose pause is the run's."""
         poke(self.port)
-        if self.phase == SHUTTING_DOWN and not self.fault.startswith("SIGSTOP"):
+        if self.fault == "pipe budget used up" and self.phase in (SERVING, PORT_ADD):
+            if not echoes(self.port, 1 << 20, HANG):
+                self.problems.append("a client was not served under the pipe budget")
+        if self.phase == SHUTTING_DOWN and self.fault not in PAUSES_THE_RUN:
             try:
                 self.proc.wait(HANG + SHUTDOWN)
             except subprocess.TimeoutExpired:
-                pass
+                return
+            left = left_behind(self.tag)  # before a SIGCONT lets a stopped one go
+            if left:
+                self.problems.append(f"left running when the run ended: {left}")
         else:
             time.sleep(HELD)
 

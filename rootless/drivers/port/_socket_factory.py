@@ -206,7 +206,7 @@ class Factory:
         self._lock = trio.Lock()
         # A plain socket (recv_fds wants one), non-blocking, driven by wait_readable.
         self._sock.setblocking(False)
-        self._sock.send(_REQUEST.pack(b"h", b"4", 0, 0))
+        self._send(_REQUEST.pack(b"h", b"4", 0, 0))
         hello = await self._line()
         self.transparent = hello == "T"
 
@@ -235,7 +235,7 @@ class Factory:
         # Shielded: a request cancelled half-answered would leave its answer to be
         # read as the next one's. The factory answers at once, or is gone (EOF).
         with trio.CancelScope(shield=True):
-            self._sock.send(_REQUEST.pack(*key, _BATCH, 0))
+            self._send(_REQUEST.pack(*key, _BATCH, 0))
             fds, truncated = await self._receive_fds(_BATCH)
         pool.extend(fds)
         if not fds:
@@ -249,10 +249,18 @@ class Factory:
 
         async with self._lock:
             with trio.CancelScope(shield=True):  # as in _refill
-                self._sock.send(_REQUEST.pack(b"R" if add else b"r", b"4", 0, port))
+                self._send(_REQUEST.pack(b"R" if add else b"r", b"4", 0, port))
                 answer = await self._line(first_only=True)
         if answer != "+":
             raise OSError(answer[1:])
+
+    def _send(self, request: bytes) -> None:
+        """A request is 5 bytes, in a socket buffer that is empty between requests:
+        sent whole or not at all. The factory gone (EPIPE), it is FactoryGone."""
+        try:
+            self._sock.send(request)
+        except (BrokenPipeError, ConnectionResetError):
+            raise FactoryGone("the child's socket factory is gone") from None
 
     async def _line(self, first_only: bool = False) -> str:
         """Read b"+" (first_only) or up to a newline."""

@@ -131,7 +131,12 @@ class BuiltinPortDriver(PortDriver):
             spec = msgspec.structs.replace(spec, parentPort=sock.getsockname()[1])
         if udp:
             sock.setblocking(False)
-            await self._add_udp_rule(spec.childPort)
+            try:
+                await self._add_udp_rule(spec.childPort)
+            except _socket_factory.FactoryGone:
+                sock.close()  # the run is ending: no port to add
+                raise ApiFailure(503, "the socket factory is gone (the run is ending): "
+                                      "no port can be added") from None
             serve = UdpPort(self.factory, sock, spec.childIP or "127.0.0.1", spec.childPort,
                             self.factory.transparent).serve
         else:
