@@ -75,7 +75,9 @@ class PastaDriver(HelperDriver):
             self._watchdog.cancel()
             self._watchdog = None
         if self.helper:
-            self.helper.signal(signal.SIGTERM)
+            # SIGKILL, as slirp4netns: the namespace it served is going, nothing is lost,
+            # and a stopped pasta (SIGSTOP, a debugger) would never act on a SIGTERM.
+            self.helper.signal(signal.SIGKILL)
             self.helper.close()
             self.helper = None
 
