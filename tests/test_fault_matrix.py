@@ -33,9 +33,10 @@ Phases, each reached for real with hooks that live in this file only:
   has read; the rest is sent once the fault is in place;
 - shutdown: the run was sent SIGTERM, and the command, trapping it, takes 3 s to stop.
 
-Cells run in parallel processes (threads here, each with its own instance, state dir
-and ports; a cell's processes are told apart by a variable in their environment). A
-fault that is the user's as a whole (the pipe budget) runs alone.
+The cells of a phase run in parallel (RLT_FAULT_WORKERS threads, 4 by default), each
+with its own instance, state dir and ports; a cell's processes are told apart by a
+variable in their environment. A fault on the user as a whole (the pipe budget) runs
+alone. RLT_FAULT_ONLY=TEXT keeps the rows whose fault contains TEXT.
 """
 import json
 import os
@@ -121,16 +122,19 @@ SLIRP_KILLED = ENDS("slirp4netns was killed by signal 9")
 OUT_OF_FDS = ENDS("Too many open files")  # set-up cannot go on: refused, in one line
 
 
-def _running(slirp: Expect) -> dict:
-    """A fault whose outcome is the same from the network's start to the end."""
-    return {BEFORE_COMMAND: slirp, SERVING: slirp, PORT_ADD: slirp}
+def _running(expect: Expect) -> dict:
+    """The same outcome from the network's start until the shutdown."""
+    return {BEFORE_COMMAND: expect, SERVING: expect, PORT_ADD: expect}
 
 
-# Decided before the cells were run. A component's death ends the run in one line
-# (README, Failure behaviour), during set-up as after it; a stop of any process of
-# the run is a pause (SIGCONT comes within every timeout); exhaustion refuses the
-# work that needs what ran out and recovers by itself; during the set-up, where the
-# work that needs it is the run itself, it is refused in one line naming the cause.
+# Decided before the cells were run (the first runs then showed lines that named the
+# wrong cause, so the needles now ask for the right one). A component's death ends the
+# run in one line (README, Failure behaviour), during set-up as after it; a stop of any
+# process of the run is a pause (SIGCONT comes within every timeout); exhaustion
+# refuses the work that needs what ran out and recovers by itself; during the set-up,
+# where the work that needs it is the run itself, it is refused in one line naming the
+# cause. In the shutdown phase a stop or a pressure lasts until the run has ended (but
+# a stop of the child or the command: that pauses the shutdown itself).
 EXPECTED: dict[str, dict[str, Expect]] = {
     "SIGKILL slirp4netns": {BEFORE_MAPS: NO_NET, AFTER_MAPS: SLIRP_KILLED,
                             **_running(SLIRP_KILLED), SHUTTING_DOWN: SLIRP_KILLED},
