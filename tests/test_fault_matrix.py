@@ -976,7 +976,8 @@ class Cell:
     def text(self) -> str:
         """The cell as the matrix shows it."""
         if self.observed == "ends":
-            what = f"ends {self.status}"
+            stops = EXPECTED[self.fault][self.phase].kind == "stops"
+            what = f"{'stops' if stops else 'ends'} {self.status}"
         elif self.observed == "killed":
             what = "killed"
         else:
@@ -1021,7 +1022,8 @@ class Matrix:
         for cell in failed:
             rows.append(f"✗ {cell.fault} / {cell.phase}: {'; '.join(cell.problems)}")
         rows.append("time per phase: " + ", ".join(f"{p}: {s:.0f} s"
-                                                   for p, s in self.seconds.items()))
+                                                   for p, s in self.seconds.items()) +
+                    f"; in all {sum(self.seconds.values()):.0f} s")
         return "\n".join(rows)
 
 
