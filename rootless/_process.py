@@ -2,6 +2,7 @@
 child, the pid-ns shim and `rootless-ctl enter`."""
 import os
 import select
+import time
 # The C module: the same functions and numbers as signal.py, without its enum wrappers
 # (IntEnum for every signal and handler). Importing enum costs 1.5-2 ms, on the way to
 # every command; the modules on that path import _signal under this name too.
@@ -116,7 +117,7 @@ def kill_user_namespace(ns_fd: int) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        select.select([], [], [], 0.01)  # they die meanwhile
+        time.sleep(0.01)  # they die meanwhile
 
 
 def _live_pids():
