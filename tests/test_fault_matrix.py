@@ -286,7 +286,7 @@ def exited(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()[0] in ("Z", "X")
-    except FileNotFoundError:
+    except (OSError, IndexError):  # gone (ENOENT, or ESRCH as it goes)
         return True
 
 
@@ -538,12 +538,12 @@ class Cell:
         self.tag = uuid.uuid4().hex[:8]
         self.net = "pasta" if fault.endswith("pasta") else "slirp4netns"
         self.dir = f"/tmp/rlt-fm-{self.tag}"  # the user's: hooks, server, markers
-        self.root_dir = tempfile.mkdtemp(prefix="rlt-fm-")  # ours: the run's stderr
+        self.root_dir = ""  # ours (root's): the run's stderr, made by prepare()
         self.state = os.path.join(user.runtime_dir, f"fm-{self.tag}")
         self.mount = None  # the tmpfs of "state dir's fs full"
         self.port = new_port()
         self.proc = None
-        self.stderr_path = os.path.join(self.root_dir, "stderr")
+        self.stderr_path = ""
         self.stderr_read = None  # the read end, for "stderr closed"
         self.stderr_seen = ""    # what was read of it before it was closed
         self.pids: dict[str, int] = {}
@@ -560,6 +560,8 @@ class Cell:
     # -- set-up ------------------------------------------------------------------------
 
     def prepare(self) -> None:
+        self.root_dir = tempfile.mkdtemp(prefix="rlt-fm-")
+        self.stderr_path = os.path.join(self.root_dir, "stderr")
         os.mkdir(self.dir, 0o700)
         os.chown(self.dir, self.user.uid, self.user.gid)
         files = {"server.py": SERVER_PY}
@@ -818,7 +820,8 @@ class Cell:
 
     def stderr_text(self) -> str:
         """All the run wrote on stderr (for "stderr closed": until it was closed)."""
-        if self.fault != "stderr closed" and os.path.exists(self.stderr_path):
+        if self.fault != "stderr closed" and self.stderr_path and \
+                os.path.exists(self.stderr_path):
             with open(self.stderr_path, errors="replace") as f:
                 self.stderr_seen = f.read()
         return self.stderr_seen
@@ -910,8 +913,10 @@ class Cell:
             self.observed = self.observed or "?"
             self.problems.append(f"{exc}; stderr: {clip(self.stderr_text())!r}")
         finally:
-            self.clean_up()
-            _machine.release(alone)
+            try:
+                self.clean_up()
+            finally:  # whatever the clean-up raised: a cell alone waits for this one
+                _machine.release(alone)
 
     def hold(self) -> None:
         """While the fault holds, a client comes (under the pipe budget, once the run
@@ -971,7 +976,8 @@ class Cell:
                     break
                 time.sleep(0.1)
         self.stderr_text()  # kept for the report: its file goes now
-        subprocess.run(["rm", "-rf", self.dir, self.state, self.root_dir], check=False)
+        paths = [p for p in (self.dir, self.state, self.root_dir) if p]
+        subprocess.run(["rm", "-rf", *paths], check=False)
 
     def text(self) -> str:
         """The cell as the matrix shows it."""
