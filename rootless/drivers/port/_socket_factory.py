@@ -190,6 +190,14 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
 class FactoryGone(Exception):
     """The child's socket factory closed the connection: the child is gone."""
 
+    def __init__(self, message: str = "the child's socket factory is gone"):
+        super().__init__(message)
+
+
+# Our end of the pair says the factory died (EOF aside): as it exited with data unread
+# (a reset), or before we could send (EPIPE).
+_GONE = (BrokenPipeError, ConnectionResetError)
+
 
 class Factory:
     """The parent's connection to the factory. One request at a time; sockets come
@@ -259,8 +267,8 @@ class Factory:
         sent whole or not at all. The factory gone (EPIPE), it is FactoryGone."""
         try:
             self._sock.send(request)
-        except (BrokenPipeError, ConnectionResetError):
-            raise FactoryGone("the child's socket factory is gone") from None
+        except _GONE:
+            raise FactoryGone() from None
 
     async def _line(self, first_only: bool = False) -> str:
         """Read b"+" (first_only) or up to a newline."""
@@ -273,8 +281,10 @@ class Factory:
                 chunk = self._sock.recv(1 if first_only and not data else 4096)
             except BlockingIOError:
                 continue
+            except _GONE:
+                chunk = b""  # as EOF
             if not chunk:
-                raise FactoryGone("the child's socket factory is gone")
+                raise FactoryGone()
             data += chunk
             if (first_only and data == b"+") or data.endswith(b"\n"):
                 return data.decode(errors="replace").rstrip("\n")
@@ -294,11 +304,13 @@ class Factory:
                 data, new, flags, _ = socket.recv_fds(self._sock, count - got, count)
             except BlockingIOError:
                 continue
+            except _GONE:
+                data, new, flags = b"", [], 0  # as EOF
             fds.extend(new)
             if not data:
                 for fd in fds:
                     os.close(fd)
-                raise FactoryGone("the child's socket factory is gone")
+                raise FactoryGone()
             got += len(data)
             truncated |= bool(flags & socket.MSG_CTRUNC)
         return fds, truncated
