@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--quick", "--startups", "2", "--rounds", "1", "--seconds", "1",
-        "--connections", "200"]
+        "--connections", "200", "--soak-seconds", "6"]
 
 
 def bench_argv(user, rootless_run, tmp_path, *args) -> list[str]:
@@ -77,6 +77,52 @@ def test_every_scenario_gives_figures(user, rootless_run, tmp_path):
     bars = [r for r in chart.iter("{http://www.w3.org/2000/svg}rect")][1:]  # less the page
     assert len(bars) == sum(1 for row in found.values() if row["advantage"])
     assert len(bars) >= len(expected)
+
+
+def test_soak_gives_samples_and_report_lines(user, rootless_run, tmp_path):
+    """Both supervisors at once under the soak's load, a sample a second for 6 s:
+    every sample has the supervisor's figures and the clients' counts, and the report
+    has its rows, its lines and its chart. (No figure is judged: a tiny run on a
+    shared machine.)"""
+    run = bench(user, rootless_run, tmp_path, "--only", "soak", "--soak-seconds", "6")
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    have_theirs = bool(shutil.which("rootlesskit"))
+    sides = {"ours", "rootlesskit"} if have_theirs else {"ours"}
+    found = rows(tmp_path)
+    what = ["open fds, drift after warm-up", "memory PSS, drift after warm-up",
+            "memory RSS, drift after warm-up", "threads, drift after warm-up",
+            "errors seen by the clients", "short request p50 (median of the windows)",
+            "short request p99 (median of the windows)"]
+    for label in (f"soak 6 s: {w}" for w in what):
+        assert set(found[label]["samples"]) == sides, label
+        assert f"bench: soak: {label}: rootless-run " in run.stderr
+        assert label in run.stdout  # the table
+    if have_theirs:
+        assert found["soak 6 s: short request p50 (median of the windows)"]["ratio"] > 0
+    info = found["soak 6 s: open fds, drift after warm-up"]["soak"]
+    assert (info["seconds"], info["interval"], info["warmup"]) == (6, 1.0, 2.0)
+    assert set(info["series"]) == sides
+    for side, samples in info["series"].items():
+        assert len(samples) == 6, side
+        for sample in samples:
+            assert sample["fds"] > 0 and sample["pss"] > 0 and sample["threads"] > 0
+            assert sample["processes"] >= 3  # parent, child, slirp4netns at least
+            assert isinstance(sample["errors"], dict)
+        done = {}
+        for sample in samples:
+            for key, n in sample["done"].items():
+                done[key] = done.get(key, 0) + n
+        assert done["short"] and done["resets"] and done["udp"] and done["bulk bytes"], side
+        assert done["api add+remove"], (side, info["errors"][side])
+        assert bool(done.get("enter")) == (side == "ours"), (side, info["errors"][side])
+    assert "rootlesskit has no such command" in run.stderr
+    # The chart: a line a side in each of the four plots.
+    chart = ET.parse(tmp_path / "bench.svg").getroot()
+    lines = list(chart.iter("{http://www.w3.org/2000/svg}polyline"))
+    assert len(lines) == 4 * len(sides)
+    # The state dirs and the programs' copies are gone with the instances.
+    assert not [n for n in os.listdir(user.runtime_dir) if n.startswith("rootless-bench-soak")]
 
 
 def test_missing_reference_is_skipped_with_a_message(user, rootless_run, tmp_path):

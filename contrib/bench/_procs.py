@@ -45,22 +45,26 @@ class Runner:
         """The tool as the benchmark user finds it (its PATH, not ours)."""
         return shutil.which(tool, path=self.env["PATH"])
 
-    def start(self, argv: list[str], *, stdout=subprocess.DEVNULL) -> subprocess.Popen:
+    def start(self, argv: list[str], *, stdout=subprocess.DEVNULL,
+              stdin=subprocess.DEVNULL) -> subprocess.Popen:
         """Start `argv` as the user, in a new session; stderr goes to a temp file
         (a pipe nobody reads could fill up and stall it), see `last_error()`."""
         errors = tempfile.TemporaryFile()
         proc = subprocess.Popen(self.prefix + argv, env=self.env, cwd="/tmp",
-                                stdin=subprocess.DEVNULL, stdout=stdout, stderr=errors,
+                                stdin=stdin, stdout=stdout, stderr=errors,
                                 start_new_session=True)
         proc.errors = errors
         self._live[proc.pid] = proc
         return proc
 
-    def run(self, argv: list[str], timeout: float) -> tuple[int, str]:
-        """Run to the end; (exit status, stdout). Stopped if it outlives `timeout`."""
-        proc = self.start(argv, stdout=subprocess.PIPE)
+    def run(self, argv: list[str], timeout: float, *,
+            input: bytes | None = None) -> tuple[int, str]:
+        """Run to the end, `input` on its stdin; (exit status, stdout). Stopped if it
+        outlives `timeout`."""
+        proc = self.start(argv, stdout=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL if input is None else subprocess.PIPE)
         try:
-            out, _ = proc.communicate(timeout=timeout)
+            out, _ = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired:
             self.stop(proc)
             raise Skip(f"{' '.join(argv[:3])}... did not finish within {timeout:.0f} s")
@@ -185,6 +189,18 @@ def memory(pid: int) -> tuple[int, int]:
             elif line.startswith("Rss:"):
                 rss = int(line.split()[1]) * 1024
     return pss, rss
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def threads(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Threads:"):
+                return int(line.split()[1])
+    return 0
 
 
 def user_can_run(runner: Runner, path: str) -> bool:

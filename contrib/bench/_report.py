@@ -5,12 +5,14 @@ import random
 import statistics
 from xml.sax.saxutils import escape
 
-DIGITS = {"ms": 1, "Gbit/s": 2, "conn/s": 0, "MiB": 1, "%": 1}
+DIGITS = {"ms": 1, "Gbit/s": 2, "conn/s": 0, "MiB": 1, "%": 1, "us": 0, "errors": 0,
+          "fds/min": 2, "MiB/min": 3, "threads/min": 2}
 
 
-def rows(scenario, samples: dict, skipped: dict) -> list[dict]:
+def rows(scenario, samples: dict, skipped: dict, notes: dict | None = None) -> list[dict]:
     """One row a metric: medians of each side, ours / rootlesskit, and `advantage`
-    (above 1: ours is better, whichever way the metric is better)."""
+    (above 1: ours is better, whichever way the metric is better). `notes`: metric
+    key -> what the verdict column says of a row without a ratio."""
     out = []
     for metric in scenario.metrics:
         median = {side: statistics.median(values[metric.key])
@@ -20,7 +22,8 @@ def rows(scenario, samples: dict, skipped: dict) -> list[dict]:
                "samples": {side: values.get(metric.key, [])
                            for side, values in samples.items()},
                "median": median, "skipped": skipped, "limit_label": scenario.limit_label,
-               "ratio": None, "advantage": None, "versus": None, "wins": None, "ci": None}
+               "ratio": None, "advantage": None, "versus": None, "wins": None, "ci": None,
+               "note": (notes or {}).get(metric.key, "")}
         ours = median.get("ours")
         if metric.compare and ours:
             for versus in ("rootlesskit", "limit"):  # the limit when rootlesskit has none
@@ -89,7 +92,7 @@ def is_level(row: dict) -> bool:
 def verdict(row: dict) -> str:
     adv = row["advantage"]
     if adv is None:
-        return ""
+        return row.get("note", "")
     who = " rootlesskit" if row["versus"] == "rootlesskit" else f" {row['limit_label']}"
     notes = [f"better in {row['wins'][0]}/{row['wins'][1]}"] if row["wins"] else []
     interval = advantage_interval(row)
@@ -148,6 +151,9 @@ def svg_chart(all_rows: list[dict], subtitle: str) -> str:
     label_w, plot_w, row_h, top = 440, 380, 24, 64
     span = 3.0  # log2: 1/8x .. 8x
     width, height = label_w + plot_w + 30, top + row_h * len(shown) + 40
+    soak = next((row["soak"] for row in all_rows if row.get("soak")), None)
+    panels, panels_h = _soak_panels(soak, height, width) if soak else ([], 0)
+    height += panels_h
     mid = label_w + plot_w / 2
 
     def x(adv: float) -> float:
@@ -186,8 +192,66 @@ def svg_chart(all_rows: list[dict], subtitle: str) -> str:
         text_x, anchor = (mid - 4, "end") if adv >= 1 else (mid + 4, "start")
         out.append(f'<text x="{text_x:.1f}" y="{y + 16}" text-anchor="{anchor}">'
                    f'{"+" if adv >= 1 else "-"}{max(adv, 1 / adv):.2f}x</text>')
-    out.append(f'<text x="10" y="{height - 12}" fill="#555">ratio of medians, turned so that '
-               f'right is better (less time or memory, more throughput); whisker: 95 % '
-               f'interval</text>')
+    out.append(f'<text x="10" y="{height - panels_h - 12}" fill="#555">ratio of medians, '
+               f'turned so that right is better (less time or memory, more throughput); '
+               f'whisker: 95 % interval</text>')
+    out += panels
     out.append("</svg>")
     return "\n".join(out) + "\n"
+
+
+COLOURS = {"ours": "#2a9d4b", "rootlesskit": "#457b9d"}
+PANELS = (("fds", "open fds"), ("pss", "PSS, MiB"), ("threads", "threads"),
+          ("p99_us", "short request p99, us"))
+
+
+def _soak_panels(soak: dict, top: int, width: int) -> tuple[list[str], int]:
+    """The soak's samples over time, one small plot a figure, both sides in each; the
+    warm-up shaded. The y axes start at 0, so a drift shows at its true size."""
+    names = {"ours": "rootless-run", "rootlesskit": "rootlesskit"}
+    cols, left, between, plot_h, gap = 2, 50, 70, 120, 56
+    plot_w = (width - left - between - 20) // cols
+    out = [f'<text x="10" y="{top + 10}" font-size="15" font-weight="bold">soak: every '
+           f'{soak["interval"]:g} s for {soak["seconds"] // 60}:{soak["seconds"] % 60:02d} '
+           f'(shaded: warm-up)</text>']
+    for i, side in enumerate(soak["series"]):
+        x = 10 + i * 140
+        out.append(f'<line x1="{x}" y1="{top + 23}" x2="{x + 14}" y2="{top + 23}" '
+                   f'stroke="{COLOURS.get(side, "#999")}" stroke-width="3"/>')
+        out.append(f'<text x="{x + 20}" y="{top + 27}">{names.get(side, side)}</text>')
+    for n, (key, title) in enumerate(PANELS):
+        x0 = left + (n % cols) * (plot_w + between)
+        y0 = top + 50 + (n // cols) * (plot_h + gap)
+        out += _panel(soak, key, title, x0, y0, plot_w, plot_h)
+    rows = (len(PANELS) + cols - 1) // cols
+    return out, 50 + rows * (plot_h + gap)
+
+
+def _panel(soak: dict, key: str, title: str, x0: float, y0: float, w: float,
+           h: float) -> list[str]:
+    values = [s[key] for samples in soak["series"].values() for s in samples
+              if s.get(key) is not None]
+    top = max(values, default=0) * 1.1 or 1.0
+    seconds = soak["seconds"] or 1
+
+    def xy(t: float, v: float) -> str:
+        return f"{x0 + min(t, seconds) / seconds * w:.1f},{y0 + h - v / top * h:.1f}"
+
+    # Paths, not rects: a rect of the chart is a bar of a ratio.
+    warm = soak["warmup"] / seconds * w
+    out = [f'<path d="M{x0},{y0}h{warm:.1f}v{h}h{-warm:.1f}z" fill="#eee"/>',
+           f'<path d="M{x0},{y0}h{w}v{h}h{-w}z" fill="none" stroke="#999"/>',
+           f'<text x="{x0}" y="{y0 - 6}">{escape(title)}</text>',
+           f'<text x="{x0 - 4}" y="{y0 + 10}" text-anchor="end" fill="#555">'
+           f'{top:.0f}</text>' if top >= 10 else
+           f'<text x="{x0 - 4}" y="{y0 + 10}" text-anchor="end" fill="#555">{top:.2g}</text>',
+           f'<text x="{x0 - 4}" y="{y0 + h}" text-anchor="end" fill="#555">0</text>',
+           f'<text x="{x0}" y="{y0 + h + 14}" fill="#555">0:00</text>',
+           f'<text x="{x0 + w}" y="{y0 + h + 14}" text-anchor="end" fill="#555">'
+           f'{seconds // 60}:{seconds % 60:02d}</text>']
+    for side, samples in soak["series"].items():
+        points = " ".join(xy(s["t"], s[key]) for s in samples if s.get(key) is not None)
+        if points:
+            out.append(f'<polyline points="{points}" fill="none" '
+                       f'stroke="{COLOURS.get(side, "#999")}" stroke-width="1.5"/>')
+    return out

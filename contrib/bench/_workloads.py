@@ -1,13 +1,14 @@
 """What the scenarios run: iperf3 on both ends, a small echo server and client for
-short connections, an instance of a supervisor publishing a port, and the memory of
-a supervisor's processes. Everything talks over the host's loopback or the
-namespace's own addresses, nothing else."""
+short connections, an instance of a supervisor publishing a port, and the memory,
+fds and threads of a supervisor's processes. Everything talks over the host's
+loopback or the namespace's own addresses, nothing else."""
 import json
 import socket
 import time
 from contextlib import contextmanager
 
-from ._procs import Runner, Skip, cmdline, last_error, memory, parent, tree
+from ._procs import (Runner, Skip, cmdline, last_error, memory, open_fds, parent,
+                     threads, tree)
 
 # The echo server: one thread a connection, echoes until EOF. Short connections
 # exchange 4 bytes each way. Run as `python3 -c ECHO_SERVER PORT`.
@@ -186,9 +187,10 @@ def _command_listening(root: int, command: list[str], port: int) -> bool:
     return any(listening(port, str(pid)) for pid in tree(root) if cmdline(pid) == command)
 
 
-def supervisor_memory(root: int, command: list[str]) -> dict:
-    """PSS and RSS (MiB) of the supervisor's processes: `root` and its descendants,
-    less the command (the first process running `command`) and its descendants."""
+def supervisor_usage(root: int, command: list[str]) -> dict:
+    """PSS and RSS (MiB), open fds and threads of the supervisor's processes: `root`
+    and its descendants, less the command (the first process running `command`) and
+    its descendants. A process gone in between counts for nothing."""
     pids = tree(root)
     commands = {pid for pid in pids if cmdline(pid) == command}
     mine = []
@@ -200,12 +202,13 @@ def supervisor_memory(root: int, command: list[str]) -> dict:
             mine.append(pid)
     if not commands:
         raise Skip("could not tell the command from the supervisor's processes")
-    pss = rss = 0
+    pss = rss = fds = tasks = counted = 0
     for pid in mine:
         try:
             p, r = memory(pid)
+            f, t = open_fds(pid), threads(pid)
         except OSError:
             continue  # gone in between
-        pss += p
-        rss += r
-    return {"pss": pss / 2**20, "rss": rss / 2**20, "processes": len(mine)}
+        pss, rss, fds, tasks, counted = pss + p, rss + r, fds + f, tasks + t, counted + 1
+    return {"pss": pss / 2**20, "rss": rss / 2**20, "fds": fds, "threads": tasks,
+            "processes": counted}

@@ -8,6 +8,10 @@ rootless-run / rootlesskit. As root it runs everything as an unprivileged user
 what needs them; everything it starts is stopped when it ends, also on Ctrl-C.
 
     python3 -m contrib.bench [--quick] [--only NAME,...] [--json FILE] [--svg FILE]
+
+The soak (`--only soak`, 10 minutes; --quick: 30 s) runs one instance of each side at
+the same time under the same load, and reports the drift of their fds, memory and
+threads, the errors their clients saw and the latency of short requests.
 """
 import argparse
 import json
@@ -21,8 +25,8 @@ import time
 from . import _report, scenarios
 from ._procs import Runner, Skip, make_link_dir, user_can_run
 
-QUICK = {"startups": 10, "rounds": 2, "seconds": 1, "connections": 2000}
-FULL = {"startups": 30, "rounds": 7, "seconds": 3, "connections": 10000}
+QUICK = {"startups": 10, "rounds": 2, "seconds": 1, "connections": 2000, "soak_seconds": 30}
+FULL = {"startups": 30, "rounds": 7, "seconds": 3, "connections": 10000, "soak_seconds": 600}
 
 
 def parse(argv):
@@ -39,6 +43,9 @@ def parse(argv):
     parser.add_argument("--connections", type=int,
                         help=f"connections before the second memory figure "
                              f"({FULL['connections']})")
+    parser.add_argument("--soak-seconds", type=int,
+                        help=f"length of the soak ({FULL['soak_seconds']}; --quick: "
+                             f"{QUICK['soak_seconds']})")
     parser.add_argument("--user", help="run as this user when run as root (rlt-test)")
     parser.add_argument("--rootless-run", metavar="PATH", default=_default_ours(),
                         help="the rootless-run to measure (default: %(default)s)")
@@ -59,7 +66,7 @@ def parse(argv):
         if getattr(args, key) is None:
             setattr(args, key, default)
         elif getattr(args, key) < 1:
-            parser.error(f"--{key} must be at least 1")
+            parser.error(f"--{key.replace('_', '-')} must be at least 1")
     return args
 
 
@@ -70,7 +77,8 @@ def _default_ours() -> str:
 
 
 def _names():
-    settings = scenarios.Settings(**FULL)
+    settings = scenarios.Settings(FULL["startups"], FULL["rounds"], FULL["seconds"],
+                                  FULL["connections"], FULL["soak_seconds"])
     return scenarios.build(scenarios.Sides(None, "", "", settings))
 
 
@@ -99,7 +107,7 @@ def main(argv=None) -> int:
             print("bench: rootlesskit is not installed (apt-get install rootlesskit): its "
                   "column is skipped", file=sys.stderr)
         settings = scenarios.Settings(args.startups, args.rounds, args.seconds,
-                                      args.connections)
+                                      args.connections, args.soak_seconds)
         chosen = scenarios.build(scenarios.Sides(runner, ours, theirs, settings))
         if args.only:
             words = [word.strip() for word in args.only.split(",") if word.strip()]
@@ -164,8 +172,10 @@ def _run_scenario(runner, scenario) -> list[dict]:
     for side, why in skipped.items():
         print(f"bench: {scenario.name}: no {side} figure: {why}", file=sys.stderr)
     order = [side for side in scenarios.SIDES if side in scenario.sides and side not in skipped]
-    samples = {side: {} for side in order}
     print(f"bench: {scenario.name} ...", file=sys.stderr)
+    if scenario.together:
+        return _run_together(scenario, order, skipped)
+    samples = {side: {} for side in order}
     for i in range(scenario.rounds + int(scenario.warmup)):
         for side in order if i % 2 == 0 else order[::-1]:
             if side in skipped:
@@ -180,7 +190,24 @@ def _run_scenario(runner, scenario) -> list[dict]:
                 continue
             for key, v in values.items():
                 samples[side].setdefault(key, []).append(v)
-    found = _report.rows(scenario, {s: v for s, v in samples.items() if v}, skipped)
+    return _rows(scenario, {s: v for s, v in samples.items() if v}, skipped)
+
+
+def _run_together(scenario, order, skipped) -> list[dict]:
+    """A scenario whose sides run at the same time (the soak)."""
+    try:
+        result = scenario.together({side: scenario.sides[side] for side in order})
+    except Skip as exc:
+        print(f"bench: {scenario.name}: skipped: {exc}", file=sys.stderr)
+        return []
+    found = _rows(scenario, result.samples, skipped | result.skipped, result.notes)
+    if found:
+        found[0][scenario.name] = result.info  # every sample, in the JSON and the chart
+    return found
+
+
+def _rows(scenario, samples, skipped, notes=None) -> list[dict]:
+    found = _report.rows(scenario, samples, skipped, notes)
     for row in found:
         print(f"bench: {scenario.name}: {row['label'].strip()}: {_report.summary(row)}",
               file=sys.stderr)
@@ -218,6 +245,7 @@ def _header(runner, args, ours, theirs) -> dict:
         "command": "python3 -m contrib.bench " + " ".join(sys.argv[1:]),
         "settings": {"startups": args.startups, "rounds": args.rounds,
                      "seconds": args.seconds, "connections": args.connections,
+                     "soak_seconds": args.soak_seconds,
                      "rootless-run": os.path.realpath(args.rootless_run), "rootlesskit": theirs,
                      "user": runner.user},
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -1,11 +1,14 @@
 """The scenarios of issue 6. Each has up to three sides, measured in turn every round:
 `ours` (rootless-run), `rootlesskit` (Debian's, the same flags) and `limit` (what the
 machine does without any supervisor: raw loopback, direct connections, raw pasta,
-bare namespaces). A side returns {metric key: value} for one round."""
+bare namespaces). A side returns {metric key: value} for one round. The soak (issue
+17) runs its sides together instead, for minutes (`_soak.py`)."""
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import _soak
 from . import _workloads as w
 from ._procs import Runner
 
@@ -38,12 +41,14 @@ class Metric:
 class Scenario:
     name: str  # for --only
     metrics: list[Metric]
-    sides: dict[str, Callable[[], dict]]
+    sides: dict[str, Callable[[], dict]]  # with `together`: side -> its binary
     rounds: int
     needs: tuple[str, ...] = ()
     limit_label: str = ""
     skipped: dict[str, str] = field(default_factory=dict)  # side -> why, known up front
     warmup: bool = False  # one unmeasured run of each side first (page cache)
+    # All sides at once, not in rounds: {side: binary} -> _soak.Soak
+    together: Callable[[dict[str, str]], "_soak.Soak"] | None = None
 
 
 @dataclass
@@ -52,6 +57,7 @@ class Settings:
     rounds: int
     seconds: int
     connections: int
+    soak: int = 600  # seconds
 
 
 class Sides:
@@ -66,6 +72,11 @@ class Sides:
     def each(self, make: Callable[[str], Callable[[], dict]]) -> dict:
         """{side: make(binary)} for ours and rootlesskit (when installed)."""
         return {side: make(binary) for side, binary in self.binaries().items()}
+
+    def ctl(self) -> str | None:
+        """The rootless-ctl installed with our rootless-run, if there is one."""
+        path = os.path.join(os.path.dirname(os.path.realpath(self.ours)), "rootless-ctl")
+        return path if os.path.exists(path) else None
 
 
 def build(sides: Sides) -> list[Scenario]:
@@ -126,10 +137,10 @@ def build(sides: Sides) -> list[Scenario]:
             with w.published(r, supervisor, spec, ECHO_COMMAND,
                              w.ECHO_PORT) as (proc, port):
                 time.sleep(0.5)  # settle: nothing but the idle port
-                idle = w.supervisor_memory(proc.pid, ECHO_COMMAND)
+                idle = w.supervisor_usage(proc.pid, ECHO_COMMAND)
                 w.connections(r, port, count=s.connections)
                 time.sleep(0.5)
-                busy = w.supervisor_memory(proc.pid, ECHO_COMMAND)
+                busy = w.supervisor_usage(proc.pid, ECHO_COMMAND)
             return {"pss_idle": idle["pss"], "rss_idle": idle["rss"],
                     "pss_busy": busy["pss"], "rss_busy": busy["rss"]}
         return side
@@ -184,9 +195,25 @@ def build(sides: Sides) -> list[Scenario]:
                   Metric("rss_busy", f"memory RSS after {s.connections} connections",
                          "MiB", False)],
                  sides.each(memory), min(s.rounds, 3), ("python3", "slirp4netns")),
+        Scenario("soak", soak_metrics(s.soak), sides.binaries(), 1, ("python3", "slirp4netns"),
+                 together=lambda chosen: _soak.run(r, chosen, sides.ctl(), s.soak)),
     ]
     if not sides.theirs:
         for scenario in scenarios:
             scenario.skipped.setdefault("rootlesskit", "rootlesskit is not installed "
                                                        "(apt-get install rootlesskit)")
     return scenarios
+
+
+def soak_metrics(seconds: int) -> list[Metric]:
+    name = f"soak {seconds // 60} min" if seconds % 60 == 0 else f"soak {seconds} s"
+    return [
+        Metric("fds", f"{name}: open fds, drift after warm-up", "fds/min", False, False),
+        Metric("pss", f"{name}: memory PSS, drift after warm-up", "MiB/min", False, False),
+        Metric("rss", f"{name}: memory RSS, drift after warm-up", "MiB/min", False, False),
+        Metric("threads", f"{name}: threads, drift after warm-up", "threads/min", False,
+               False),
+        Metric("errors", f"{name}: errors seen by the clients", "errors", False, False),
+        Metric("p50", f"{name}: short request p50 (median of the windows)", "us", False),
+        Metric("p99", f"{name}: short request p99 (median of the windows)", "us", False),
+    ]
