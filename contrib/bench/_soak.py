@@ -94,13 +94,14 @@ def run(runner: Runner, binaries: dict[str, str], ctl: str | None, seconds: int)
         if not live:
             return Soak({}, {}, skipped)
         drivers, logged = {}, {}
+        bands = _api_ports(list(live))
         for side, instance in live.items():
             logged[side] = instance.proc.errors.seek(0, os.SEEK_END)  # before the load
             enter = [ctl, "enter", "--state-dir", instance.state_dir, "--", "true"] \
                 if ctl and side == "ours" else None
             config = {"port": instance.port, "seconds": seconds, "interval": interval,
-                      "api": os.path.join(instance.state_dir, "api.sock"), "enter": enter,
-                      "child_port": TCP_PORT}
+                      "api": os.path.join(instance.state_dir, "api.sock"),
+                      "api_ports": bands[side], "child_port": TCP_PORT, "enter": enter}
             drivers[side] = runner.start([*programs["load"], json.dumps(config)],
                                          stdout=subprocess.PIPE)
             stack.callback(runner.stop, drivers[side])
@@ -142,6 +143,21 @@ def _state_base(runner: Runner) -> str:
     if code != 0:
         raise Skip(f"could not make a state dir in {parent} as {runner.user}")
     return out.strip()
+
+
+def _api_ports(sides: list[str]) -> dict[str, tuple[int, int]]:
+    """For each side, its own range of ports for the ports it adds through the API:
+    below the ephemeral ports, so that no client connection takes one of them between
+    the load's check and the supervisor's bind, and apart from the other side's."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            top = int(f.read().split()[0]) - 1
+    except (OSError, ValueError, IndexError):
+        top = 32767
+    first = min(10000, top // 2)
+    size = (top - first + 1) // len(sides)
+    return {side: (first + i * size, first + (i + 1) * size - 1)
+            for i, side in enumerate(sides)}
 
 
 def _copy_programs(runner: Runner, base: str) -> dict[str, list[str]]:

@@ -6,7 +6,8 @@ api.sock.
     python3 soak_load.py CONFIG_JSON
 
 CONFIG: {"port": P (published, TCP and UDP), "seconds": S, "interval": I,
-         "api": "STATE/api.sock" or null, "enter": [argv] or null, "child_port": C}
+         "api": "STATE/api.sock" or null, "api_ports": [FIRST, LAST], "child_port": C,
+         "enter": [argv] or null}
 
 At the same time, until S seconds are over:
 - short requests, RATE a second: connect, 16 bytes there and back, close (timed);
@@ -213,14 +214,23 @@ def http(path: str, method: str, target: str, body: bytes = b"") -> tuple[int, b
         raise Failed("not an HTTP answer") from None
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(first: int, last: int) -> int:
+    """A port of first..last free on 127.0.0.1 just now. The range is below the
+    ephemeral ports: no client's connect() can take the port before the supervisor
+    binds it (bind(0) would pick one of them)."""
+    for _ in range(100):
+        port = random.randint(first, last)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise Failed(f"no free port in {first}-{last}")
 
 
-def api_cycle(path: str, child_port: int) -> None:
-    port = free_port()
+def api_cycle(path: str, ports: tuple[int, int], child_port: int) -> None:
+    port = free_port(*ports)
     spec = {"proto": "tcp", "parentIP": "127.0.0.1", "parentPort": port, "childIP": "",
             "childPort": child_port}
     status, body = http(path, "POST", "/v1/ports", json.dumps(spec).encode())
@@ -236,10 +246,10 @@ def api_cycle(path: str, child_port: int) -> None:
         raise Failed(f"remove: HTTP {status} {body[:80].decode(errors='replace')}")
 
 
-def api(path: str, child_port: int) -> None:
+def api(path: str, ports: tuple[int, int], child_port: int) -> None:
     for _ in paced(1.0):
         try:
-            api_cycle(path, child_port)
+            api_cycle(path, ports, child_port)
             count("api add+remove")
         except (OSError, Failed, ValueError, KeyError) as exc:
             count_error("api", exc)
@@ -286,7 +296,7 @@ def main(config: dict) -> None:
     units = [(short_requests, port), (udp_flows, port), (bulk, port, bulk_up),
              (bulk, port, bulk_down)]
     if config.get("api"):
-        units.append((api, config["api"], config["child_port"]))
+        units.append((api, config["api"], config["api_ports"], config["child_port"]))
     if config.get("enter"):
         units.append((enter, config["enter"]))
     start = time.monotonic()
