@@ -77,8 +77,7 @@ def _default_ours() -> str:
 
 
 def _names():
-    settings = scenarios.Settings(FULL["startups"], FULL["rounds"], FULL["seconds"],
-                                  FULL["connections"], FULL["soak_seconds"])
+    settings = scenarios.Settings(**FULL)
     return scenarios.build(scenarios.Sides(None, "", "", settings))
 
 

@@ -57,7 +57,7 @@ class Settings:
     rounds: int
     seconds: int
     connections: int
-    soak: int = 600  # seconds
+    soak_seconds: int
 
 
 class Sides:
@@ -195,8 +195,9 @@ def build(sides: Sides) -> list[Scenario]:
                   Metric("rss_busy", f"memory RSS after {s.connections} connections",
                          "MiB", False)],
                  sides.each(memory), min(s.rounds, 3), ("python3", "slirp4netns")),
-        Scenario("soak", soak_metrics(s.soak), sides.binaries(), 1, ("python3", "slirp4netns"),
-                 together=lambda chosen: _soak.run(r, chosen, sides.ctl(), s.soak)),
+        Scenario("soak", soak_metrics(s.soak_seconds), sides.binaries(), 1,
+                 ("python3", "slirp4netns"),
+                 together=lambda chosen: _soak.run(r, chosen, sides.ctl(), s.soak_seconds)),
     ]
     if not sides.theirs:
         for scenario in scenarios:
