@@ -6,6 +6,7 @@ contrib/test.sh prepares the users: rlt-test (uid 1001, subordinate ids
 rlt-testN and rlt-nosubN instead, and the tests use those: several checkouts can then
 be tested at once without killing each other's processes.
 """
+import atexit
 import os
 import pwd
 import shutil
@@ -30,7 +31,8 @@ RUN = os.path.join(VENV_BIN, "rootless-run")
 # ones every run (derandomized: a CI failure is reproduced by running the test again),
 # the whole property suite well under a minute. "fuzz" (pytest --hypothesis-profile=fuzz):
 # at least 10,000 examples per property, random each run. No database, and hypothesis'
-# own cache in /tmp: nothing in the checkout. No deadline: this machine's two CPUs are
+# own cache in a private temp dir of this session, removed at exit: nothing in the
+# checkout, and no fixed name in /tmp for another user to plant a symlink at. No deadline: this machine's two CPUs are
 # shared, and a slow example is not a failure (a hang is: every wait has a timeout).
 FUZZ_EXAMPLES = 10_000
 _PROPERTY_SETTINGS = dict(database=None, deadline=None, print_blob=True,
@@ -39,7 +41,9 @@ _PROPERTY_SETTINGS = dict(database=None, deadline=None, print_blob=True,
 settings.register_profile("ci", max_examples=100, derandomize=True, **_PROPERTY_SETTINGS)
 settings.register_profile("fuzz", max_examples=FUZZ_EXAMPLES, **_PROPERTY_SETTINGS)
 settings.load_profile("ci")
-set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "rootless-hypothesis"))
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="rootless-hypothesis-")
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
+set_hypothesis_home_dir(_HYPOTHESIS_HOME)
 
 
 def _fuzzing() -> bool:
