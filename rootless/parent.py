@@ -358,11 +358,25 @@ def _handshake(config, state, child, net, ports, listeners, uid, gid, user, subi
     else:
         child.send("ParentInitPortDriverCompleted", doing)
     child.expect("ChildCommandStarted", "starting the command")
-    namespaces = record_namespaces(anchor)
-    if namespaces is not None:  # written last: `enter` and `--reuse` join once it exists
-        state.write(NAMESPACES, namespaces)
+    _record_namespaces(state, anchor)
     _log.debug(f"command started; child pid {anchor}")
     return anchor, info
+
+
+def _record_namespaces(state: StateDir, anchor: int) -> None:
+    """Written last: `enter` and `--reuse` join once it exists. The command runs by
+    now and the state dir is also its own (it may remove it at once): a failure to
+    write is a warning that the instance cannot be joined, never the end of the run."""
+    namespaces = record_namespaces(anchor)
+    if namespaces is None:
+        return
+    try:
+        state.write(NAMESPACES, namespaces)
+    except StateDirError as exc:
+        if state.removed():  # by the command, most likely: its business, not a fault
+            _log.debug(f"state dir {state.path} was removed: no namespaces record")
+        else:
+            _log.warning(f"{exc}: `rootless-ctl enter` and --reuse cannot join this run")
 
 
 __all__ = ["run", "Child", "exit_code"]

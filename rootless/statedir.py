@@ -111,14 +111,18 @@ class StateDir:
             raise StateDirError(f"cannot write {self.file(name)}: "
                                 f"{write_failure(exc)}") from None
 
-    def raise_if_removed(self) -> None:
-        """A step of the set-up failed: if the dir was removed under us (logind at
-        logout, tmpfiles), that is the cause to report, not the path that failed."""
+    def removed(self) -> bool:
+        """Whether the dir was removed under us (logind at logout, tmpfiles, the
+        command)."""
         try:
-            removed = os.fstat(self._fd).st_nlink == 0
+            return os.fstat(self._fd).st_nlink == 0
         except OSError:
-            return
-        if removed:
+            return False
+
+    def raise_if_removed(self) -> None:
+        """A step of the set-up failed: if the dir was removed under us, that is the
+        cause to report, not the path that failed."""
+        if self.removed():
             raise StateDirError(f"state dir {self.path} was removed while the run was "
                                 f"starting: start it again")
 

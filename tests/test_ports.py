@@ -114,7 +114,8 @@ def exchange(port: int, payload: bytes, host: str = "127.0.0.1", timeout: float 
         sender.start()
         received = read_to_eof(s)
         sender.join()
-        assert not errors, errors
+        if errors:  # an OSError, as a failed connect: until() takes it for "not yet"
+            raise errors[0]
         return received
 
 
