@@ -42,8 +42,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--copy-up",), "copy_up", LIST, "make DIR writable in the child (repeatable; the "
          "given list replaces the default one; none: no copy-up)", metavar="DIR"),
     Flag(("--copy-up-mode",), "copy_up_mode", STR, "copy-up mode", ("tmpfs+symlink",)),
-    Flag(("--propagation",), "propagation", STR, "propagation of / in the child mount namespace",
-         ("rprivate", "rslave")),
+    Flag(("--propagation",), "propagation", STR, "propagation of / in the child's mount "
+         "namespace: with the r, of every mount below it too",
+         ("rprivate", "rslave", "rshared", "private", "slave", "shared")),
     Flag(("--port-driver",), "port_driver", STR, "how published ports reach the child "
          "(auto: builtin with a network namespace, else none)",
          ("auto", "none", "builtin", "slirp4netns", "implicit")),
