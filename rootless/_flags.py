@@ -20,6 +20,8 @@ class Flag:
 
 FLAGS: tuple[Flag, ...] = (
     Flag(("--debug",), "debug", BOOL, "verbose log to stderr"),
+    Flag(("--print-semver",), "print_semver", STR, "print that component of the version "
+         "as a decimal integer, and exit", metavar="{major|minor|patch}"),
     Flag(("--state-dir",), "state_dir", STR, "state directory (default: a temp dir removed on exit)",
          metavar="DIR"),
     # No fixed choices: drivers of other packages register through an entry point.
