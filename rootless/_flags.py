@@ -29,6 +29,8 @@ FLAGS: tuple[Flag, ...] = (
          "others from installed plugins)", metavar="{auto|host|none|slirp4netns|pasta}"),
     Flag(("--slirp4netns-binary",), "slirp4netns_binary", STR, "path of slirp4netns", metavar="PATH"),
     Flag(("--pasta-binary",), "pasta_binary", STR, "path of pasta", metavar="PATH"),
+    Flag(("--vpnkit-binary",), "vpnkit_binary", STR, "accepted for rootlesskit's scripts: "
+         "--net=vpnkit is not available (no vpnkit in Debian)", metavar="PATH"),
     Flag(("--slirp4netns-sandbox",), "slirp4netns_sandbox", STR, "slirp4netns --enable-sandbox",
          ("auto", "true", "false")),
     Flag(("--slirp4netns-seccomp",), "slirp4netns_seccomp", STR, "slirp4netns --enable-seccomp",
