@@ -20,6 +20,8 @@ class Flag:
 
 FLAGS: tuple[Flag, ...] = (
     Flag(("--debug",), "debug", BOOL, "verbose log to stderr"),
+    Flag(("--print-semver",), "print_semver", STR, "print that component of the version "
+         "as a decimal integer, and exit", metavar="{major|minor|patch}"),
     Flag(("--state-dir",), "state_dir", STR, "state directory (default: a temp dir removed on exit)",
          metavar="DIR"),
     # No fixed choices: drivers of other packages register through an entry point.
@@ -27,6 +29,8 @@ FLAGS: tuple[Flag, ...] = (
          "others from installed plugins)", metavar="{auto|host|none|slirp4netns|pasta}"),
     Flag(("--slirp4netns-binary",), "slirp4netns_binary", STR, "path of slirp4netns", metavar="PATH"),
     Flag(("--pasta-binary",), "pasta_binary", STR, "path of pasta", metavar="PATH"),
+    Flag(("--vpnkit-binary",), "vpnkit_binary", STR, "accepted for rootlesskit's scripts: "
+         "--net=vpnkit is not available (no vpnkit in Debian)", metavar="PATH"),
     Flag(("--slirp4netns-sandbox",), "slirp4netns_sandbox", STR, "slirp4netns --enable-sandbox",
          ("auto", "true", "false")),
     Flag(("--slirp4netns-seccomp",), "slirp4netns_seccomp", STR, "slirp4netns --enable-seccomp",
@@ -42,8 +46,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--copy-up",), "copy_up", LIST, "make DIR writable in the child (repeatable; the "
          "given list replaces the default one; none: no copy-up)", metavar="DIR"),
     Flag(("--copy-up-mode",), "copy_up_mode", STR, "copy-up mode", ("tmpfs+symlink",)),
-    Flag(("--propagation",), "propagation", STR, "propagation of / in the child mount namespace",
-         ("rprivate", "rslave")),
+    Flag(("--propagation",), "propagation", STR, "propagation of / in the child's mount "
+         "namespace: with the r, of every mount below it too",
+         ("rprivate", "rslave", "rshared", "private", "slave", "shared")),
     Flag(("--port-driver",), "port_driver", STR, "how published ports reach the child "
          "(auto: builtin with a network namespace, else none)",
          ("auto", "none", "builtin", "slirp4netns", "implicit")),

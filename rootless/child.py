@@ -121,11 +121,7 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
     # newuidmap is setuid: after it ran on us, our parent-death signal is gone.
     _arm_parent_death_signal(watcher)
 
-    mounts.set_propagation(config.propagation)
-    if config.child_netns:
-        mounts.mount_sysfs(state_dir)
-    for directory in config.copy_up:
-        mounts.copy_up(directory, state_dir)
+    mounts.set_up(config.propagation, config.child_netns, config.copy_up, state_dir)
     if "/run" in config.copy_up and os.path.basename(config.command[0]) == "dockerd":
         from ._docker import forget_host_runtime_dirs
         forget_host_runtime_dirs()

@@ -29,6 +29,9 @@ def build_config(program: str, argv: list[str]) -> Config | str:
         return _flags.help_text(program, {**FIELDS, **defaults})
     if action == "version":
         return f"{program} version {__version__} (rootlesskit API 1.1.1)\n"
+    semver = values.pop("print_semver", "")
+    if semver:  # an empty value is no value, as rootlesskit reads it
+        return f"{version_component(semver)}\n"
     if "evacuate_cgroup2" in values:  # given, even empty
         from .cgroup import check_name
         check_name(values["evacuate_cgroup2"])
@@ -43,6 +46,20 @@ def build_config(program: str, argv: list[str]) -> Config | str:
     config = Config(program=program, **merged)
     validate(config)
     return config
+
+
+SEMVER = ("major", "minor", "patch")
+
+
+def version_component(name: str) -> int:
+    """--print-semver: one number of our version's release (X, Y or Z of X.Y.Z,
+    X.Y.Z.devN, X.YrcN...), as rootlesskit prints its own (and runs nothing)."""
+    if name not in SEMVER:
+        raise UsageError(f"--print-semver={name}: expected major, minor or patch")
+    release = __version__.split("+")[0].split(".") + ["0", "0"]
+    text = release[SEMVER.index(name)]
+    digits = len(text) - len(text.lstrip("0123456789"))
+    return int(text[:digits] or 0)
 
 
 def validate(config: Config) -> None:

@@ -12,6 +12,7 @@ FIELDS: dict[str, object] = {
     "net": "host",
     "slirp4netns_binary": "slirp4netns",
     "pasta_binary": "pasta",
+    "vpnkit_binary": "vpnkit",  # accepted, unused: --net=vpnkit is not available
     "slirp4netns_sandbox": "false",
     "slirp4netns_seccomp": "false",
     "mtu": 0,

@@ -4,12 +4,34 @@ import os
 from .errors import ChildSetupError
 from .statedir import write_all, write_failure
 from .linux import (MNT_DETACH, MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE,
-                    MS_REC, MS_SLAVE, mount, umount)
+                    MS_REC, MS_SHARED, MS_SLAVE, mount, umount)
 
-_PROPAGATION = {"rprivate": MS_REC | MS_PRIVATE, "rslave": MS_REC | MS_SLAVE}
+# --propagation: the values rootlesskit's child accepts; without "r", / alone.
+_PROPAGATION = {"private": MS_PRIVATE, "rprivate": MS_REC | MS_PRIVATE,
+                "shared": MS_SHARED, "rshared": MS_REC | MS_SHARED,
+                "slave": MS_SLAVE, "rslave": MS_REC | MS_SLAVE}
 
 
-def set_propagation(mode: str) -> None:
+def set_up(propagation: str, sysfs: bool, copy_ups: tuple[str, ...], state_dir: str) -> None:
+    """The child's mount namespace before the command: the propagation of /, a fresh
+    sysfs (`sysfs`: the child has a netns of its own), the copy-ups.
+
+    Shared propagation comes last: sysfs and the copy-ups move mounts (MS_MOVE), which
+    the kernel refuses under a shared parent (EINVAL). Until then every mount here is
+    a slave or private, as the kernel made them for a mount namespace owned by a new
+    user namespace (mount_namespaces(7)), so nothing we mount propagates anywhere."""
+    shared = propagation in ("shared", "rshared")
+    if not shared:
+        _set_propagation(propagation)
+    if sysfs:
+        mount_sysfs(state_dir)
+    for directory in copy_ups:
+        copy_up(directory, state_dir)
+    if shared:
+        _set_propagation(propagation)
+
+
+def _set_propagation(mode: str) -> None:
     try:
         mount(None, "/", None, _PROPAGATION[mode])
     except OSError as exc:

@@ -108,7 +108,7 @@ def test_installed_commands_load_no_enum_nor_re(user, script, argv):
 
 BAD_INPUT = [  # (arguments, what the error line must name)
     (["--bogus"], ["--bogus"]),
-    (["--net=vpnkit"], ["--net=vpnkit", "not supported", "slirp4netns"]),
+    (["--net=vpnkit"], ["--net=vpnkit", "not available", "slirp4netns"]),
     (["--net=slirp4netns", "--port-driver=implicit"], ["--port-driver=implicit", "--net=pasta"]),
     (["-p", "127.0.0.1:18080:80/sctp"], ["sctp", "not supported", "builtin"]),
     (["--net=host", "-p", "127.0.0.1:18080:80/tcp"], ["--port-driver=builtin"]),

@@ -18,6 +18,7 @@ from ._libc import (
     MS_NOSUID,
     MS_PRIVATE,
     MS_REC,
+    MS_SHARED,
     MS_SLAVE,
     mount,
     ns_owner_uid,
@@ -33,7 +34,7 @@ from ._libc import (
 __all__ = [
     "CLONE_NEWCGROUP", "CLONE_NEWIPC", "CLONE_NEWNET", "CLONE_NEWNS", "CLONE_NEWPID",
     "CLONE_NEWUSER", "CLONE_NEWUTS", "MNT_DETACH", "MS_BIND", "MS_MOVE", "MS_NODEV",
-    "MS_NOEXEC", "MS_NOSUID", "MS_PRIVATE", "MS_REC", "MS_SLAVE", "mount", "ns_owner_uid",
-    "raise_fd_limit", "set_child_subreaper", "set_mtu", "set_parent_death_signal", "setns",
+    "MS_NOEXEC", "MS_NOSUID", "MS_PRIVATE", "MS_REC", "MS_SHARED", "MS_SLAVE", "mount",
+    "ns_owner_uid", "raise_fd_limit", "set_child_subreaper", "set_mtu", "set_parent_death_signal", "setns",
     "umount", "unshare",
 ]

@@ -3,6 +3,10 @@
 from .._registry import Registry
 from .base import NetworkDriver
 
+# What to use when a rootlesskit driver is not available here (README, Performance).
+_INSTEAD = ("use --net=slirp4netns (measured here from the namespace to the host: "
+            "5.7 Gbit/s, against pasta's 1.0) or --net=pasta")
+
 registry = Registry(
     "--net", "rootless.network_drivers",
     builtin={
@@ -12,9 +16,11 @@ registry = Registry(
         "pasta": "rootless.drivers.network.pasta:PastaDriver",
     },
     planned={
-        "vpnkit": "is not supported by rootless-run: use --net=slirp4netns or --net=pasta",
+        "vpnkit": "is not available: vpnkit is a program of its own, which Debian does not "
+                  "package; " + _INSTEAD,
         "lxc-user-nic": "is not supported by rootless-run: use --net=slirp4netns or --net=pasta",
-        "gvisor-tap-vsock": "is not supported by rootless-run: use --net=slirp4netns or --net=pasta",
+        "gvisor-tap-vsock": "is not available: it is a Go library built into rootlesskit, not "
+                            "a program rootless-run can start; " + _INSTEAD,
     },
 )
 
