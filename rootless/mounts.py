@@ -82,8 +82,10 @@ def mount_proc() -> None:
 
 
 def copy_up(directory: str, state_dir: str) -> None:
-    """tmpfs+symlink: DIR becomes a writable tmpfs whose entries are symlinks into the
-    original DIR, kept (bind-mounted) at DIR/.ro<random>, as rootlesskit does.
+    """tmpfs+symlink: DIR becomes a writable tmpfs in which each entry of the original
+    DIR is found again, the original DIR kept (bind-mounted) at DIR/.ro<random> (the
+    hidden copy), as rootlesskit does; but relative symlinks keep resolving, at any
+    depth, exactly as outside (see _mirror_entries).
 
     The state dir may lie inside DIR (--state-dir=$XDG_RUNTIME_DIR/... with /run copied
     up): once the tmpfs covers DIR its path leads nowhere, so the scratch mount and
@@ -107,10 +109,10 @@ def copy_up(directory: str, state_dir: str) -> None:
         os.mkdir(target, 0o755)
         mount(f"/proc/self/fd/{saved_fd}", target, None, MS_MOVE)
         moved = True
-        for name in os.listdir(target):
-            os.symlink(os.path.join(hidden, name), os.path.join(directory, name))
+        _mirror_entries(directory, hidden)
     except OSError as exc:
-        raise ChildSetupError(f"--copy-up={directory} failed: {exc.strerror}") from None
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise ChildSetupError(f"--copy-up={directory} failed{where}: {exc.strerror}") from None
     finally:
         if saved_fd is not None:
             if not moved:
@@ -118,6 +120,64 @@ def copy_up(directory: str, state_dir: str) -> None:
             os.close(saved_fd)
         os.rmdir(os.path.basename(saved), dir_fd=state_fd)
         os.close(state_fd)
+
+
+_NAME_MAX = 255
+
+
+def _mirror_entries(directory: str, hidden: str) -> None:
+    """Make each entry NAME of the hidden copy DIR/HIDDEN an entry of the tmpfs on DIR,
+    so that every path through DIR, relative symlinks included, leads where it does
+    outside:
+
+    - a symlink is made again with the same target text. A relative one resolves from
+      DIR, as outside (/etc/mtab -> ../proc/self/mounts); a link into the hidden copy
+      would resolve from DIR/HIDDEN, one level too deep (/etc/proc/self/mounts).
+    - a directory is bind-mounted (recursively) from the hidden copy on DIR/HIDDEN-NAME,
+      and DIR/NAME is a symlink to that. The mount's root is a child of DIR: `..` from it
+      is DIR, and from DIR its parent, as from DIR/NAME outside. So every relative link
+      below it, at any depth, resolves as outside (/etc/ssl/certs ->
+      ../../var/lib/ca-certificates/pem on openSUSE, /etc/rc2.d/S01cron ->
+      ../init.d/cron). Through DIR/HIDDEN/NAME instead (rootlesskit issue #225),
+      `..` from NAME is DIR/HIDDEN: one level short of climbing out of DIR.
+    - anything else (a file, a socket...) is a symlink into the hidden copy: no path
+      goes on below it, so nothing else resolves from there.
+
+    Everything at the top stays a symlink in the tmpfs, so a command can still replace
+    any entry (`rm -f /run/docker`, as dockerd-rootless.sh does); a mount point at
+    DIR/NAME could not be removed. Below the top, the original dirs stay as they are,
+    live (new files on the host show), read-only as before. Mirroring the whole tree
+    (a tmpfs dir per subdir) would cost a syscall per file at start-up (~1,300 entries
+    in a Debian /etc) and freeze the subdirs (/run/user/UID among them) as they were.
+    The cost here: a mkdir and a bind mount per directory at the top of DIR (~70 in a
+    Debian /etc, ~10 in /run), and as many more lines in /proc/self/mountinfo."""
+    fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        with os.scandir(os.path.join(directory, hidden)) as entries:
+            for index, entry in enumerate(entries):
+                if entry.is_symlink():
+                    link = os.readlink(entry.path)
+                elif entry.is_dir(follow_symlinks=False):
+                    link = _mount_dir(directory, fd, entry, _dir_point(hidden, entry.name, index))
+                else:
+                    link = os.path.join(hidden, entry.name)
+                os.symlink(link, entry.name, dir_fd=fd)
+    finally:
+        os.close(fd)
+
+
+def _dir_point(hidden: str, name: str, index: int) -> str:
+    """The name of the mount point of the hidden copy's dir `name`: HIDDEN-NAME, which
+    shows what it is, or HIDDEN.INDEX where that is longer than a name may be."""
+    point = f"{hidden}-{name}"
+    return point if len(os.fsencode(point)) <= _NAME_MAX else f"{hidden}.{index}"
+
+
+def _mount_dir(directory: str, fd: int, entry: os.DirEntry, point: str) -> str:
+    """Bind-mount the hidden copy's dir `entry` on DIR/POINT (DIR open as `fd`)."""
+    os.mkdir(point, 0o755, dir_fd=fd)
+    mount(entry.path, os.path.join(directory, point), None, MS_BIND | MS_REC)
+    return point
 
 
 def create_detached_netns(path: str) -> None:
