@@ -111,8 +111,7 @@ def copy_up(directory: str, state_dir: str) -> None:
         moved = True
         _mirror_entries(directory, hidden)
     except OSError as exc:
-        where = f" ({exc.filename})" if exc.filename else ""
-        raise ChildSetupError(f"--copy-up={directory} failed{where}: {exc.strerror}") from None
+        raise ChildSetupError(f"--copy-up={directory} failed: {exc.strerror}") from None
     finally:
         if saved_fd is not None:
             if not moved:
@@ -150,20 +149,39 @@ def _mirror_entries(directory: str, hidden: str) -> None:
     (a tmpfs dir per subdir) would cost a syscall per file at start-up (~1,300 entries
     in a Debian /etc) and freeze the subdirs (/run/user/UID among them) as they were.
     The cost here: a mkdir and a bind mount per directory at the top of DIR (~70 in a
-    Debian /etc, ~10 in /run), and as many more lines in /proc/self/mountinfo."""
+    Debian /etc, ~10 in /run), as many more lines in /proc/self/mountinfo, and as many
+    more hidden names in DIR (`find DIR` meets each subdir twice: in the hidden copy
+    and at its mount point)."""
+    try:
+        entries = list(os.scandir(os.path.join(directory, hidden)))
+    except OSError as exc:
+        raise ChildSetupError(f"--copy-up={directory}: cannot list it: {exc.strerror}"
+                              ) from None
     fd = os.open(directory, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        with os.scandir(os.path.join(directory, hidden)) as entries:
-            for index, entry in enumerate(entries):
-                if entry.is_symlink():
-                    link = os.readlink(entry.path)
-                elif entry.is_dir(follow_symlinks=False):
-                    link = _mount_dir(directory, fd, entry, _dir_point(hidden, entry.name, index))
-                else:
-                    link = os.path.join(hidden, entry.name)
-                os.symlink(link, entry.name, dir_fd=fd)
+        for index, entry in enumerate(entries):
+            try:
+                _mirror(directory, fd, hidden, entry, index)
+            except OSError as exc:
+                raise ChildSetupError(f"--copy-up={directory}: cannot make "
+                                      f"{os.path.join(directory, entry.name)} again in it: "
+                                      f"{exc.strerror}") from None
     finally:
         os.close(fd)
+
+
+def _mirror(directory: str, fd: int, hidden: str, entry: os.DirEntry, index: int) -> None:
+    """DIR/NAME for the hidden copy's `entry` (DIR open as `fd`), as _mirror_entries says."""
+    if entry.is_symlink():
+        link = os.readlink(entry.path)
+    elif entry.is_dir(follow_symlinks=False):
+        point = _dir_point(hidden, entry.name, index)
+        os.mkdir(point, 0o755, dir_fd=fd)
+        mount(entry.path, os.path.join(directory, point), None, MS_BIND | MS_REC)
+        link = point
+    else:
+        link = os.path.join(hidden, entry.name)
+    os.symlink(link, entry.name, dir_fd=fd)
 
 
 def _dir_point(hidden: str, name: str, index: int) -> str:
@@ -171,13 +189,6 @@ def _dir_point(hidden: str, name: str, index: int) -> str:
     shows what it is, or HIDDEN.INDEX where that is longer than a name may be."""
     point = f"{hidden}-{name}"
     return point if len(os.fsencode(point)) <= _NAME_MAX else f"{hidden}.{index}"
-
-
-def _mount_dir(directory: str, fd: int, entry: os.DirEntry, point: str) -> str:
-    """Bind-mount the hidden copy's dir `entry` on DIR/POINT (DIR open as `fd`)."""
-    os.mkdir(point, 0o755, dir_fd=fd)
-    mount(entry.path, os.path.join(directory, point), None, MS_BIND | MS_REC)
-    return point
 
 
 def create_detached_netns(path: str) -> None:

@@ -314,3 +314,13 @@ def test_every_symlink_under_run_resolves_as_outside(user, rootless_run, scratch
         assert outside[path][0] == "/etc/passwd"
     assert_same(outside, inside)
     assert snapshot(top) == before
+
+
+def test_copy_up_of_a_dir_the_user_cannot_list_is_one_line(user, rootless_run, scratch):
+    base, _ = scratch
+    closed = os.path.join(base, "closed")
+    os.mkdir(closed, 0o700)
+    r = user.run([rootless_run, "--net=none", f"--copy-up={closed}", "--", "true"])
+    assert r.returncode == 1
+    assert r.stderr == f"rootless-run: error: --copy-up={closed}: cannot list it: " \
+                       f"Permission denied\n"
