@@ -24,6 +24,9 @@ FLAGS: tuple[Flag, ...] = (
          "as a decimal integer, and exit", metavar="{major|minor|patch}"),
     Flag(("--state-dir",), "state_dir", STR, "state directory (default: a temp dir removed on exit)",
          metavar="DIR"),
+    Flag(("--name",), "name", STR, "ours: name the instance; its state dir is then "
+         "$XDG_RUNTIME_DIR/rootless/NAME unless --state-dir is given, and rootless-ctl "
+         "--name NAME finds it", metavar="NAME"),
     # No fixed choices: drivers of other packages register through an entry point.
     Flag(("--net",), "net", STR, "network driver (auto: slirp4netns, else pasta, else none; "
          "others from installed plugins)", metavar="{auto|host|none|slirp4netns|pasta}"),

@@ -36,6 +36,11 @@ def build_config(program: str, argv: list[str]) -> Config | str:
         from .cgroup import check_name
         check_name(values["evacuate_cgroup2"])
     merged = {**defaults, **values}
+    if "name" in values:
+        from .instances import check_name, named_dir
+        check_name(values["name"])
+        if not values.get("state_dir"):  # --state-dir wins
+            merged["state_dir"] = named_dir(values["name"])
     for field in ("copy_up", "publish", "command"):
         if field in merged:
             merged[field] = tuple(merged[field])
@@ -82,8 +87,8 @@ def validate(config: Config) -> None:
     if config.pasta_auto_forward:
         _check_auto_forward(config)
     if config.reuse and not config.state_dir:
-        raise UsageError("--reuse needs --state-dir DIR: the dir of the instance to join "
-                         "or to start")
+        raise UsageError("--reuse needs --state-dir DIR or --name NAME: the instance to "
+                         "join or to start")
     for directory in config.copy_up:
         if not directory.startswith("/"):
             raise UsageError(f"--copy-up={directory}: needs an absolute path, e.g. /etc")

@@ -9,6 +9,7 @@ FIELDS: dict[str, object] = {
     "program": "rootless-run",
     "debug": False,
     "state_dir": "",  # "" = a private temp dir removed on exit
+    "name": "",  # ours: --name, the instance's name (its state dir unless --state-dir)
     "net": "host",
     "slirp4netns_binary": "slirp4netns",
     "pasta_binary": "pasta",

@@ -1,15 +1,21 @@
 """rootless-ctl: the client of a running instance's API, mirroring Debian's `rootlessctl`
-(same commands, flags and output formats, so scripts can use either).
+(same commands, flags and output formats, so scripts can use either), and finding and
+stopping the user's instances (ours: see instances.py).
 
-    rootless-ctl [--socket PATH] info [--json]
-    rootless-ctl [--socket PATH] list-ports [--json]
-    rootless-ctl [--socket PATH] add-ports [--json] SPEC...
-    rootless-ctl [--socket PATH] remove-ports ID...
-    rootless-ctl [--socket PATH] enter [--state-dir DIR] [-- CMD ARGS...]
+    rootless-ctl [INSTANCE] info [--json]
+    rootless-ctl [INSTANCE] list-ports [--json]
+    rootless-ctl [INSTANCE] add-ports [--json] SPEC...
+    rootless-ctl [INSTANCE] remove-ports ID...
+    rootless-ctl [INSTANCE] enter [--state-dir DIR | --name NAME] [-- CMD ARGS...]
+    rootless-ctl [INSTANCE] stop [--timeout SECONDS] [NAME | STATE_DIR]
+    rootless-ctl ps [--json]
 
-Any error: one line on stderr, exit status 1 (enter: the command's status otherwise).
-`enter` is dispatched before argparse, json or the API client are imported: they
-would cost more than the whole join (see enter.py).
+INSTANCE is --name NAME, --state-dir DIR or --socket PATH (its api.sock); without
+one, $ROOTLESSKIT_STATE_DIR, else the user's only running instance.
+
+Any error: one line on stderr, exit status 1 (enter: the command's status otherwise;
+stop: the run's). `enter` is dispatched before argparse, json or the API client are
+imported: they would cost more than the whole join (see enter.py).
 """
 import os
 import sys
@@ -18,6 +24,7 @@ from . import __version__, _log
 from .errors import ApiError, ApiUnreachable, RootlessError, UsageError
 
 PROGRAM = "rootless-ctl"
+STOP_TIMEOUT = 60.0  # seconds `stop` waits: dockerd may take a while to stop its containers
 
 
 def _parser():
@@ -36,7 +43,11 @@ def _parser():
     parser.add_argument("--debug", action="store_true", help="debug mode")
     parser.add_argument("--socket", metavar="PATH",
                         help="path to api.sock (in the --state-dir directory); default: "
-                             "$ROOTLESSKIT_STATE_DIR/api.sock")
+                             "$ROOTLESSKIT_STATE_DIR/api.sock, else that of your only "
+                             "running instance")
+    parser.add_argument("--name", metavar="NAME",
+                        help="the instance started with rootless-run --name NAME")
+    parser.add_argument("--state-dir", metavar="DIR", help="the instance's state dir")
     parser.add_argument("-v", "--version", action="version",
                         version=f"{PROGRAM} version {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -61,28 +72,41 @@ def _parser():
     sub = command("enter", "Run a command (default: your shell) inside a running instance's "
                            "namespaces, as root there")
     sub.add_argument("--state-dir", metavar="DIR",
-                     help="the instance's state dir (default: $ROOTLESSKIT_STATE_DIR, or the "
-                          "dir of --socket)")
+                     help="the instance's state dir (default: the dir of --socket, "
+                          "$ROOTLESSKIT_STATE_DIR, else your only running instance's)")
+    sub.add_argument("--name", metavar="NAME",
+                     help="the instance started with rootless-run --name NAME")
     sub.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS",
                      help="the command and its arguments (default: $SHELL)")
+    sub = command("ps", "List your running instances (named or not)")
+    sub.add_argument("--json", action="store_true", help="print as JSON, one instance a line")
+    sub = command("stop", "Stop an instance: SIGTERM to its supervisor (forwarded to its "
+                          "command), wait until it has ended, exit with the run's status")
+    sub.add_argument("instance", nargs="?", metavar="NAME | STATE_DIR",
+                     help="the instance's name, or its state dir (as ps shows it)")
+    sub.add_argument("--timeout", type=float, default=STOP_TIMEOUT, metavar="SECONDS",
+                     help=f"how long to wait (default: {STOP_TIMEOUT:g})")
     sub = command("help", "Show the list of commands, or the help of one")
     sub.add_argument("topic", nargs="?", metavar="COMMAND")
     return parser, subs
 
 
-def _enter_argv(argv: list[str]) -> tuple[bool, str | None, list[str]] | None:
-    """(--debug, --socket, enter's own arguments) when the command is `enter`."""
-    debug, socket, i = False, None, 0
+def _enter_argv(argv: list[str]) -> tuple[bool, dict, list[str]] | None:
+    """(--debug, the options naming the instance, enter's own arguments) when the
+    command is `enter`."""
+    debug, given, i = False, {}, 0
     while i < len(argv):
         arg = argv[i]
+        flag, eq, value = arg.partition("=")
         if arg == "--debug":
             debug, i = True, i + 1
-        elif arg == "--socket" and i + 1 < len(argv):
-            socket, i = argv[i + 1], i + 2
-        elif arg.startswith("--socket="):
-            socket, i = arg.partition("=")[2], i + 1
+        elif flag in ("--socket", "--name", "--state-dir") and (eq or i + 1 < len(argv)):
+            if not eq:
+                value, i = argv[i + 1], i + 1
+            given[flag[2:].replace("-", "_")] = value
+            i += 1
         else:
-            return (debug, socket, argv[i + 1:]) if arg == "enter" else None
+            return (debug, given, argv[i + 1:]) if arg == "enter" else None
     return None
 
 
@@ -92,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         entering = _enter_argv(argv)
         if entering is not None:
-            debug, socket, rest = entering
+            debug, given, rest = entering
             _log.configure(debug=debug, program=PROGRAM)
             from .enter import main as enter
 
-            code = enter(rest, socket)
+            code = enter(rest, **given)
             if code >= 0:
                 return code
             argv = ["help", "enter"]  # enter --help
@@ -124,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    if args.command == "ps":
+        return _ps(args.json)
+    if args.command == "stop":
+        return _stop(args)
     # Imported here: --help and bad command lines need neither msgspec nor http.client.
     from . import portspec
     from .api.client import Client
@@ -133,7 +161,7 @@ def _run(args) -> int:
         specs = [(text, portspec.parse(text)) for text in args.specs]
     if args.command == "remove-ports":
         ids = [_port_id(text) for text in args.ids]
-    client = Client(_socket_path(args.socket))
+    client = Client(_socket_path(args))
     _log.debug(f"API socket: {client.socket_path}")
 
     if args.command == "info":
@@ -167,14 +195,113 @@ def _run(args) -> int:
     return 0
 
 
-def _socket_path(option: str | None) -> str:
-    if option:
-        return option
-    state_dir = os.environ.get("ROOTLESSKIT_STATE_DIR")
-    if state_dir:
-        return os.path.join(state_dir, "api.sock")
-    raise UsageError("no API socket: give --socket STATE_DIR/api.sock, or set "
-                     "$ROOTLESSKIT_STATE_DIR (as it is inside the instance)")
+def _socket_path(args) -> str:
+    if args.socket and not (args.name or args.state_dir):
+        return args.socket  # as given: not necessarily in a state dir
+    return os.path.join(_state_dir(args), "api.sock")
+
+
+def _state_dir(args) -> str:
+    from .instances import check_name, state_dir_for
+
+    if args.name is not None:
+        check_name(args.name)
+    return state_dir_for(args.name, args.state_dir, args.socket)
+
+
+# -- ps and stop (ours) ----------------------------------------------------------------------
+
+_PS_API_TIMEOUT = 2.0  # seconds an instance's API gets to list its ports for ps
+
+
+def _ps(as_json: bool) -> int:
+    from .instances import running
+
+    found = running()
+    ports = [_ports_of(instance) for instance in found]
+    if as_json:
+        _out("".join(_instance_json(i, p) + "\n" for i, p in zip(found, ports)))
+        return 0
+    rows = [["NAME", "PID", "UPTIME", "DRIVERS", "PORTS", "COMMAND"]]
+    for instance, published in zip(found, ports):
+        record = instance.record
+        rows.append([instance.label, str(record.pid), _duration(record.uptime()),
+                     f"{record.net}/{record.port_driver}", _ports_text(published),
+                     _command_text(record.command)])
+    widths = [max(len(_log.printable(row[i])) for row in rows) + 3 for i in range(5)]
+    _out("".join("".join(_log.printable(cell).ljust(w) for cell, w in zip(row, widths))
+                 + _log.printable(row[-1]) + "\n" for row in rows))
+    return 0
+
+
+def _ports_of(instance):
+    """The instance's published ports as its API lists them; None if it does not answer."""
+    from .api.client import Client
+
+    try:
+        return Client(os.path.join(instance.path, "api.sock"),
+                      timeout=_PS_API_TIMEOUT).list_ports()
+    except ApiError as exc:
+        _log.debug(f"ports of {instance.label}: {exc}")
+        return None
+
+
+def _ports_text(ports) -> str:
+    from .portspec import format as written
+
+    if ports is None:
+        return "?"
+    return ",".join(written(status.spec) for status in ports) or "-"
+
+
+def _command_text(command: list[str]) -> str:
+    import shlex
+
+    return shlex.join(command)
+
+
+def _duration(seconds: float) -> str:
+    """45s, 3m07s, 2h05m, 3d04h."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _instance_json(instance, ports) -> str:
+    import json
+
+    record = instance.record
+    body = {"name": record.name or None, "stateDir": instance.path, "pid": record.pid,
+            "uptime": int(record.uptime()), "command": record.command,
+            "networkDriver": record.net, "portDriver": record.port_driver,
+            "ports": None if ports is None else [_builtins(status) for status in ports]}
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _stop(args) -> int:
+    from .instances import check_name, find, stop
+
+    if not args.timeout >= 0:
+        raise UsageError(f"--timeout {args.timeout:g}: give a number of seconds, 0 or more")
+    target = args.instance
+    if target is None:
+        path = _state_dir(args)
+    elif args.name or args.state_dir or args.socket:
+        raise UsageError(f"{target} and --name, --state-dir or --socket each name an "
+                         f"instance: give one of them")
+    elif "/" in target:
+        path = target
+    else:
+        path = find(check_name(target, "instance name"))
+        if path is None:
+            raise UsageError(f"no instance named {target} is running (rootless-ctl ps "
+                             f"lists the running ones)")
+    return stop(path, args.timeout)
 
 
 def _port_id(text: str) -> int:

@@ -261,6 +261,9 @@ def reuse(config) -> int:
     from .parent import run
 
     path = os.path.abspath(config.state_dir)
+    if config.name:  # the instance of that name, wherever its state dir is
+        from .instances import find
+        path = find(config.name) or path
     while True:
         try:
             dir_fd, real = open_existing(path)
@@ -284,10 +287,11 @@ def reuse(config) -> int:
 
 # -- rootless-ctl enter ---------------------------------------------------------------------
 
-def main(argv: list[str], socket: str | None = None) -> int:
-    """`rootless-ctl [--socket PATH] enter [--state-dir DIR] [--] [CMD ARGS...]`, parsed
-    by hand: argparse alone costs more than the whole join."""
-    state_dir = os.path.dirname(socket) if socket else None
+def main(argv: list[str], socket: str | None = None, name: str | None = None,
+         state_dir: str | None = None) -> int:
+    """`rootless-ctl [--socket PATH|--name NAME|--state-dir DIR] enter [--state-dir DIR |
+    --name NAME] [--] [CMD ARGS...]`, parsed by hand: argparse alone costs more than the
+    whole join. enter's own --state-dir or --name wins over the global options."""
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -296,21 +300,20 @@ def main(argv: list[str], socket: str | None = None) -> int:
             break
         if arg in ("-h", "--help"):
             return -1  # the caller prints the help
-        if arg == "--state-dir":
-            if i + 1 >= len(argv):
-                raise UsageError("--state-dir needs a value (DIR)")
-            state_dir = argv[i + 1]
-            i += 2
-        elif arg.startswith("--state-dir="):
-            state_dir = arg.partition("=")[2]
+        flag, eq, value = arg.partition("=")
+        if flag in ("--state-dir", "--name"):
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise UsageError(f"{flag} needs a value ({flag[2:].upper().replace('-', '_')})")
+                value, i = argv[i + 1], i + 1
             i += 1
+            socket = None
+            name, state_dir = (value, None) if flag == "--name" else (None, value)
         elif arg.startswith("-") and arg != "-":
             raise UsageError(f"unknown flag {arg} for enter (see rootless-ctl enter --help)")
         else:
             break
-    if not state_dir:
-        state_dir = os.environ.get("ROOTLESSKIT_STATE_DIR")
-        if not state_dir:
-            raise UsageError("no instance given: pass --state-dir DIR (the instance's "
-                             "--state-dir), or set $ROOTLESSKIT_STATE_DIR")
-    return enter(state_dir, argv[i:])
+    from .instances import check_name, state_dir_for
+    if name is not None:
+        check_name(name)
+    return enter(state_dir_for(name, state_dir, socket), argv[i:])

@@ -9,7 +9,7 @@ the child and the parts the run cannot live without (see _supervise).
 import os
 import _signal as signal  # the C module: see _process.py
 
-from . import _log
+from . import _log, instances
 from ._process import (FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals,
                        kill_user_namespace, readable, wait_for_status)
 from ._supervise import Component, supervise
@@ -214,7 +214,9 @@ def run(config: Config) -> int:
         from .cgroup import evacuate
         evacuate(config.evacuate_cgroup2)
 
-    state = StateDir.open(config.state_dir)
+    state = instances.open_state(config)
+    status = 1  # the run's, for `rootless-ctl stop`: 1 unless the command's is known
+    registration = None
     try:
         child = Child.spawn(config, state, ports)
         listeners = Listeners(ports)
@@ -232,6 +234,7 @@ def run(config: Config) -> int:
 
             services = Services(config, state, anchor, info, ports, listeners)
             services.start()
+            registration = instances.register(config, state)  # for ps and stop
             try:
                 if notifier:
                     services.started.wait(_CHILD_TIMEOUT)  # ports listen before READY=1
@@ -244,12 +247,15 @@ def run(config: Config) -> int:
                     notifier.stopping()
                 services.stop()
             _log.debug(f"child exited with {child.status}")
-            return child.status
+            status = child.status
+            return status
         finally:
             child.kill()
             listeners.close()
             net.stop()  # after the child: the command keeps its network to the end
     finally:
+        if registration is not None:
+            registration.close(status)  # before the lock goes: a new run may register
         state.close()
         _log.debug("state dir cleaned up")
 

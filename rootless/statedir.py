@@ -38,10 +38,14 @@ NAMESPACES = "namespaces"
 SOCKETS = ("api.sock", "slirp4netns.sock")
 _SUN_PATH = 107  # bytes of a socket's path (108 with the NUL some binders add)
 
+# What the instance says of itself, and the run's status at its end (see instances.py).
+INSTANCE = "instance"
+EXIT_STATUS = "exit_status"
+
 # Files a run writes; cleared at start (a crashed run may have left them) and at exit
 # (NAMESPACES first: joiners stop joining before the rest goes).
-RUN_FILES = (NAMESPACES, "child_pid", *SOCKETS, "resolv.conf", "hosts", "netns", "pasta.pid",
-             f".{NAMESPACES}.tmp", ".child_pid.tmp")
+RUN_FILES = (NAMESPACES, INSTANCE, EXIT_STATUS, "child_pid", *SOCKETS, "resolv.conf", "hosts",
+             "netns", "pasta.pid", f".{NAMESPACES}.tmp", f".{INSTANCE}.tmp", ".child_pid.tmp")
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_LIMIT = 4096  # bytes: what child_pid or namespaces can hold
@@ -93,7 +97,7 @@ class StateDir:
         state.clear()
         return state
 
-    def write(self, name: str, text: str, mode: int = 0o600) -> None:
+    def write(self, name: str, text: str | bytes, mode: int = 0o600) -> None:
         """STATE/name holds `text`, whole or not at all (a reader never sees half of it);
         a failure (a full disk) is one StateDirError and leaves no temp file."""
         tmp = f".{name}.tmp"
@@ -102,7 +106,7 @@ class StateDir:
                          os.O_CLOEXEC, mode, dir_fd=self._fd)
             try:
                 os.fchmod(fd, mode)  # whatever the umask
-                write_all(fd, text.encode())
+                write_all(fd, text if isinstance(text, bytes) else text.encode())
             finally:
                 os.close(fd)
             os.replace(tmp, name, src_dir_fd=self._fd, dst_dir_fd=self._fd)
@@ -110,6 +114,17 @@ class StateDir:
             self._unlink(tmp)
             raise StateDirError(f"cannot write {self.file(name)}: "
                                 f"{write_failure(exc)}") from None
+
+    def create(self, name: str) -> int:
+        """A new empty STATE/name (0600), open for writing: its fd. StateDirError if not."""
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
+                         os.O_CLOEXEC, 0o600, dir_fd=self._fd)
+        except OSError as exc:
+            raise StateDirError(f"cannot create {self.file(name)}: "
+                                f"{write_failure(exc)}") from None
+        os.fchmod(fd, 0o600)  # whatever the umask
+        return fd
 
     def removed(self) -> bool:
         """Whether the dir was removed under us (logind at logout, tmpfiles, the
@@ -346,6 +361,13 @@ def open_existing(path: str) -> tuple[int, str]:
 def read_small(dir_fd: int, name: str) -> str | None:
     """The text of a small file of the dir (child_pid, namespaces), None if missing.
     ValueError when it is no regular file, too long or not ASCII; OSError as it comes."""
+    data = read_bytes(dir_fd, name, _READ_LIMIT)
+    return None if data is None else data.decode("ascii")  # UnicodeDecodeError: ValueError
+
+
+def read_bytes(dir_fd: int, name: str, limit: int) -> bytes | None:
+    """What the file `name` of the dir holds, None if missing. ValueError when it is no
+    regular file or longer than `limit`; OSError as it comes."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      dir_fd=dir_fd)
@@ -354,12 +376,12 @@ def read_small(dir_fd: int, name: str) -> str | None:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError(f"{name} is not a regular file")
-        data = os.read(fd, _READ_LIMIT + 1)
+        data = os.read(fd, limit + 1)
     finally:
         os.close(fd)
-    if len(data) > _READ_LIMIT:
-        raise ValueError(f"{name} is longer than {_READ_LIMIT} bytes")
-    return data.decode("ascii")  # UnicodeDecodeError is a ValueError
+    if len(data) > limit:
+        raise ValueError(f"{name} is longer than {limit} bytes")
+    return data
 
 
 def _lock(dir_fd: int, real: str) -> int:
