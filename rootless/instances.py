@@ -189,8 +189,13 @@ def register(config, state: StateDir) -> Registration:
                         config.port_driver, list(config.command))
         state.write(INSTANCE, record.encode())
     except (RootlessError, OSError) as exc:
-        _log.warning(f"cannot record the instance in {state.path}: {_why(exc)}; rootless-ctl "
-                     f"stop and ps will not find it")
+        if state.removed():
+            # by logind, tmpfiles or the command: the run goes on without its state
+            # dir, quietly (README: Failure behaviour)
+            _log.debug(f"not registered: {state.path} was removed")
+        else:
+            _log.warning(f"cannot record the instance in {state.path}: {_why(exc)}; "
+                         f"rootless-ctl stop and ps will not find it")
         return registration
     try:
         registration.registry_fd = _open_registry(create=True)
