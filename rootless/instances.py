@@ -17,8 +17,9 @@ Every instance, named or not, records itself once its command runs:
 - $XDG_RUNTIME_DIR/rootless/.registry/PID: a symlink to the state dir (so a temp
   state dir in /tmp is found too), made in a dir only the user can change. The
   supervisor removes it as it ends; after a SIGKILL it stays until a lookup finds it
-  stale, and removes it: stale when the state dir's lock is free (the lock decides
-  liveness, as for `enter`), or the dir's record is not that supervisor's.
+  stale, and removes it: stale when the dir is gone, or its record is not that of a
+  supervisor of that pid that still runs (see live_record: a live supervisor holds
+  the lock, which lookups then need not touch).
 
 Nothing here imports more than the standard library's os: `rootless-ctl enter` uses
 the lookups, and the supervisor the recording.
@@ -143,12 +144,30 @@ def process_start(pid: int) -> int | None:
 
 
 def read_record(dir_fd: int) -> Record | None:
-    """The record in the state dir `dir_fd`; None when there is none or it is not one."""
+    """The record in the state dir `dir_fd`; None when there is none or it is not one.
+    OSError when it cannot be read now."""
     try:
         data = read_bytes(dir_fd, INSTANCE, _RECORD_LIMIT)
-    except (OSError, ValueError):
+    except ValueError:
         return None
     return None if data is None else Record.decode(data)
+
+
+def live_record(path: str) -> tuple[str, Record] | None:
+    """(real path, record) of the instance running on the state dir at `path`: its
+    record names a supervisor that still runs. A live supervisor holds the dir's lock
+    (it removes its record before it lets the lock go), and this check takes no lock:
+    a lock taken for an instant to test it (as `enter` does) could make an instance
+    starting on that dir at that instant fail. OSError when it cannot be told now."""
+    try:
+        dir_fd, real = open_existing(path)
+    except StateDirMissing:
+        return None
+    try:
+        record = read_record(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return (real, record) if record is not None and record.alive() else None
 
 
 class Registration:
@@ -271,8 +290,13 @@ def running() -> list[Instance]:
     except StateDirMissing:
         return []
     try:
+        try:
+            entries = os.listdir(registry_fd)
+        except OSError as exc:
+            raise StateDirError(f"cannot list the registry of instances: {describe(exc)}"
+                                ) from None
         found = []
-        for entry in os.listdir(registry_fd):
+        for entry in entries:
             if not entry.isdigit():
                 continue  # a .PID.tmp: a supervisor registering just now
             instance = _check_entry(registry_fd, entry)
@@ -289,11 +313,12 @@ def running() -> list[Instance]:
         os.close(registry_fd)
 
 
-_UNKNOWN = object()  # an entry that could not be checked now: neither shown nor removed
+_UNKNOWN = object()  # an entry that cannot be checked now: neither shown nor removed
 
 
 def _check_entry(registry_fd: int, entry: str):
-    """The Instance registry entry `entry` stands for; None when it is stale."""
+    """The Instance registry entry `entry` stands for; None when it is stale: its state
+    dir is gone, or its record is not that of a supervisor with pid `entry` that runs."""
     try:
         path = os.readlink(entry, dir_fd=registry_fd)
     except FileNotFoundError:
@@ -301,25 +326,18 @@ def _check_entry(registry_fd: int, entry: str):
     except OSError:
         return None  # not a symlink: not ours
     try:
-        dir_fd, real = open_existing(path)
-    except StateDirError:  # gone, or no longer a dir of the user's
-        return None
-    try:
-        if not lock_held(real, dir_fd):
-            return None
-        record = read_record(dir_fd)
-    except OSError as exc:
-        _log.debug(f"cannot check {real}/lock: {describe(exc)}")
+        found = live_record(path)
+    except (StateDirError, OSError) as exc:  # not the user's any more, out of fds...
+        _log.debug(f"cannot check the instance on {path}: {_why(exc)}")
         return _UNKNOWN
-    finally:
-        os.close(dir_fd)
-    if record is None or str(record.pid) != entry or not record.alive():
-        return None  # another run holds that dir now: it has an entry of its own
-    return Instance(real, record)
+    if found is None or str(found[1].pid) != entry:
+        return None  # another run on that dir has an entry of its own
+    return Instance(*found)
 
 
 def running_at(path: str) -> bool:
-    """Whether an instance holds the lock of the state dir at `path`."""
+    """Whether an instance holds the lock of the state dir at `path` (one that is still
+    starting too). It takes the lock for an instant if it is free: see live_record."""
     try:
         dir_fd, real = open_existing(path)
     except StateDirError:
@@ -333,16 +351,19 @@ def running_at(path: str) -> bool:
 
 
 def find(name: str) -> str | None:
-    """The state dir of the running instance named `name`: its own dir when an
-    instance holds it (one that is still starting too), else the one the registry
-    names (a --name with a --state-dir)."""
+    """The state dir of the running instance named `name`: its own dir, or the one
+    the registry names (a --name with a --state-dir), or its own dir while an instance
+    that is still starting holds it."""
     path = named_dir(name)
-    if running_at(path):
-        return path
+    try:
+        if live_record(path):
+            return path
+    except (StateDirError, OSError):
+        pass  # told below
     for instance in running():
         if instance.record.name == name:
             return instance.path
-    return None
+    return path if running_at(path) else None
 
 
 def only() -> str:
@@ -413,8 +434,8 @@ def _running_if_known() -> list[Instance]:
     with a --state-dir, or a registry that is not the user's alone: register() says so)."""
     try:
         return running()
-    except (UsageError, StateDirError) as exc:
-        _log.debug(f"the running instances cannot be looked up: {exc}")
+    except (UsageError, StateDirError, OSError) as exc:
+        _log.debug(f"the running instances cannot be looked up: {_why(exc)}")
         return []
 
 
@@ -427,6 +448,8 @@ def _taken(name: str, path: str) -> StateDirLocked | None:
         return None
     try:
         record = read_record(dir_fd)
+    except OSError:
+        return None
     finally:
         os.close(dir_fd)
     if record is None or record.name != name:
@@ -488,16 +511,15 @@ def _grab(path: str) -> tuple[int, int, Record, str]:
         raise UsageError(f"no instance is running on {path} (it does not exist)") from None
     try:
         try:
-            held = lock_held(real, dir_fd)
+            record = read_record(dir_fd)
         except OSError as exc:
-            raise StateDirError(f"cannot check {real}/lock: {describe(exc)}") from None
-        if not held:
-            raise UsageError(f"no instance is running on {real} (nobody holds {real}/lock)")
-        record = read_record(dir_fd)
+            raise StateDirError(f"cannot read {real}/{INSTANCE}: {describe(exc)}") from None
         if record is None:
-            raise StopError(f"the instance on {real} has not recorded its supervisor "
-                            f"({real}/{INSTANCE}): it is still starting, or it is not "
-                            f"rootless-run's (rootlesskit's: signal its process)")
+            if running_at(real):
+                raise StopError(f"the instance on {real} has not recorded its supervisor "
+                                f"({real}/{INSTANCE}): it is still starting, or it is not "
+                                f"rootless-run's (rootlesskit's: signal its process)")
+            raise UsageError(f"no instance is running on {real} (nobody holds {real}/lock)")
         try:
             pidfd = os.pidfd_open(record.pid)
         except ProcessLookupError:
@@ -507,7 +529,8 @@ def _grab(path: str) -> tuple[int, int, Record, str]:
         if pidfd < 0 or not record.alive():
             if pidfd >= 0:
                 os.close(pidfd)
-            raise UsageError(f"no instance is running on {real} (it has just ended)")
+            raise UsageError(f"no instance is running on {real} (its supervisor, pid "
+                             f"{record.pid}, has ended)")
         try:
             status_fd = os.open(EXIT_STATUS, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                                 dir_fd=dir_fd)
