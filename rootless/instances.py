@@ -183,7 +183,7 @@ class Registration:
         """Never raises: the run is ending, whatever fails here."""
         if self.status_fd >= 0:
             try:
-                os.pwrite(self.status_fd, f"{status}\n".encode(), 0)
+                os.pwrite(self.status_fd, _status_text(status), 0)
             except OSError as exc:
                 _log.warning(f"cannot record the run's exit status for rootless-ctl stop: "
                              f"{describe(exc)}")
@@ -204,6 +204,8 @@ def register(config, state: StateDir) -> Registration:
     registration = Registration()
     try:
         registration.status_fd = state.create(EXIT_STATUS)
+        # Its room taken now: at the end, on a full disk, the status still fits.
+        os.write(registration.status_fd, _status_text(None))
         record = Record(os.getpid(), process_start(os.getpid()) or 0, config.name, config.net,
                         config.port_driver, list(config.command))
         state.write(INSTANCE, record.encode())
@@ -225,6 +227,11 @@ def register(config, state: StateDir) -> Registration:
         _log.warning(f"cannot register the instance: {_why(exc)}; rootless-ctl ps will "
                      f"not list it (rootless-ctl --state-dir {state.path} finds it)")
     return registration
+
+
+def _status_text(status: int | None) -> bytes:
+    """STATE/exit_status: the status, or blanks until it is known, always 16 bytes."""
+    return ("" if status is None else str(status)).ljust(15).encode() + b"\n"
 
 
 def _why(exc: BaseException) -> str:

@@ -6,7 +6,10 @@ Each test gets an XDG_RUNTIME_DIR of its own (the registry of running instances 
 there), and a TMPDIR of its own for the temp state dirs of unnamed runs."""
 import json
 import os
+import shutil
 import signal
+import subprocess
+import tempfile
 import uuid
 
 import pytest
@@ -324,6 +327,44 @@ def test_stop_ends_the_run_and_exits_with_its_status(user, env, runtime, launch,
     assert again.wait(timeout=10) == 7
     one_error(ctl(user, env, "stop", "trapping"), "no instance named trapping is running")
     one_error(ctl(user, env, "stop", os.path.join(user_tmp, "nothing")), "does not exist")
+
+
+@pytest.fixture
+def small_fs(user):
+    """A 128 KiB tmpfs of the user's, to fill."""
+    root = tempfile.mkdtemp(prefix="rlt-names-fs-")
+    os.chmod(root, 0o755)
+    mount = os.path.join(root, "fs")
+    os.mkdir(mount)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=128k,mode=0700,uid={user.uid},"
+                    f"gid={user.gid}", "tmpfs", mount], check=True)
+    yield mount
+    subprocess.run(["umount", "-l", mount], check=False)
+    shutil.rmtree(root)
+
+
+def fill(directory: str) -> None:
+    fd = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass  # full
+    finally:
+        os.close(fd)
+
+
+def test_stop_reads_the_status_on_a_full_disk(user, env, launch, small_fs):
+    """The status is written as the run ends: a state dir's file system full by then
+    must not lose it (its room is taken at start)."""
+    state = os.path.join(small_fs, "state")
+    trapping = launch("--net=none", "--state-dir", state, command=("sh", "-c", TRAP),
+                      ready="ready")
+    fill(small_fs)
+    r = ctl(user, env, "stop", state)
+    assert (r.returncode, r.stderr) == (7, ""), r.stderr
+    assert trapping.wait(timeout=10) == 7
+    assert diagnostics(trapping.stderr.read()) == []
 
 
 def test_stop_times_out_on_a_command_that_does_not_end(user, env, launch):
