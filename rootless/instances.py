@@ -291,7 +291,8 @@ class Instance:
 
 def running() -> list[Instance]:
     """The user's running instances, oldest first; the registry's stale entries are
-    removed on the way. None without $XDG_RUNTIME_DIR or a registry."""
+    removed on the way. None when there is no registry yet; UsageError without
+    $XDG_RUNTIME_DIR."""
     try:
         registry_fd = _open_registry(create=False)
     except StateDirMissing:
@@ -311,8 +312,8 @@ def running() -> list[Instance]:
                 _log.debug(f"removing the stale registry entry {entry}")
                 try:
                     os.unlink(entry, dir_fd=registry_fd)
-                except FileNotFoundError:
-                    pass
+                except OSError:
+                    pass  # gone meanwhile; or a dir, not ours either: left alone
             elif instance is not _UNKNOWN:
                 found.append(instance)
         return sorted(found, key=lambda i: i.record.start)
