@@ -306,7 +306,8 @@ def running() -> list[Instance]:
         found = []
         for entry in entries:
             if not entry.isdigit():
-                continue  # a .PID.tmp: a supervisor registering just now
+                _prune_tmp(registry_fd, entry)
+                continue
             instance = _check_entry(registry_fd, entry)
             if instance is None:
                 _log.debug(f"removing the stale registry entry {entry}")
@@ -319,6 +320,17 @@ def running() -> list[Instance]:
         return sorted(found, key=lambda i: i.record.start)
     finally:
         os.close(registry_fd)
+
+
+def _prune_tmp(registry_fd: int, entry: str) -> None:
+    """A .PID.tmp is a supervisor's entry being made, or left by one killed as it made
+    it: removed once no process PID is left."""
+    pid = entry[1:-4] if entry.startswith(".") and entry.endswith(".tmp") else ""
+    if pid.isdigit() and process_start(int(pid)) is None:
+        try:
+            os.unlink(entry, dir_fd=registry_fd)
+        except OSError:
+            pass
 
 
 _UNKNOWN = object()  # an entry that cannot be checked now: neither shown nor removed

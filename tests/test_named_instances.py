@@ -160,6 +160,13 @@ def test_ps_prunes_what_is_gone(user, env, runtime, launch, state_dir):
     assert sorted(row["pid"] for row in ps(user, env)) == sorted([alive.pid, again.pid])
     assert not os.path.lexists(stale)  # pruned: the dir's record is another supervisor's
 
+    # An entry a supervisor killed as it made it was left under a temp name.
+    half_made = os.path.join(registry(runtime), f".{killed.pid}.tmp")
+    os.symlink(state_dir, half_made)
+    os.lchown(half_made, user.uid, user.gid)
+    ps(user, env)
+    assert not os.path.lexists(half_made)
+
     # The only-instance default prunes too, and does not count the stale ones.
     os.kill(again.pid, signal.SIGKILL)
     again.wait(timeout=10)
