@@ -1,11 +1,12 @@
 """The parent's services while the command runs: the REST API on STATE/api.sock and
 the port driver, under trio, in a thread of their own.
 
-The main thread keeps the supervision (signal handlers run only there) and does not
-wait for this thread to start: trio's import (60 ms) stays off the path to the
-command. It also stays off the exit of a short command: the thread lets the first
-moments pass before it does anything, so a command that is done by then never
-competes with it for the GIL.
+The main thread keeps the supervision (signal handlers run only there, and the
+signals they forward are delivered only there: see start) and does not wait for
+this thread to start: trio's import (60 ms) stays off the path to the command. It
+also stays off the exit of a short command: the thread lets the first moments pass
+before it does anything, so a command that is done by then never competes with it
+for the GIL.
 
 Nor does the thread load trio while nobody needs it. The API socket and the port
 driver's -p ports are bound before the command starts (parent.Listeners, with the
@@ -22,9 +23,11 @@ import os
 import resource  # noqa: F401
 import select
 import threading
+import _signal as signal  # the C module: see _process.py
 
 from . import __version__, _log
 from ._listen import raise_fd_limit
+from ._process import FORWARDED_SIGNALS
 from ._supervise import Component
 from .api import API_VERSION
 
@@ -59,7 +62,18 @@ class Services:
                                         daemon=True)
 
     def start(self) -> None:
-        self._thread.start()
+        # The thread (and trio's worker threads, which inherit its mask) never takes
+        # a signal that is the command's: the kernel gives a process' signal to any
+        # thread that does not block it, and only the main thread runs the handlers
+        # that forward it. Taken here, systemd's SIGTERM waited unforwarded while the
+        # main thread slept on in poll(), until TimeoutStopSec. A thread gets the mask
+        # of the one that starts it: blocked around start(), not in the thread, where
+        # a signal could come before it is.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
+        try:
+            self._thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
 
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:

@@ -399,6 +399,21 @@ def test_stop_of_a_command_that_exits_on_sigterm(user, manager, spawned):
     assert_clean_stop(unit, stopped, started)
 
 
+def test_stop_as_systemd_sends_it_every_time(user, manager, spawned):
+    """systemd's SIGTERM and the SIGCONT right after it, repeated over fresh starts.
+    They once landed, at times, on the supervisor's services thread: its main thread,
+    which alone runs the handlers that forward them, slept on in poll(), and the
+    command never heard of the stop (a third of the stops hung until TimeoutStopSec)."""
+    unit = instance(user, manager, "sleep 1000")
+    for n in range(12):
+        started = Started(user, unit, manager, spawned)
+        started.ready()
+        stopped = started.stop()
+        assert stopped.status == 128 + signal.SIGTERM, (n, stopped, started.output())
+        assert not stopped.timed_out and stopped.left == [], (n, stopped)
+        started.listener.receive(timeout=5)  # STOPPING=1
+
+
 START_UP = [(TEMPLATE, m) for m in (0, 0.05, 0.1, 0.2, 0.3, 0.5)] + [
     pytest.param(DOCKER_UNIT, m, marks=[pytest.mark.slow, needs_dockerd])
     for m in (0, 0.1, 0.3)]
