@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from conftest import RUN, diagnostics, free_port, write_user_files
+from conftest import RUN, VENV_BIN, diagnostics, free_port, write_user_files
 from test_ports import until
 from test_supervisor_faults import slirp4netns_of
 from test_systemd import NotifyListener
@@ -412,6 +412,20 @@ def test_stop_as_systemd_sends_it_every_time(user, manager, spawned):
         assert stopped.status == 128 + signal.SIGTERM, (n, stopped, started.output())
         assert not stopped.timed_out and stopped.left == [], (n, stopped)
         started.listener.receive(timeout=5)  # STOPPING=1
+
+
+def test_rootless_ctl_stop_of_a_unit_is_a_clean_stop(user, manager, spawned):
+    """`rootless-ctl stop web` on the unit's instance sends the same SIGTERM: it says
+    143, which the unit lists, so systemd takes it for a clean end (inactive, not
+    restarted by Restart=on-failure)."""
+    unit = instance(user, manager, "sleep 1000")
+    started = Started(user, unit, manager, spawned)
+    started.ready()
+    r = user.run([os.path.join(VENV_BIN, "rootless-ctl"), "stop", INSTANCE], env=started.env)
+    assert r.returncode == 128 + signal.SIGTERM, r.stderr
+    stopped = started.ended()
+    assert stopped.status == 128 + signal.SIGTERM
+    assert unit.clean(stopped.status) and stopped.left == []
 
 
 START_UP = [(TEMPLATE, m) for m in (0, 0.05, 0.1, 0.2, 0.3, 0.5)] + [
