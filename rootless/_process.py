@@ -24,6 +24,11 @@ PYTHON_IGNORED_SIGNALS = (signal.SIGPIPE, signal.SIGXFSZ)
 # sends it by accident, and before the child handles it, it kills the child.
 KILL_TREE = signal.SIGRTMIN + 1
 
+# The supervisor to the child, on the channel once the handshake is done: the bytes
+# before it are the signals the run was sent during the set-up; each byte after it, a
+# signal sent since (parent.Child.forward_noted). No signal is numbered 0.
+END_OF_SET_UP = 0
+
 # close_range(2) takes any upper bound; fds never reach this.
 _MAX_FD = 1 << 30
 

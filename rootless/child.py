@@ -5,11 +5,12 @@ No trio, ever: unshare(CLONE_NEWUSER) is refused in a multi-threaded process.
 """
 import errno
 import os
+import time
 import _signal as signal  # the C module: see _process.py
 
 from . import _log
 from ._paths import which
-from ._process import (KILL_TREE, close_fds_except, command_environment, exit_code,
+from ._process import (END_OF_SET_UP, KILL_TREE, close_fds_except, command_environment, exit_code,
                        forward_signals, readable, restore_default_signals, signal_name,
                        wait_for, wait_for_status)
 from .config import Config
@@ -23,6 +24,9 @@ from . import mounts
 
 # The parent answers in milliseconds; this only bounds a wedged parent.
 _PARENT_TIMEOUT = 60.0
+# How long a command dead of a signal waits for the parent's word on the set-up's signals
+# (written as soon as the command starts; this only bounds a wedged parent).
+_SET_UP_WORD_TIMEOUT = 2.0
 
 # Without --pidns, the parent's death reaches us as this catchable signal rather than
 # SIGKILL: we must live long enough to kill the command's whole tree.
@@ -156,7 +160,7 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     channel.send("ChildCommandStarted")
     status = wait_for_status(pid, reap_all=config.reap or not config.pidns)
-    expected = _signals_sent_to_the_run(channel)
+    expected = _signals_sent_to_the_run(channel, os.WIFSIGNALED(status))
     # Ours closes before anything the command leaves dies (the socket factory among
     # them): the parent then knows that the run ends, and not by a failure.
     channel.close()
@@ -171,17 +175,24 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
     return exit_code(status)
 
 
-def _signals_sent_to_the_run(channel: Channel) -> set[int]:
+def _signals_sent_to_the_run(channel: Channel, signaled: bool) -> set[int]:
     """What the parent told us while the command ran (parent.Child.forward_noted): the
     signals the run was sent, one byte each; all of them when it closed its end, as
-    it does when it stops the command itself."""
+    it does when it stops the command itself. When the command died of a signal, the
+    parent's word on the set-up's signals (up to END_OF_SET_UP) is waited for: one the
+    run was sent during the set-up reached the command as it started, maybe before
+    the parent could say so."""
     sent: set[int] = set()
-    while readable(channel.rfd, 0):
+    deadline = time.monotonic() + _SET_UP_WORD_TIMEOUT
+    while True:
+        wait = max(0.0, deadline - time.monotonic()) if signaled else 0.0
+        if not readable(channel.rfd, wait):
+            return sent - {END_OF_SET_UP}
         data = os.read(channel.rfd, 64)
         if not data:
             return set(range(1, 65))
         sent.update(data)
-    return sent
+        signaled = signaled and END_OF_SET_UP not in sent
 
 
 def _configure(configure, info, driver: str) -> None:

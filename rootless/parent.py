@@ -10,7 +10,7 @@ import os
 import _signal as signal  # the C module: see _process.py
 
 from . import _log, instances
-from ._process import (FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals,
+from ._process import (END_OF_SET_UP, FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals,
                        kill_user_namespace, readable, wait_for_status)
 from ._supervise import Component, supervise
 from .config import Config
@@ -47,6 +47,12 @@ class Child:
         self.status: int | None = None
         self.signal = 0  # the signal that killed it, once waited for
         self.userns = -1  # its user namespace, where the command's tree lives
+        # Signals the run was sent (see forward_noted): told to the child once each,
+        # those of the set-up once the handshake is done (the channel carries frames
+        # until then).
+        self._noted: set[int] = set()
+        self._told: set[int] = set()
+        self._telling = False
 
     def hold_userns(self, anchor: int) -> None:
         """Keep the namespaces' user namespace (that of `anchor`): if the child dies
@@ -76,10 +82,11 @@ class Child:
             os.close(to_child_r)
             os.close(to_parent_w)
             ports.forked(in_child=False)
-            forward_signals(pid)
+            child = cls(pid, Channel(to_parent_r, to_child_w), config.pidns)
+            forward_signals(pid, child._note)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        return cls(pid, Channel(to_parent_r, to_child_w), config.pidns)
+        return child
 
     def send(self, message, doing: str) -> None:
         """Send the child `message` (see _framing.Channel.send) as the set-up goes on
@@ -144,20 +151,35 @@ class Child:
         self.channel.close_write()
 
     def forward_noted(self) -> None:
-        """Once the handshake is done: forward signals as before, and tell the child
-        (a byte on the channel, once per signal) which ones the run was sent. The
-        command's death by one of those is what was asked for, no news to report; by
-        another (sent to the command or the child alone, or the command's own) it is."""
-        noted = set()
+        """Once the child has read its last frame (it said ChildCommandStarted): tell it
+        (a byte on the channel, once per signal) which signals the run was sent, those
+        held during the set-up first and then END_OF_SET_UP, then each as it comes,
+        before it is forwarded. The command's death by one of those is what was asked
+        for, no news to report; by another (sent to the command or the child alone, or
+        the command's own) it is. END_OF_SET_UP lets the child wait for the first ones:
+        its command may have died of them before we could tell it."""
+        self._telling = True
+        for signum in sorted(self._noted):
+            self._tell(signum)
+        try:
+            os.write(self.channel.wfd, bytes([END_OF_SET_UP]))
+        except OSError:
+            pass  # the child is gone
 
-        def note(signum):
-            if signum not in noted and self.channel.wfd >= 0:  # once: the pipe never fills
-                noted.add(signum)
-                try:
-                    os.write(self.channel.wfd, bytes([signum]))
-                except OSError:
-                    pass  # the child is gone
-        forward_signals(self.pid, note)
+    def _note(self, signum: int) -> None:
+        """Before forwarding `signum` (a signal handler: main thread only)."""
+        self._noted.add(signum)
+        if self._telling:
+            self._tell(signum)
+
+    def _tell(self, signum: int) -> None:
+        if signum in self._told or self.channel.wfd < 0:  # once: the pipe never fills
+            return
+        self._told.add(signum)
+        try:
+            os.write(self.channel.wfd, bytes([signum]))
+        except OSError:
+            pass  # the child is gone
 
     def kill_tree(self) -> None:
         """End the command's whole tree, then the child. Without a pid namespace only
@@ -227,7 +249,6 @@ def run(config: Config) -> int:
             except RootlessError:
                 state.raise_if_removed()
                 raise
-            child.forward_noted()
             if auto_choice:
                 _log.info(auto_choice)  # once it works: a failed run prints only its error
             from ._services import Services  # threading: not before the command runs
@@ -364,6 +385,7 @@ def _handshake(config, state, child, net, ports, listeners, uid, gid, user, subi
     else:
         child.send("ParentInitPortDriverCompleted", doing)
     child.expect("ChildCommandStarted", "starting the command")
+    child.forward_noted()
     _record_namespaces(state, anchor)
     _log.debug(f"command started; child pid {anchor}")
     return anchor, info

@@ -379,6 +379,9 @@ def test_a_signal_during_set_up_reaches_the_command(rootless_run, start, user_tm
     proc.send_signal(signal.SIGTERM)
     assert ended(proc) == 128 + signal.SIGTERM, stderr_of(proc)
     assert not os.path.exists(done), "the command ran to completion"
+    # The run was sent it: no news (a stop by systemd as the unit starts). Before, the
+    # child often heard of it after the command had died of it, and said so.
+    assert stderr_of(proc) == ""
 
 
 # -- the command killed by a signal (item 15) -----------------------------------------
