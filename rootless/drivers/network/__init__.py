@@ -14,11 +14,11 @@ registry = Registry(
         "none": "rootless.drivers.network.none:NoneDriver",
         "slirp4netns": "rootless.drivers.network.slirp4netns:Slirp4netnsDriver",
         "pasta": "rootless.drivers.network.pasta:PastaDriver",
+        "lxc-user-nic": "rootless.drivers.network.lxc_user_nic:LxcUserNicDriver",
     },
     planned={
         "vpnkit": "is not available: vpnkit is a program of its own, which Debian does not "
                   "package; " + _INSTEAD,
-        "lxc-user-nic": "is not supported by rootless-run: use --net=slirp4netns or --net=pasta",
         "gvisor-tap-vsock": "is not available: it is a Go library built into rootlesskit, not "
                             "a program rootless-run can start; " + _INSTEAD,
     },
