@@ -166,10 +166,10 @@ class Services:
             from .drivers import network
 
             ni = self.network_info
+            dynamic = getattr(network.get(self.config.net), "dynamic_child_ip", False)
             net = NetworkDriverInfo(driver=self.config.net,
                                     dns=list(ni.dns) if ni else [],
-                                    childIP=ni.ip if ni else "",
-                                    dynamicChildIP=network.get(self.config.net).dynamic_child_ip)
+                                    childIP=ni.ip if ni else "", dynamicChildIP=dynamic)
         port = None
         if self.config.port_driver != "none":
             port = PortDriverInfo(driver=self.ports.name, protos=list(self.ports.protos),
