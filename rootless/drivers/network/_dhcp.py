@@ -170,7 +170,7 @@ def _child(control: int, reports: int, parent: int, args) -> None:
         code = _run(control, reports, *args)
     except BaseException as exc:  # noqa: B902 - said, then we are gone
         why = exc.why if isinstance(exc, _Refused) else f"{type(exc).__name__}: {exc}"
-        _say(why)
+        _say(why, stamped=False)
         _report(reports, f"E {why}")
     finally:
         os._exit(code)
@@ -241,13 +241,15 @@ def _report(reports: int, line: str) -> None:
         pass  # the parent is gone
 
 
-def _say(message: str) -> None:
-    """A line in the log (our stderr); never raises."""
+def _say(message: str, stamped: bool = True) -> None:
+    """A line in the log (our stderr), with the time unless it is the last one, which
+    the run's error line quotes; never raises."""
     import time
 
+    if stamped:
+        message = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
     try:
-        os.write(2, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n".encode(
-            errors="replace"))
+        os.write(2, f"{message}\n".encode(errors="replace"))
     except OSError:
         pass
 
@@ -297,7 +299,7 @@ async def _keep(control: int, reports: int, ifname: str, mtu: int, bridge: str) 
                                    str(actual_mtu), ",".join(lease.name_servers))))
         lost = await _hold(events, stop, lease, ifname)
     if lost:
-        _say(lost)  # the last line: the run's error quotes it
+        _say(lost, stamped=False)  # the last line: the run's error quotes it
         return 1
     return 0
 
