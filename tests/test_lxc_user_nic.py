@@ -429,3 +429,26 @@ def test_lease_without_router_or_dns(user, rootless_run, user_tmp, lab, options,
     assert_refused(r, ran, user, user_tmp, missing, "--dhcp-option")
     ip, mac = leases(where)[0]
     assert wait_until(lambda: f"DHCPRELEASE({BRIDGE}) {ip} {mac}" in where.dhcp_log(), 5)
+
+
+def test_dhcp_library_cannot_load(user, rootless_run, user_tmp, lab):
+    """A broken install (pyroute2 without its DHCP client): the client process says
+    so before the namespace is plugged in, and the run is one line, not a traceback
+    (the client is gone by the time the parent talks to it)."""
+    where = lab()
+    planted = tempfile.mkdtemp(prefix="rlt-broken-")
+    try:
+        os.chmod(planted, 0o755)
+        os.mkdir(os.path.join(planted, "pyroute2"))
+        with open(os.path.join(planted, "pyroute2", "__init__.py"), "w") as f:
+            f.write("raise ImportError('planted by the test')\n")
+        os.chmod(os.path.join(planted, "pyroute2"), 0o755)
+        marker = os.path.join(user_tmp, "ran")
+        r = user.run([rootless_run, *NET, "--", "touch", marker],
+                     env={"TMPDIR": user_tmp, "PYTHONPATH": planted}, outer=where.prefix)
+        ran = os.path.exists(marker)
+    finally:
+        shutil.rmtree(planted)
+    assert_refused(r, ran, user, user_tmp, "cannot load pyroute2's DHCP client",
+                   "planted by the test", "install pyroute2")
+    assert bridge_ports(where) == []

@@ -33,7 +33,8 @@ def choose_auto(config) -> tuple[str, str]:
     """--net=auto: (driver, why). slirp4netns first: measured here, Debian 12's pasta
     (2023-03) stalls, moving child-to-host TCP at 0.1-4.8 Gbps from run to run, never
     more than slirp4netns in the same run (5.7 Gbps; README, Performance); pasta when
-    slirp4netns is missing."""
+    slirp4netns is missing. Never lxc-user-nic, though faster, even for a user granted
+    a veth: it puts the namespace on a shared layer-2 network (README, lxc-user-nic)."""
     from ...errors import RootlessError
     from ._helper import check_tun, find_binary
 

@@ -1,8 +1,9 @@
 """The DHCP client of --net=lxc-user-nic: the process that takes the namespace's
 address from the bridge's DHCP server and keeps it for the whole run.
 
-Where it lives, and why there. The parent forks it as the network starts; it joins
-the child's user namespace, then the network namespace (the child's own, or the one
+Where it lives, and why there. The parent forks it in the driver's preflight (it
+loads its library while the namespaces are made); once they exist, it joins the
+child's user namespace, then the network namespace (the child's own, or the one
 --detach-netns keeps at STATE/netns), and stays there until the run ends:
 
 - not in the child, as rootlesskit does it (a goroutine of its child): ours is one
@@ -76,16 +77,25 @@ class Client:
         once it is there."""
         self.helper.log = log
         paths = (f"/proc/{anchor}/ns/user", netns_path or f"/proc/{anchor}/ns/net", log)
-        _write_all(self._control, b"\0".join(map(os.fsencode, paths)) + b"\0\0")
+        self._send(b"\0".join(map(os.fsencode, paths)) + b"\0\0")
         self._expect("J", _JOIN_TIMEOUT, "did not join the namespace")
 
     def lease(self):
         """Let the client go (the veth is there now) and wait for its lease:
         (ip, prefix, router, mtu, dns)."""
-        os.write(self._control, b"G")
+        self._send(b"G")
         ip, prefix, router, mtu, dns = self._expect(
             "L", LEASE_TIMEOUT + 5.0, "did not get a lease").split(" ")
         return ip, int(prefix), router, int(mtu), tuple(dns.split(","))
+
+    def _send(self, data: bytes) -> None:
+        """To the client; if it is gone, its last line or its end says why
+        (_expect)."""
+        try:
+            while data:
+                data = data[os.write(self._control, data):]
+        except BrokenPipeError:
+            pass
 
     def _expect(self, kind: str, timeout: float, failing: str) -> str:
         """The client's next line, which must be of `kind`; its "E" line, its death or
@@ -130,11 +140,6 @@ class Client:
         if not readable(self.helper.fd, grace):
             self.helper.signal(signal.SIGKILL)
         self.helper.close()
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data):]
 
 
 # -- the client process -------------------------------------------------------------------
