@@ -282,6 +282,7 @@ async def _keep(control: int, reports: int, ifname: str, mtu: int, bridge: str) 
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_reader(control, stop.set)  # EOF: the parent is done with us
+    stopped = asyncio.ensure_future(stop.wait())
     await _bring_up(ifname, mtu)
     events: asyncio.Queue = asyncio.Queue()
     config = ClientConfig(interface=ifname, lease_type=_unsaved_lease(), hooks=_hooks(events),
@@ -289,7 +290,7 @@ async def _keep(control: int, reports: int, ifname: str, mtu: int, bridge: str) 
                           vendor_id=None)
     async with AsyncDHCPClient(config) as client:  # leaving it releases the lease
         await client.bootstrap()
-        lease = await _first(events, stop)
+        lease = await _first(events, stopped)
         if lease is None:
             if stop.is_set():
                 return 0
@@ -302,7 +303,7 @@ async def _keep(control: int, reports: int, ifname: str, mtu: int, bridge: str) 
              f"{lease.lease_time} s")
         _report(reports, " ".join(("L", lease.ip, str(lease.prefixlen), lease.default_gateway,
                                    str(actual_mtu), ",".join(lease.name_servers))))
-        lost = await _hold(events, stop, lease, ifname)
+        lost = await _hold(events, stopped, lease, ifname)
     if lost:
         _say(lost, stamped=False)  # the last line: the run's error quotes it
         return 1
@@ -370,28 +371,32 @@ def _backoff():
         delay = min(delay * 2, 32.0)
 
 
-async def _first(events, stop):
-    """The first lease, or None on `stop` or after LEASE_TIMEOUT seconds."""
+async def _next(events, stopped, timeout: float | None = None):
+    """The client's next (trigger, lease); None once `stopped` is done, or after
+    `timeout` seconds."""
+    import asyncio
+
+    got = asyncio.ensure_future(events.get())
+    done, _ = await asyncio.wait({got, stopped}, timeout=timeout,
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if got in done:
+        return got.result()
+    got.cancel()
+    return None
+
+
+async def _first(events, stopped):
+    """The first lease, or None when stopped or after LEASE_TIMEOUT seconds."""
     import asyncio
 
     from pyroute2.dhcp.hooks import Trigger
 
-    stopped = asyncio.ensure_future(stop.wait())
-    try:
-        deadline = asyncio.get_running_loop().time() + LEASE_TIMEOUT
-        while True:
-            left = deadline - asyncio.get_running_loop().time()
-            got = asyncio.ensure_future(events.get())
-            done, _ = await asyncio.wait({got, stopped}, timeout=max(left, 0),
-                                         return_when=asyncio.FIRST_COMPLETED)
-            if got not in done:
-                got.cancel()
-                return None
-            trigger, lease = got.result()
-            if trigger is Trigger.BOUND:
-                return lease
-    finally:
-        stopped.cancel()
+    clock = asyncio.get_running_loop().time
+    deadline = clock() + LEASE_TIMEOUT
+    while event := await _next(events, stopped, max(0.0, deadline - clock())):
+        if event[0] is Trigger.BOUND:
+            return event[1]
+    return None
 
 
 def _no_lease(client, ifname: str, bridge: str) -> str:
@@ -449,23 +454,15 @@ async def _configure(ifname: str, lease) -> int:
                        f"{os.strerror(exc.code)}") from None
 
 
-async def _hold(events, stop, lease, ifname: str) -> str:
-    """Keep the lease until `stop` (returns ""), or until it is lost (returns why):
-    the namespace must not go on with an address the server may give to another. A renewal that moves the namespace to another address is a loss too:
-    what uses the address (the API's childIP, the command's own sockets) would not
-    follow it."""
-    import asyncio
-
+async def _hold(events, stopped, lease, ifname: str) -> str:
+    """Keep the lease until stopped (returns ""), or until it is lost (returns why):
+    the namespace must not go on with an address the server may give to another. A
+    renewal that moves the namespace to another address is a loss too: what uses the
+    address (the API's childIP, the command's own sockets) would not follow it."""
     from pyroute2.dhcp.hooks import Trigger
 
-    stopped = asyncio.ensure_future(stop.wait())
-    while True:
-        got = asyncio.ensure_future(events.get())
-        done, _ = await asyncio.wait({got, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        if got not in done:
-            got.cancel()
-            return ""
-        trigger, new = got.result()
+    while event := await _next(events, stopped):
+        trigger, new = event
         if trigger is Trigger.EXPIRED:
             return f"the lease of {lease.ip} on {ifname} expired: no DHCP server renewed it"
         if trigger is Trigger.UNBOUND:
@@ -474,6 +471,7 @@ async def _hold(events, stop, lease, ifname: str) -> str:
         if new.ip != lease.ip:
             return f"the DHCP server moved {ifname} from {lease.ip} to {new.ip}"
         _say(f"{trigger} {lease.ip} for {new.lease_time} s")
+    return ""
 
 
 __all__ = ["Client", "LEASE_TIMEOUT"]
