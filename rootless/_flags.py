@@ -29,19 +29,26 @@ FLAGS: tuple[Flag, ...] = (
          "--name NAME finds it", metavar="NAME"),
     # No fixed choices: drivers of other packages register through an entry point.
     Flag(("--net",), "net", STR, "network driver (auto: slirp4netns, else pasta, else none; "
-         "others from installed plugins)", metavar="{auto|host|none|slirp4netns|pasta}"),
+         "others from installed plugins)",
+         metavar="{auto|host|none|slirp4netns|pasta|lxc-user-nic}"),
     Flag(("--slirp4netns-binary",), "slirp4netns_binary", STR, "path of slirp4netns", metavar="PATH"),
     Flag(("--pasta-binary",), "pasta_binary", STR, "path of pasta", metavar="PATH"),
     Flag(("--vpnkit-binary",), "vpnkit_binary", STR, "accepted for rootlesskit's scripts: "
          "--net=vpnkit is not available (no vpnkit in Debian)", metavar="PATH"),
+    Flag(("--lxc-user-nic-binary",), "lxc_user_nic_binary", STR, "path of LXC's setuid "
+         "lxc-user-nic (default: /usr/libexec/lxc/lxc-user-nic, else found on PATH)",
+         metavar="PATH"),
+    Flag(("--lxc-user-nic-bridge",), "lxc_user_nic_bridge", STR, "the bridge --net=lxc-user-nic "
+         "plugs the namespace into (granted to you in /etc/lxc/lxc-usernet)", metavar="BRIDGE"),
     Flag(("--slirp4netns-sandbox",), "slirp4netns_sandbox", STR, "slirp4netns --enable-sandbox",
          ("auto", "true", "false")),
     Flag(("--slirp4netns-seccomp",), "slirp4netns_seccomp", STR, "slirp4netns --enable-seccomp",
          ("auto", "true", "false")),
     Flag(("--mtu",), "mtu", INT, "MTU of the child interface (0: 65520 for slirp4netns/pasta, "
-         "1500 otherwise)", metavar="N"),
+         "the bridge's for lxc-user-nic, 1500 otherwise)", metavar="N"),
     Flag(("--cidr",), "cidr", STR, "child network (gateway .2, DNS .3, child .100)", metavar="CIDR"),
-    Flag(("--ifname",), "ifname", STR, "interface name in the child netns", metavar="NAME"),
+    Flag(("--ifname",), "ifname", STR, "interface name in the child netns (eth0 for "
+         "lxc-user-nic)", metavar="NAME"),
     Flag(("--disable-host-loopback",), "disable_host_loopback", BOOL,
          "the child cannot reach the host's 127.0.0.1 through the gateway "
          "(=false to allow it)"),

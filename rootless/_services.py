@@ -163,10 +163,13 @@ class Services:
         if self.config.net == "host":
             net = NetworkDriverInfo(driver="")
         else:
+            from .drivers import network
+
             ni = self.network_info
+            dynamic = getattr(network.get(self.config.net), "dynamic_child_ip", False)
             net = NetworkDriverInfo(driver=self.config.net,
                                     dns=list(ni.dns) if ni else [],
-                                    childIP=ni.ip if ni else "")
+                                    childIP=ni.ip if ni else "", dynamicChildIP=dynamic)
         port = None
         if self.config.port_driver != "none":
             port = PortDriverInfo(driver=self.ports.name, protos=list(self.ports.protos),

@@ -4,7 +4,7 @@ import os
 import sys
 
 from . import __version__, _flags, _log
-from .config import FIELDS, Config
+from .config import DRIVER_IFNAMES, FIELDS, Config
 from .errors import OutOfFds, RootlessError, UsageError
 
 ROOTLESSKIT_NAMES = ("rootlesskit", "docker-rootlesskit")
@@ -41,6 +41,7 @@ def build_config(program: str, argv: list[str]) -> Config | str:
         check_name(values["name"])
         if not values.get("state_dir"):  # --state-dir wins
             merged["state_dir"] = named_dir(values["name"])
+    _driver_defaults(merged, values)
     for field in ("copy_up", "publish", "command"):
         if field in merged:
             merged[field] = tuple(merged[field])
@@ -65,6 +66,18 @@ def version_component(name: str) -> int:
     text = release[SEMVER.index(name)]
     digits = len(text) - len(text.lstrip("0123456789"))
     return int(text[:digits] or 0)
+
+
+def _driver_defaults(merged: dict, given: dict) -> None:
+    """Where a driver departs from the defaults, as rootlesskit does: lxc-user-nic
+    names its interface eth0 unless --ifname says otherwise, and takes its address
+    from the bridge's DHCP server, so that --cidr has nothing to set."""
+    net = merged.get("net")
+    if net in DRIVER_IFNAMES and "ifname" not in given:
+        merged["ifname"] = DRIVER_IFNAMES[net]
+    if net == "lxc-user-nic" and "cidr" in given:
+        raise UsageError("--cidr does not go with --net=lxc-user-nic: the namespace's "
+                         "address comes from the DHCP server on the bridge; drop --cidr")
 
 
 def validate(config: Config) -> None:

@@ -14,6 +14,8 @@ FIELDS: dict[str, object] = {
     "slirp4netns_binary": "slirp4netns",
     "pasta_binary": "pasta",
     "vpnkit_binary": "vpnkit",  # accepted, unused: --net=vpnkit is not available
+    "lxc_user_nic_binary": "",  # "": where LXC installs it (drivers/network/lxc_user_nic)
+    "lxc_user_nic_bridge": "lxcbr0",
     "slirp4netns_sandbox": "false",
     "slirp4netns_seccomp": "false",
     "mtu": 0,
@@ -40,6 +42,11 @@ FIELDS: dict[str, object] = {
     "pasta_auto_forward": False,  # ours: rootlesskit never turns it on
     "command": (),
 }
+
+
+# The interface name in the namespace, for the drivers whose default is not
+# FIELDS["ifname"] (rootlesskit's): used when --ifname is not given.
+DRIVER_IFNAMES = {"lxc-user-nic": "eth0"}
 
 
 class Config:

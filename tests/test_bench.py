@@ -13,7 +13,11 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from contrib.bench import lxc_lab  # noqa: E402
 TINY = ["--quick", "--startups", "2", "--rounds", "1", "--seconds", "1",
         "--connections", "200", "--soak-seconds", "6"]
 
@@ -42,6 +46,10 @@ def test_every_scenario_gives_figures(user, rootless_run, tmp_path):
     have = {tool: shutil.which(tool) for tool in ("rootlesskit", "iperf3", "pasta")}
     expected = ["startup: X --net=host true", "builtin port: short connections/s",
                 "memory PSS, idle, 1 port", "memory RSS after 200 connections"]
+    if not lxc_lab.missing():
+        expected.append("startup: X --net=lxc-user-nic true")
+        if have["iperf3"]:
+            expected.append("net child->bridge TCP, lxc-user-nic")
     if have["iperf3"]:
         expected += ["builtin port TCP host->child, 1 stream",
                      "builtin port TCP host->child, 4 streams",
@@ -64,6 +72,13 @@ def test_every_scenario_gives_figures(user, rootless_run, tmp_path):
         if have["rootlesskit"]:
             assert 0 <= udp["median"]["rootlesskit"]
             assert found["  UDP datagrams lost"]["samples"]["rootlesskit"]
+    if not lxc_lab.missing():
+        assert found["startup: X --net=lxc-user-nic true"]["samples"]["limit"]
+        if have["iperf3"]:
+            # ours through slirp4netns, in the same lab and rounds, in the limit column
+            lxc = found["net child->bridge TCP, lxc-user-nic"]
+            assert lxc["samples"]["ours"] and lxc["samples"]["limit"]
+            assert lxc["limit_label"] == "rootless-run --net=slirp4netns"
     if have["iperf3"] and have["pasta"]:
         pasta = found["net child->host TCP, pasta"]
         assert pasta["samples"]["ours"] and pasta["samples"]["limit"]
@@ -123,6 +138,45 @@ def test_soak_gives_samples_and_report_lines(user, rootless_run, tmp_path):
     assert len(lines) == 4 * len(sides)
     # The state dirs and the programs' copies are gone with the instances.
     assert not [n for n in os.listdir(user.runtime_dir) if n.startswith("rootless-bench-soak")]
+
+
+@pytest.mark.skipif(bool(lxc_lab.missing()), reason=lxc_lab.missing() or "-")
+def test_lxc_user_nic_scenarios_remove_their_lab(user, rootless_run, tmp_path):
+    """The two --net=lxc-user-nic scenarios give figures for each side, and leave
+    nothing of their lab: no netns, no dnsmasq, no line in lxc-usernet."""
+    def usernet():
+        try:
+            with open(lxc_lab.USERNET) as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    before = usernet()
+    run = bench(user, rootless_run, tmp_path, *TINY, "--only", "startup-lxc,net-lxc")
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    found = rows(tmp_path)
+    sides = {"ours", "limit"} | ({"rootlesskit"} if shutil.which("rootlesskit") else set())
+    for label in ("startup: X --net=lxc-user-nic true", "net child->bridge TCP, lxc-user-nic"):
+        assert {side for side, got in found[label]["samples"].items() if got} == sides, \
+            (label, found[label]["skipped"])
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "rlt-lxc-" not in netns
+    assert usernet() == before
+    assert not labs_dnsmasq()
+
+
+def labs_dnsmasq() -> list[int]:
+    """The pids of a lab's dnsmasq (its files are in the lab's temp dir)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"rlt-lxc-lab-" in f.read():
+                    found.append(int(entry))
+        except (OSError, ValueError):
+            continue
+    return found
 
 
 def test_missing_reference_is_skipped_with_a_message(user, rootless_run, tmp_path):

@@ -46,11 +46,12 @@ class Runner:
         return shutil.which(tool, path=self.env["PATH"])
 
     def start(self, argv: list[str], *, stdout=subprocess.DEVNULL,
-              stdin=subprocess.DEVNULL) -> subprocess.Popen:
+              stdin=subprocess.DEVNULL, outer: list[str] = ()) -> subprocess.Popen:
         """Start `argv` as the user, in a new session; stderr goes to a temp file
-        (a pipe nobody reads could fill up and stall it), see `last_error()`."""
+        (a pipe nobody reads could fill up and stall it), see `last_error()`.
+        `outer`: a command run as root that execs the rest (e.g. `ip netns exec NS`)."""
         errors = tempfile.TemporaryFile()
-        proc = subprocess.Popen(self.prefix + argv, env=self.env, cwd="/tmp",
+        proc = subprocess.Popen([*outer, *self.prefix, *argv], env=self.env, cwd="/tmp",
                                 stdin=stdin, stdout=stdout, stderr=errors,
                                 start_new_session=True)
         proc.errors = errors
@@ -58,10 +59,10 @@ class Runner:
         return proc
 
     def run(self, argv: list[str], timeout: float, *,
-            input: bytes | None = None) -> tuple[int, str]:
+            input: bytes | None = None, outer: list[str] = ()) -> tuple[int, str]:
         """Run to the end, `input` on its stdin; (exit status, stdout). Stopped if it
         outlives `timeout`."""
-        proc = self.start(argv, stdout=subprocess.PIPE,
+        proc = self.start(argv, stdout=subprocess.PIPE, outer=outer,
                           stdin=subprocess.DEVNULL if input is None else subprocess.PIPE)
         try:
             out, _ = proc.communicate(input, timeout=timeout)
@@ -73,11 +74,11 @@ class Runner:
                 self.stop(proc)  # its leftovers, if any
         return proc.returncode, out.decode(errors="replace")
 
-    def time_once(self, argv: list[str]) -> float:
-        """Wall time of one run, from fork to exit (setpriv's own exec is counted the
-        same for every implementation)."""
+    def time_once(self, argv: list[str], outer: list[str] = ()) -> float:
+        """Wall time of one run, from fork to exit (setpriv's own exec, and `outer`'s,
+        are counted the same for every implementation)."""
         start = time.perf_counter()
-        proc = self.start(argv)
+        proc = self.start(argv, outer=outer)
         status = proc.wait()
         elapsed = time.perf_counter() - start
         self.stop(proc)

@@ -66,10 +66,10 @@ def free_port() -> int:
 
 def iperf_client(runner: Runner, argv_prefix: list[str], host: str, port: int,
                  seconds: int, *, streams: int = 1, udp: bool = False,
-                 interval: float | None = None) -> dict:
-    """Run an iperf3 client (under `argv_prefix`, e.g. a supervisor); returns
-    {"gbps": received Gbit/s[, "loss": percent][, "intervals": Gbit/s of each
-    `interval` seconds]}."""
+                 interval: float | None = None, outer: list[str] = ()) -> dict:
+    """Run an iperf3 client (under `argv_prefix`, e.g. a supervisor; all of it under
+    `outer`, see Runner.start); returns {"gbps": received Gbit/s[, "loss":
+    percent][, "intervals": Gbit/s of each `interval` seconds]}."""
     argv = argv_prefix + ["iperf3", "-c", host, "-p", str(port), "-t", str(seconds),
                           "-P", str(streams), "-J"]
     if udp:
@@ -77,7 +77,7 @@ def iperf_client(runner: Runner, argv_prefix: list[str], host: str, port: int,
         argv += ["-u", "-b", "0", "-l", "1400"]
     if interval:
         argv += ["-i", str(interval)]
-    code, out = runner.run(argv, timeout=seconds + 30)
+    code, out = runner.run(argv, timeout=seconds + 30, outer=outer)
     report = _json(out) or {}
     received = report.get("end", {}).get("sum_received")
     if code != 0 or not received:
@@ -111,6 +111,19 @@ def iperf_server(runner: Runner):
 
 
 @contextmanager
+def iperf_server_in(runner: Runner, lab, address: str):
+    """An iperf3 server on `address` in the network namespace of `lab` (lxc_lab.Lab);
+    yields its port once it listens."""
+    port = IPERF_PORT  # the lab's namespace is ours alone
+    proc = runner.start(["iperf3", "-s", "-B", address, "-p", str(port)], outer=lab.prefix)
+    try:
+        _wait_listening(proc, port, "iperf3 -s", pid=str(proc.pid))
+        yield port
+    finally:
+        runner.stop(proc)
+
+
+@contextmanager
 def echo_server(runner: Runner):
     port = free_port()
     proc = runner.start(["python3", "-c", ECHO_SERVER, str(port)])
@@ -138,13 +151,15 @@ def listening(port: int, pid: str = "self") -> bool:
     return False
 
 
-def _wait_listening(proc, port: int, what: str, seconds: float = 10.0) -> None:
+def _wait_listening(proc, port: int, what: str, seconds: float = 10.0,
+                    pid: str = "self") -> None:
+    """Until `port` listens in the network namespace of `pid`."""
     deadline = time.monotonic() + seconds
-    while not listening(port):
+    while not listening(port, pid):
         if proc.poll() is not None:
             raise Skip(f"{what} exited ({proc.returncode}): {last_error(proc)}")
         if time.monotonic() > deadline:
-            raise Skip(f"{what} did not listen on 127.0.0.1:{port} within {seconds:.0f} s")
+            raise Skip(f"{what} did not listen on port {port} within {seconds:.0f} s")
         time.sleep(0.02)
 
 

@@ -14,6 +14,7 @@ the same time under the same load, and reports the drift of their fds, memory an
 threads, the errors their clients saw and the latency of short requests.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -174,6 +175,17 @@ def _run_scenario(runner, scenario) -> list[dict]:
     print(f"bench: {scenario.name} ...", file=sys.stderr)
     if scenario.together:
         return _run_together(scenario, order, skipped)
+    with contextlib.ExitStack() as stack:
+        if scenario.around:
+            try:
+                stack.enter_context(scenario.around())
+            except Skip as exc:
+                print(f"bench: {scenario.name}: skipped: {exc}", file=sys.stderr)
+                return []
+        return _run_rounds(scenario, order, skipped)
+
+
+def _run_rounds(scenario, order, skipped) -> list[dict]:
     samples = {side: {} for side in order}
     for i in range(scenario.rounds + int(scenario.warmup)):
         for side in order if i % 2 == 0 else order[::-1]:

@@ -14,11 +14,11 @@ registry = Registry(
         "none": "rootless.drivers.network.none:NoneDriver",
         "slirp4netns": "rootless.drivers.network.slirp4netns:Slirp4netnsDriver",
         "pasta": "rootless.drivers.network.pasta:PastaDriver",
+        "lxc-user-nic": "rootless.drivers.network.lxc_user_nic:LxcUserNicDriver",
     },
     planned={
         "vpnkit": "is not available: vpnkit is a program of its own, which Debian does not "
                   "package; " + _INSTEAD,
-        "lxc-user-nic": "is not supported by rootless-run: use --net=slirp4netns or --net=pasta",
         "gvisor-tap-vsock": "is not available: it is a Go library built into rootlesskit, not "
                             "a program rootless-run can start; " + _INSTEAD,
     },
@@ -33,7 +33,8 @@ def choose_auto(config) -> tuple[str, str]:
     """--net=auto: (driver, why). slirp4netns first: measured here, Debian 12's pasta
     (2023-03) stalls, moving child-to-host TCP at 0.1-4.8 Gbps from run to run, never
     more than slirp4netns in the same run (5.7 Gbps; README, Performance); pasta when
-    slirp4netns is missing."""
+    slirp4netns is missing. Never lxc-user-nic, though faster, even for a user granted
+    a veth: it puts the namespace on a shared layer-2 network (README, lxc-user-nic)."""
     from ...errors import RootlessError
     from ._helper import check_tun, find_binary
 

@@ -63,8 +63,8 @@ def ended(status: int) -> str:
     return f"exited with status {code}" if code >= 0 else f"was killed by signal {-code}"
 
 
-def helper_failed(name: str, how: str, log: str) -> DriverError:
-    tail = log_tail(log)
+def helper_failed(name: str, how: str, log: str, lines: int = 5) -> DriverError:
+    tail = log_tail(log, lines)
     return DriverError(f"{name} {how}" + (f": {tail}" if tail else "") + _log_named(log))
 
 
@@ -90,9 +90,11 @@ class Helper:
 
     events = select.POLLIN
 
-    def __init__(self, name: str, pid: int, log: str, reapable: bool = True):
+    def __init__(self, name: str, pid: int, log: str, reapable: bool = True,
+                 tail_lines: int = 5):
         self.name, self.pid, self.log = name, pid, log
         self.reapable = reapable  # False for a daemon that is not our child (pasta)
+        self.tail_lines = tail_lines  # of its log, quoted when it dies
         try:
             self.fd = os.pidfd_open(pid)
         except ProcessLookupError:
@@ -120,7 +122,7 @@ class Helper:
     def death_message(self) -> str:
         """Reap the helper (when it is ours) and say what happened, for the user."""
         how = self.how()
-        tail = log_tail(self.log)
+        tail = log_tail(self.log, self.tail_lines)
         return (f"{self.name} {how} while the command was running: the namespace has lost "
                 f"its network; stopping the command" + (f" ({tail})" if tail else "") +
                 _log_named(self.log))

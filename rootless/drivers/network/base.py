@@ -5,6 +5,8 @@ from ...config import Config
 
 class NetworkDriver:
     name: str = ""
+    #: The child's address may change while the run lasts (the API's dynamicChildIP).
+    dynamic_child_ip = False
 
     def __init__(self, config: Config):
         self.config = config
