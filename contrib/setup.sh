@@ -11,10 +11,10 @@ apt-get update -q
 # rootlesskit: the reference we are compared with (and rootlesskit-docker-proxy, which
 # rootless dockerd runs to publish ports); docker.io + iptables: rootless Docker through
 # us (dockerd-rootless.sh, rootless-run -- dockerd); systemd: systemd-socket-activate
-# and systemd-analyze for the socket-activation and unit tests; the rest: tests and
-# benchmarks.
+# and systemd-analyze for the socket-activation and unit tests; gdb: a test pins a
+# signal in a race window with it; the rest: tests and benchmarks.
 apt-get install -y -q --no-install-recommends \
-    uidmap slirp4netns passt rootlesskit iperf3 busybox curl socat \
+    uidmap slirp4netns passt rootlesskit iperf3 busybox curl socat gdb \
     docker.io iptables systemd \
     iproute2 util-linux procps python3 python3-venv ca-certificates >/dev/null
 

@@ -10,7 +10,7 @@ import select
 import _signal as signal  # the C module: see _process.py
 
 from . import _log
-from ._process import readable
+from ._process import drain, readable, signal_wakeup
 
 # How long the command gets to stop on SIGTERM after its network has gone.
 STOP_GRACE = 10.0
@@ -43,7 +43,13 @@ def supervise(child, components: list) -> int:
         poller.register(child.channel.rfd, select.POLLIN)
         for fd, component in fds.items():
             poller.register(fd, component.events)
-        ready = {fd for fd, _ in poller.poll()}  # signal handlers run here
+        wakeup = signal_wakeup()  # a signal just before poll() would wait with it
+        poller.register(wakeup, select.POLLIN)
+        while True:
+            ready = {fd for fd, _ in poller.poll()}  # signal handlers run on its return
+            if ready - {wakeup}:
+                break
+            drain(wakeup)
         if ready & {pidfd, child.channel.rfd}:
             status = child.wait()
             if not child.signal:

@@ -21,6 +21,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -412,6 +413,62 @@ def test_stop_as_systemd_sends_it_every_time(user, manager, spawned):
         assert stopped.status == 128 + signal.SIGTERM, (n, stopped, started.output())
         assert not stopped.timed_out and stopped.left == [], (n, stopped)
         started.listener.receive(timeout=5)  # STOPPING=1
+
+
+# gdb, run as the test user on its own rootless-run: once READY=1 has been sent, stop
+# the main thread where it enters its wait with no end (poll(2), timeout -1), send the
+# stop signal there and let it go. The signal's C handler runs before the syscall; its
+# Python handler (the one that forwards it) only runs when the poll returns.
+PIN_SIGNAL_BEFORE_THE_WAIT = """\
+set pagination off
+set confirm off
+set follow-fork-mode parent
+set detach-on-fork on
+handle SIGTERM nostop noprint pass
+handle SIGCONT nostop noprint pass
+handle SIGCHLD nostop noprint pass
+break sendto if *(unsigned long long *)$rsi == 0x0a313d5944414552
+commands 1
+  silent
+  tbreak poll thread 1 if (int)$rdx == -1
+  commands
+    silent
+    python import os, signal; os.kill(gdb.selected_inferior().pid, signal.SIGTERM)
+    detach
+    quit
+  end
+  continue
+end
+run
+"""  # 0x0a313d5944414552: "READY=1\n", little-endian
+
+
+@pytest.mark.skipif(shutil.which("gdb") is None, reason="gdb missing (contrib/setup.sh installs it)")
+def test_a_stop_signal_just_before_the_wait_is_not_lost(user, manager, user_tmp, spawned):
+    """A signal landing in the instant between Python's last check for signals and the
+    poll(2) the supervisor then waits in: its handler ran only when the poll returned,
+    which, with nothing else to wake it, was never (systemd's stop hung until
+    TimeoutStopSec, a stop in 50 to 100 under load; CI saw it). gdb puts the signal
+    in that instant every time."""
+    env, listener = manager
+    script_path = os.path.join(user_tmp, "pin.gdb")
+    write_user_files(user, user_tmp, {"pin.gdb": PIN_SIGNAL_BEFORE_THE_WAIT})
+    journal = os.path.join(user_tmp, "gdb.log")
+    with open(journal, "w") as f:
+        gdb = user.popen(["gdb", "-q", "-batch", "-x", script_path, "--args", sys.executable,
+                          RUN, "--notify=ready", "--net=none", "--", "sleep", "1000"],
+                         env=env, stdout=f, stderr=subprocess.STDOUT)
+    spawned.append(gdb)
+    gdb.wait(timeout=60)
+    with open(journal) as f:
+        said = f.read()
+    assert "detached" in said, said  # the signal was pinned where the test means
+    fields, _ = listener.receive(timeout=5)
+    assert fields.get("READY") == "1", fields
+    deadline = time.monotonic() + 10
+    while (left := user.processes()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert left == [], f"the stop was lost: {left}\n{said}"
 
 
 def test_rootless_ctl_stop_of_a_unit_is_a_clean_stop(user, manager, spawned):
