@@ -212,7 +212,7 @@ def register(config, state: StateDir) -> Registration:
     except (RootlessError, OSError) as exc:
         if state.removed():
             # by logind, tmpfiles or the command: the run goes on without its state
-            # dir, quietly (README: Failure behaviour)
+            # dir, quietly (docs/reliability.md, Failure behaviour)
             _log.debug(f"not registered: {state.path} was removed")
         else:
             _log.warning(f"cannot record the instance in {state.path}: {_why(exc)}; "

@@ -260,7 +260,7 @@ def test_a_ratio_within_the_noise_is_called_level():
 
 def test_slirp_ab_counts_stalls_and_paired_wins():
     """contrib/bench/slirp_ab.py's summary on given intervals (arithmetic only: the A/B
-    itself takes minutes of iperf3 and is run by hand, README, Performance)."""
+    itself takes minutes of iperf3 and is run by hand, docs/performance.md)."""
     sys.path.insert(0, REPO)
     from contrib.bench import slirp_ab
 

@@ -18,7 +18,7 @@ loopback. The fault is injected at the phase, then the outcome is checked:
 The expected outcome of every cell is written in EXPECTED below, decided before the
 cell was ever run, from what a user of rootlesskit/slirp4netns would expect. The
 matrix (fault x phase -> outcome, with the time to it) is printed in the terminal
-summary and is README.md's "Fault matrix".
+summary and is docs/reliability.md's "Fault matrix".
 
 Phases, each reached for real with hooks that live in this file only:
 - handshake, before the id maps: newuidmap, found first in PATH, is a wrapper that
@@ -129,7 +129,7 @@ def _running(expect: Expect) -> dict:
 
 # Decided before the cells were run (the first runs then showed lines that named the
 # wrong cause, so the needles now ask for the right one). A component's death ends the
-# run in one line (README, Failure behaviour), during set-up as after it; a stop of any
+# run in one line (docs/reliability.md, Failure behaviour), during set-up as after it; a stop of any
 # process of the run is a pause (SIGCONT comes within every timeout); exhaustion
 # refuses the work that needs what ran out and recovers by itself; during the set-up,
 # where the work that needs it is the run itself, it is refused in one line naming the
@@ -166,7 +166,7 @@ EXPECTED: dict[str, dict[str, Expect]] = {
                             AFTER_MAPS: ENDS("No space left on device"),
                             **_running(SERVES), SHUTTING_DOWN: STOPS},
     # Removed during the set-up: what the run still has to create there cannot be
-    # (one line); once it runs, ports and the API keep working (README).
+    # (one line); once it runs, ports and the API keep working (docs/reliability.md).
     "state dir removed": {BEFORE_MAPS: ENDS("was removed"), AFTER_MAPS: ENDS("was removed"),
                           **_running(SERVES), SHUTTING_DOWN: STOPS},
     "stderr closed": {**{phase: SERVES for phase in PHASES}, SHUTTING_DOWN: STOPS},

@@ -18,7 +18,7 @@ import threading
 import time
 
 BURST = 8 << 20
-PAUSE = 0.25  # between bursts: the relay's bulk path starts and stops (README, Performance)
+PAUSE = 0.25  # between bursts: the relay's bulk path starts and stops (docs/performance.md)
 ZEROS = bytes(1 << 20)
 
 

@@ -2,7 +2,7 @@
 
 The main benchmark's net-slirp4netns scenario gives one median per side. This looks
 closer, at what decides a round: iperf3 reports every 0.1 s, and an interval under
-3 Gbit/s is counted as a stall (libslirp's ~0.2 s waits, README, Performance). Rounds
+3 Gbit/s is counted as a stall (libslirp's ~0.2 s waits, docs/performance.md). Rounds
 are interleaved (ours first in even rounds, rootlesskit first in odd ones), each side
 with a fresh iperf3 server on the host's 127.0.0.1, reached at the gateway 10.0.2.2.
 Ours runs under rootlesskit's name, which gives it rootlesskit's defaults.

@@ -3,7 +3,7 @@
 from .._registry import Registry
 from .base import NetworkDriver
 
-# What to use when a rootlesskit driver is not available here (README, Performance).
+# What to use when a rootlesskit driver is not available here (docs/performance.md).
 _INSTEAD = ("use --net=slirp4netns (measured here from the namespace to the host: "
             "5.7 Gbit/s, against pasta's 1.0) or --net=pasta")
 
@@ -32,9 +32,9 @@ def get(name: str) -> type[NetworkDriver]:
 def choose_auto(config) -> tuple[str, str]:
     """--net=auto: (driver, why). slirp4netns first: measured here, Debian 12's pasta
     (2023-03) stalls, moving child-to-host TCP at 0.1-4.8 Gbps from run to run, never
-    more than slirp4netns in the same run (5.7 Gbps; README, Performance); pasta when
+    more than slirp4netns in the same run (5.7 Gbps; docs/performance.md); pasta when
     slirp4netns is missing. Never lxc-user-nic, though faster, even for a user granted
-    a veth: it puts the namespace on a shared layer-2 network (README, lxc-user-nic)."""
+    a veth: it puts the namespace on a shared layer-2 network (docs/network.md, lxc-user-nic)."""
     from ...errors import RootlessError
     from ._helper import check_tun, find_binary
 

@@ -22,7 +22,7 @@ child's user namespace, then the network namespace (the child's own, or the one
   used up by runs that ended, each on a fresh veth with a new MAC address.
 
 The protocol is pyroute2's (pyroute2.dhcp: its asyncio client keeps the RFC 2131
-state machine, renewing at T1 and rebinding at T2; README, "lxc-user-nic", says why
+state machine, renewing at T1 and rebinding at T2; docs/network.md, "lxc-user-nic", says why
 it and not another library), the links, address and route are set through pyroute2's
 netlink. asyncio and pyroute2 are imported in this process only, after the fork: not
 by the parent, the child, or any other driver.

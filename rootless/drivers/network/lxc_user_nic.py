@@ -12,7 +12,7 @@ the namespaces by then, and keeps the lease for the whole run.
 
 The namespace reaches the host through the bridge only, never the host's loopback:
 --disable-host-loopback is implied (and said, as rootlesskit says it, when it was
-not given). --net=auto never picks this driver (README, "lxc-user-nic").
+not given). --net=auto never picks this driver (docs/network.md, "lxc-user-nic").
 """
 import os
 import _signal as signal  # the C module: see _process.py

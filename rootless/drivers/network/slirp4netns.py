@@ -18,7 +18,7 @@ _EXITING = 1.0  # s: a helper whose pipe closed unanswered has this long to be g
 # 21885 (segments of 21845 bytes, three to a window), by the time the child has to wait
 # the window has room for two of libslirp's segments, and the update comes. Measured
 # here, child->host TCP: no stalled 0.1 s interval in 12 rounds against 94, 5.8 against
-# 5.0 Gbit/s (README, Performance). The interface keeps the MTU asked for
+# 5.0 Gbit/s (docs/performance.md). The interface keeps the MTU asked for
 # (configure_child): datagrams up to it reach slirp4netns whole (it reads frames of up
 # to 64 KiB whatever its --mtu); only TCP segments are smaller.
 SLIRP_MTU_CAP = 21885
@@ -46,7 +46,7 @@ class Slirp4netnsDriver(HelperDriver):
         # What makes slirp4netns go when we do, even by SIGKILL: a parent-death signal
         # set by setpriv as it execs slirp4netns (0.3 ms), else its --exit-fd. Not the
         # exit fd first: slirp4netns polls every fd it watches once per packet, and each
-        # one costs it about 0.5 % of its throughput (README, Performance).
+        # one costs it about 0.5 % of its throughput (docs/performance.md).
         self._setpriv = which("setpriv")
 
     def _wanted(self, flag: str, value: str) -> bool:
