@@ -214,10 +214,10 @@ class Child:
 
 
 def run(config: Config) -> int:
-    auto_choice = ""
-    if config.net == "auto":
+    net_was_auto = config.net == "auto"
+    if net_was_auto:
         name, why = network.choose_auto(config)
-        auto_choice = f"--net=auto: using {name} ({why}; choose with --net=...)"
+        _log.debug(f"--net=auto: using {name} ({why}; choose with --net=...)")
         config = config.replace(net=name)
     if config.port_driver == "auto":
         config = config.replace(port_driver=_auto_port_driver(config))
@@ -230,7 +230,7 @@ def run(config: Config) -> int:
     subids = lookup(user, uid, config.subid_source)
     if _runs_dockerd(config):
         from ._docker import preflight
-        preflight(config, subids, net_was_auto=bool(auto_choice))
+        preflight(config, subids, net_was_auto=net_was_auto)
     notifier = _systemd_setup(config)
     if config.evacuate_cgroup2:
         from .cgroup import evacuate
@@ -249,8 +249,6 @@ def run(config: Config) -> int:
             except RootlessError:
                 state.raise_if_removed()
                 raise
-            if auto_choice:
-                _log.info(auto_choice)  # once it works: a failed run prints only its error
             from ._services import Services  # threading: not before the command runs
 
             services = Services(config, state, anchor, info, ports, listeners)

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import VENV_BIN, diagnostics
+from conftest import VENV_BIN
 from conftest import free_port
 from test_ports_hardening import netns  # noqa: F401
 from test_subid import _assert_free
@@ -194,7 +194,7 @@ def test_rootless_run_dockerd(user, docker_home, spawned, image_tar, state_dir, 
     code, err = d.stop()
     assert code == 0, err[-3000:]
     assert "Daemon shutdown complete" in err
-    assert [l for l in diagnostics(err) if l.startswith("rootless-run")] == []
+    assert [l for l in err.splitlines() if l.startswith("rootless-run")] == []
 
     again = start(user, docker_home, spawned, ["rootless-run", f"--state-dir={state_dir}",
                                                "--", "dockerd"])
@@ -234,7 +234,7 @@ def test_port_published_on_ipv6_too(user, docker_home, spawned, image_tar, state
     assert r.stdout.startswith("web Up"), r.stdout
     code, err = d.stop()
     assert code == 0, err[-3000:]
-    assert [l for l in diagnostics(err) if l.startswith("rootless-run")] == []
+    assert [l for l in err.splitlines() if l.startswith("rootless-run")] == []
 
 
 # -- preflight: what is missing is said before anything starts ------------------------
@@ -242,7 +242,7 @@ def test_port_published_on_ipv6_too(user, docker_home, spawned, image_tar, state
 def _preflight(user, env, *args) -> str:
     r = user.run(["rootless-run", *args], env=env, timeout=20)
     assert r.returncode == 1, r
-    lines = diagnostics(r.stderr)
+    lines = r.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("rootless-run: error: dockerd cannot run rootless here")
     return lines[0]

@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 
-from conftest import diagnostics
 
 DRIVER = '''
 import os
@@ -54,7 +53,7 @@ def test_entry_point_driver_is_used(user, rootless_run, plugin_dir):
                      env={"PYTHONPATH": plugin_dir, "MARKER_FILE": marker})
         assert r.returncode == 0, r.stderr
         assert int(r.stdout, 16) & 1, "lo is not up"  # IFF_UP
-        assert diagnostics(r.stderr) == []
+        assert r.stderr == ""
         with open(marker) as f:
             assert f.read() == "0"  # written inside the namespace, as its root
     finally:

@@ -18,7 +18,7 @@ What Debian 12's pasta (passt 2023-03) can do, probed, not assumed:
 
 Automatic forwarding publishes whatever the command listens on, its 127.0.0.1-only
 services included, to every host address: it is never implied (rootlesskit never
-does it), only asked for with our --pasta-auto-forward, and said in one line.
+does it), only asked for with our --pasta-auto-forward (and said under --debug).
 
 The namespace end is pasta's to choose: its loopback for clients on the host's
 loopback, its interface address for other clients.
@@ -151,16 +151,18 @@ class ImplicitPortDriver(PortDriver):
         self._say_what_is_forwarded()
 
     def _say_what_is_forwarded(self) -> None:
-        """One line when what pasta forwards may surprise: everything, or nothing."""
+        """One line when what pasta forwards may surprise: everything (asked for with
+        --pasta-auto-forward: said under --debug), or nothing (said always: it asks the
+        user to publish something, or to use another port driver)."""
         if self.mode == AUTO:
             where = "all host addresses" if self.config.ipv6 else "all host IPv4 addresses"
-            _log.info(f"--pasta-auto-forward: pasta publishes every TCP and UDP port the "
-                      f"command listens on, its 127.0.0.1 services included, on {where} "
-                      f"with the same port number, as it finds them")
+            _log.debug(f"--pasta-auto-forward: pasta publishes every TCP and UDP port the "
+                       f"command listens on, its 127.0.0.1 services included, on {where} "
+                       f"with the same port number, as it finds them")
         elif self.mode == OFF:
-            _log.info("--port-driver=implicit: pasta forwards no port (no -p, and "
-                      "--pasta-auto-forward is off); publish with -p, or use "
-                      "--port-driver=builtin to publish through the API")
+            _log.warning("--port-driver=implicit: pasta forwards no port (no -p, and "
+                         "--pasta-auto-forward is off); publish with -p, or use "
+                         "--port-driver=builtin to publish through the API")
 
     def listen_early(self) -> list[int]:
         return []  # pasta forwards the -p ports itself: serve() only lists them
