@@ -15,11 +15,10 @@ from ._process import (END_OF_SET_UP, FORWARDED_SIGNALS, KILL_TREE, exit_code, f
 from ._supervise import Component, supervise
 from .config import Config
 from .drivers import network, port
-from .enter import record_namespaces
 from .errors import ChildSetupError, ProtocolError, RootlessError, StateDirError
 from .idmap import write_maps
 from ._framing import Channel
-from .statedir import NAMESPACES, StateDir
+from .statedir import NAMESPACES, StateDir, record_namespaces
 from .subid import current_user, lookup
 
 # Set-up in the child takes milliseconds (pyroute2's import is the slowest part);
