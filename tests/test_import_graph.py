@@ -119,3 +119,37 @@ def test_the_reader_finds_every_kind_of_import(tmp_path):
     del edges["rootless.d"]
     edges["rootless.sub.b"] = set()
     assert find_cycle(edges) is None
+
+
+# The API is where the port side meets HTTP: it depends on the drivers' interface
+# (rootless.ports, the drivers' list/add/remove), never the reverse. Only the wiring
+# may import it: rootless.parent binds api.sock before the command starts,
+# rootless._services serves it in the service thread, and rootless.ctl is its client
+# (rootless-ctl). Everything else, the drivers, portspec and the port model first,
+# knows nothing of HTTP.
+API = "rootless.api"
+API_WIRING = {"rootless.parent", "rootless._services", "rootless.ctl"}
+# What the drivers and the port model never import (STYLE.md): the API, and the
+# programs that wire them (the drivers are handed a Config and called, nothing more).
+WIRING = {API, "rootless.cli", "rootless.ctl", "rootless.parent", "rootless.child",
+          "rootless._services", "rootless.enter"}
+PORT_SIDE = ("rootless.drivers", "rootless.ports", "rootless.portspec")
+
+
+def _within(name: str, *packages: str) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in packages)
+
+
+def test_only_the_wiring_imports_the_api():
+    offenders = {name: sorted(t for t in edges if _within(t, API))
+                 for name, edges in graph().items()
+                 if not _within(name, API) and name not in API_WIRING}
+    offenders = {name: api for name, api in offenders.items() if api}
+    assert not offenders, f"import rootless.api outside its wiring: {offenders}"
+
+
+def test_the_port_side_imports_no_wiring():
+    offenders = {name: sorted(t for t in edges if _within(t, *WIRING))
+                 for name, edges in graph().items() if _within(name, *PORT_SIDE)}
+    offenders = {name: wiring for name, wiring in offenders.items() if wiring}
+    assert not offenders, f"the drivers' side imports the wiring: {offenders}"

@@ -169,7 +169,7 @@ class ImplicitPortDriver(PortDriver):
 
     async def serve(self, state_dir: str, *, task_status) -> None:
         import trio
-        from ...api.models import PortStatus
+        from ...ports import PortStatus
 
         # pasta forwards the -p ports since it started: listed, with nothing to close.
         for spec in self.initial:
@@ -179,50 +179,50 @@ class ImplicitPortDriver(PortDriver):
         await trio.sleep_forever()
 
     async def remove(self, ident: int) -> None:
-        from ...api.router import ApiFailure
+        from ...ports import PortRequestInvalid
 
         if self.mode == RULES and ident in self._ports:
-            raise ApiFailure(400, f"port {ident} was published with -p: pasta (2023-03) "
-                             f"cannot stop forwarding it while it runs; restart without "
-                             f"it, or use --port-driver=builtin for ports that come and go")
+            raise PortRequestInvalid(f"port {ident} was published with -p: pasta (2023-03) "
+                                     f"cannot stop forwarding it while it runs; restart without "
+                                     f"it, or use --port-driver=builtin for ports that come and go")
         await super().remove(ident)
 
     async def _expose(self, spec):
         import msgspec
-        from ...api.router import ApiFailure
+        from ...ports import PortConflict, PortRequestInvalid
 
         if self.mode == RULES:
-            raise ApiFailure(400, "pasta (2023-03) cannot add forwarding rules while it "
-                             "runs, and with -p its automatic forwarding is off: publish "
-                             "the port with -p at start, or use --port-driver=builtin")
+            raise PortRequestInvalid("pasta (2023-03) cannot add forwarding rules while it "
+                                     "runs, and with -p its automatic forwarding is off: publish "
+                                     "the port with -p at start, or use --port-driver=builtin")
         if self.mode == OFF:
-            raise ApiFailure(400, "pasta forwards no port in this run (no -p, and "
-                             "--pasta-auto-forward is off) and cannot add one while it "
-                             "runs: publish with -p at start, start with "
-                             "--pasta-auto-forward --disable-host-loopback=false, or use "
-                             "--port-driver=builtin")
+            raise PortRequestInvalid("pasta forwards no port in this run (no -p, and "
+                                     "--pasta-auto-forward is off) and cannot add one while it "
+                                     "runs: publish with -p at start, start with "
+                                     "--pasta-auto-forward --disable-host-loopback=false, or use "
+                                     "--port-driver=builtin")
         # AUTO: pasta forwards whatever the namespace binds, on the same port number and
         # on all host addresses. Adding is bookkeeping, valid only for what pasta does.
         problem = _unsupported(spec, self.config)
         if problem:
-            raise ApiFailure(400, problem)
+            raise PortRequestInvalid(problem)
         if spec.parentPort == 0:
             spec = msgspec.structs.replace(spec, parentPort=spec.childPort)
         if spec.parentPort != spec.childPort:
-            raise ApiFailure(400, f"parent port {spec.parentPort} differs from child port "
-                             f"{spec.childPort}: pasta's automatic forwarding keeps the "
-                             f"port number; use the same port (or 0), or "
-                             f"--port-driver=builtin")
+            raise PortRequestInvalid(f"parent port {spec.parentPort} differs from child port "
+                                     f"{spec.childPort}: pasta's automatic forwarding keeps the "
+                                     f"port number; use the same port (or 0), or "
+                                     f"--port-driver=builtin")
         if spec.parentIP not in ("", "0.0.0.0", "::"):
-            raise ApiFailure(400, f"parent IP {spec.parentIP}: pasta's automatic forwarding "
-                             f"listens on all host addresses, not on one; use 0.0.0.0, "
-                             f"publish with -p at start, or use --port-driver=builtin")
+            raise PortRequestInvalid(f"parent IP {spec.parentIP}: pasta's automatic forwarding "
+                                     f"listens on all host addresses, not on one; use 0.0.0.0, "
+                                     f"publish with -p at start, or use --port-driver=builtin")
         for status, _ in self._ports.values():
             other = status.spec
             if (FAMILY[other.proto] == FAMILY[spec.proto]
                     and other.parentPort == spec.parentPort):
-                raise ApiFailure(409, f"{spec.proto} port {spec.parentPort} is already "
-                                 f"published (id {status.id})")
+                raise PortConflict(f"{spec.proto} port {spec.parentPort} is already "
+                                   f"published (id {status.id})")
 
         async def forget():  # pasta stops by itself once the namespace unbinds the port
             pass
