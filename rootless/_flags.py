@@ -22,8 +22,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--debug",), "debug", BOOL, "verbose log to stderr"),
     Flag(("--print-semver",), "print_semver", STR, "print that component of the version "
          "as a decimal integer, and exit", metavar="{major|minor|patch}"),
-    Flag(("--state-dir",), "state_dir", STR, "state directory (if not given: a temp dir removed on exit)",
-         metavar="DIR"),
+    Flag(("--state-dir",), "state_dir", STR, "state directory (if not given: a temp dir "
+         "removed on exit)", metavar="DIR"),
     Flag(("--name",), "name", STR, "ours: name the instance; its state dir is then "
          "$XDG_RUNTIME_DIR/rootless/NAME unless --state-dir is given, and rootless-ctl "
          "--name NAME finds it", metavar="NAME"),
