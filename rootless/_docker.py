@@ -21,56 +21,70 @@ _OVERLAY_IN_USERNS = (5, 11)
 
 
 def preflight(config, subids, net_was_auto: bool) -> None:
-    """Raise a UsageError naming everything dockerd would miss, each with its fix."""
+    """Raise a UsageError naming everything dockerd would miss: one sentence each, what
+    is missing, what dockerd needs it for and the fix (commands in backticks: a
+    sentence's full stop is not part of them)."""
     args = config.command[1:]
     path = os.environ.get("PATH", os.defpath)
-    problems = []
+    problems: list[str] = []
 
-    def need(binary: str, why: str, package: str) -> None:
+    def need(binary: str, purpose: str, package: str) -> None:
         if which(binary, path):
             return
         sbin = next((d for d in ("/usr/sbin", "/sbin") if which(os.path.join(d, binary))), None)
         if sbin:
-            problems.append(f"{binary} ({why}) is in {sbin}, which is not in PATH: "
-                            f"export PATH=$PATH:/usr/sbin:/sbin")
+            problems.append(f"{binary}, which {purpose}, is in {sbin}, a directory not in "
+                            f"PATH: run `export PATH=$PATH:/usr/sbin:/sbin`.")
         else:
-            problems.append(f"{binary} ({why}): as root, run: apt-get install {package}")
+            problems.append(f"{binary}, which {purpose}, is not in PATH: as root, run "
+                            f"`apt-get install {package}`, or add its directory to PATH.")
 
-    need("newuidmap", "maps the image files' owners", "uidmap")
-    need("newgidmap", "maps the image files' groups", "uidmap")
+    need("newuidmap", "maps the owners of the images' files", "uidmap")
+    need("newgidmap", "maps the groups of the images' files", "uidmap")
     if not subids.uids or not subids.gids:
         from .subid import add_command, current_user
 
-        problems.append("subordinate ids (images hold files of many owners): "
-                        + add_command(current_user(), uids=not subids.uids,
-                                      gids=not subids.gids))
+        user = current_user()
+        kinds = " and ".join(k for k, none in (("uids", not subids.uids),
+                                                ("gids", not subids.gids)) if none)
+        problems.append(f"{user} has no subordinate {kinds}, which the images' files need "
+                        f"(they have many owners): "
+                        + add_command(user, uids=not subids.uids, gids=not subids.gids,
+                                      fenced=True) + ".")
     if config.net == "host":
-        problems.append("a network namespace (dockerd makes its bridge and iptables rules "
-                        "there): drop --net=host (rootless-run picks slirp4netns or pasta)")
+        problems.append("--net=host leaves dockerd no network namespace to make its bridge "
+                        "and iptables rules in: drop --net=host (rootless-run then picks "
+                        "slirp4netns or pasta).")
     elif config.net == "none" and net_was_auto:
-        problems.append("a network for the containers (neither slirp4netns with a usable "
-                        "/dev/net/tun nor pasta works here): as root, run: apt-get install "
-                        "slirp4netns and chmod 666 /dev/net/tun, or apt-get install passt; or "
-                        "choose --net=none")
+        problems.append("No network for the containers works here (neither slirp4netns "
+                        "with a usable /dev/net/tun nor pasta): as root, run `apt-get "
+                        "install slirp4netns` and `chmod 666 /dev/net/tun`, or `apt-get "
+                        "install passt`; or choose --net=none.")
     if "/run" not in config.copy_up:
-        problems.append("a writable /run (dockerd creates /run/docker): add --copy-up=/run")
+        problems.append("/run is not writable in the namespace, and dockerd creates "
+                        "/run/docker there: add --copy-up=/run.")
     if not _flag_says(args, "--iptables", "false"):
-        need("iptables", "dockerd's NAT and port rules", "iptables")
+        need("iptables", "dockerd needs for its NAT and port rules", "iptables")
     if not _flag_says(args, "--userland-proxy", "false"):
-        need("rootlesskit-docker-proxy", "publishes container ports through our API",
+        need("rootlesskit-docker-proxy", "publishes the containers' ports through our API",
              "rootlesskit")
     if _kernel() < _OVERLAY_IN_USERNS and not _flag_given(args, "--storage-driver", "-s"):
-        need("fuse-overlayfs", f"overlay storage without Linux {_OVERLAY_IN_USERNS[0]}."
-                               f"{_OVERLAY_IN_USERNS[1]}", "fuse-overlayfs")
+        need("fuse-overlayfs", f"gives dockerd overlay storage before Linux "
+                               f"{_OVERLAY_IN_USERNS[0]}.{_OVERLAY_IN_USERNS[1]}",
+             "fuse-overlayfs")
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if not runtime or not os.access(runtime, os.W_OK | os.X_OK):
-        problems.append(f"a writable XDG_RUNTIME_DIR (dockerd puts docker.sock there; now "
-                        f"{runtime or 'unset'}): log in through a session that sets it, or "
-                        f"export XDG_RUNTIME_DIR to a private dir of yours")
-    if not os.path.isdir(os.environ.get("HOME", "")):
-        problems.append("an existing HOME (dockerd keeps its data in ~/.local/share/docker)")
+        where = f"={runtime} is not a directory you can write" if runtime else " is not set"
+        problems.append(f"XDG_RUNTIME_DIR{where}, and dockerd puts docker.sock there: log "
+                        f"in through a session that sets it, or export XDG_RUNTIME_DIR to "
+                        f"a private dir of yours.")
+    home = os.environ.get("HOME", "")
+    if not os.path.isdir(home):
+        where = f"={home} does not exist" if home else " is not set"
+        problems.append(f"HOME{where}, and dockerd keeps its data in "
+                        f"~/.local/share/docker: export HOME to your home directory.")
     if problems:
-        raise UsageError("dockerd cannot run rootless here; it needs " + "; ".join(problems))
+        raise UsageError("dockerd cannot run rootless here. " + " ".join(problems))
     if _kernel_cgroup_v1():
         _log.debug("cgroup v1 host: rootless dockerd runs without cgroups (no resource "
                    "limits); cgroup v2 with delegation enables them")

@@ -22,8 +22,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--debug",), "debug", BOOL, "verbose log to stderr"),
     Flag(("--print-semver",), "print_semver", STR, "print that component of the version "
          "as a decimal integer, and exit", metavar="{major|minor|patch}"),
-    Flag(("--state-dir",), "state_dir", STR, "state directory (default: a temp dir removed on exit)",
-         metavar="DIR"),
+    Flag(("--state-dir",), "state_dir", STR, "state directory (if not given: a temp dir "
+         "removed on exit)", metavar="DIR"),
     Flag(("--name",), "name", STR, "ours: name the instance; its state dir is then "
          "$XDG_RUNTIME_DIR/rootless/NAME unless --state-dir is given, and rootless-ctl "
          "--name NAME finds it", metavar="NAME"),
@@ -36,7 +36,7 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--vpnkit-binary",), "vpnkit_binary", STR, "accepted for rootlesskit's scripts: "
          "--net=vpnkit is not available (no vpnkit in Debian)", metavar="PATH"),
     Flag(("--lxc-user-nic-binary",), "lxc_user_nic_binary", STR, "path of LXC's setuid "
-         "lxc-user-nic (default: /usr/libexec/lxc/lxc-user-nic, else found on PATH)",
+         "lxc-user-nic (if not given: /usr/libexec/lxc/lxc-user-nic, else found on PATH)",
          metavar="PATH"),
     Flag(("--lxc-user-nic-bridge",), "lxc_user_nic_bridge", STR, "the bridge --net=lxc-user-nic "
          "plugs the namespace into (granted to you in /etc/lxc/lxc-usernet)", metavar="BRIDGE"),
@@ -59,9 +59,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--propagation",), "propagation", STR, "propagation of / in the child's mount "
          "namespace: with the r, of every mount below it too",
          ("rprivate", "rslave", "rshared", "private", "slave", "shared")),
+    # No fixed choices either: port drivers of other packages register the same way.
     Flag(("--port-driver",), "port_driver", STR, "how published ports reach the child "
-         "(auto: builtin with a network namespace, else none)",
-         ("auto", "none", "builtin", "slirp4netns", "implicit")),
+         "(auto: implicit with --net=pasta when it has ports to forward, else builtin with "
+         "a network namespace, else none; others from installed plugins)",
+         metavar="{auto|none|builtin|slirp4netns|implicit}"),
     Flag(("--pasta-auto-forward",), "pasta_auto_forward", BOOL,
          "ours, not rootlesskit's: with --net=pasta, pasta publishes every port the "
          "command listens on (its 127.0.0.1 services included) on all host addresses, "
@@ -159,6 +161,8 @@ def parse(argv: list[str]) -> tuple[dict, str | None]:
 
 
 def help_text(program: str, defaults: dict) -> str:
+    """The help. Every "(default: X)" in it is typed as is: --flag=X, or for a repeatable
+    flag X is the flags themselves (see _as_typed)."""
     lines = [f"Usage: {program} [flags] [--] COMMAND [ARGS...]",
              "",
              "Run COMMAND as root in new user, mount and network namespaces, as an",
@@ -169,9 +173,22 @@ def help_text(program: str, defaults: dict) -> str:
         names = ", ".join(flag.names)
         if flag.kind != BOOL:
             names += " " + (("{" + "|".join(flag.choices) + "}") if flag.choices else flag.metavar)
-        default = defaults.get(flag.field)
-        extra = f" (default: {default})" if default not in (None, "", (), False) else ""
+        default = _as_typed(flag, defaults.get(flag.field))
+        extra = f" (default: {default})" if default else ""
         lines.append(f"  {names}")
         lines.append(f"      {flag.help}{extra}")
     lines += ["  -h, --help", "      show this help", "  -v, --version", "      show the version"]
     return "\n".join(lines) + "\n"
+
+
+def _as_typed(flag: Flag, value) -> str:
+    """A default as the user would type it ("" for none worth showing: no value, false,
+    0): true, not True; a list as the repeated flag, since each --copy-up takes one
+    directory (as in rootlesskit, which reads --copy-up=/etc,/run as one)."""
+    if value is None or value == "" or value is False or value == 0 and flag.kind == INT:
+        return ""
+    if flag.kind == BOOL:
+        return "true"
+    if flag.kind == LIST:
+        return " ".join(f"{flag.names[-1]}={item}" for item in value)
+    return str(value)

@@ -1,5 +1,8 @@
 """One-line diagnostics on stderr: `rootless-run: warning: ...`, `rootless-run[child]: debug: ...`.
 
+A successful run writes nothing of ours unless asked (--debug): only warnings that ask
+the user to change something, and errors. What a run chose by itself is debug.
+
 Logging never raises: a line that cannot be written (the log reader is gone: EPIPE; the
 terminal hung up: EIO; a full or non-blocking pipe: EAGAIN) is dropped, and the run goes
 on. A run that serves ports for weeks must not end because nobody reads its stderr.
@@ -54,10 +57,6 @@ def _emit(level: str, message: str) -> None:
 def debug(message: str) -> None:
     if _debug:
         _emit("debug", f"{(time.monotonic() - _start) * 1000:.1f} ms: {message}")
-
-
-def info(message: str) -> None:
-    _emit("info", message)
 
 
 def warning(message: str) -> None:

@@ -22,35 +22,14 @@ from ._paths import which
 from ._process import (FORWARDED_SIGNALS, PYTHON_IGNORED_SIGNALS, command_environment,
                        forward_signals, wait_for)
 from .errors import EnterError, StateDirError, StateDirLocked, UsageError
-from .statedir import NAMESPACES, StateDirMissing, lock_held, open_existing, read_small
-
-# The order of joining: the user namespace first (joining it gives the capabilities
-# the others ask for), the mount namespace last (it resets our root and cwd).
-KINDS = ("user", "cgroup", "ipc", "uts", "net", "pid", "mnt")
+from .statedir import (NAMESPACE_KINDS, NAMESPACES, StateDirMissing, lock_held, open_existing,
+                       parse_namespaces, read_small)
 
 # How long `enter` waits for an instance that holds the lock but has not recorded its
 # namespaces yet (it is starting); `--reuse` waits as long as a set-up may take.
 ENTER_WAIT = 10.0
 REUSE_WAIT = 60.0
 _POLL = 0.005
-
-
-def record_namespaces(pid: int) -> str | None:
-    """The text of STATE/namespaces for the instance whose child is `pid`: its
-    namespaces that differ from ours (those the instance created), as `KIND DEV INO`
-    lines. None if the child is already gone (a command that ended at once)."""
-    lines = []
-    for kind in KINDS:
-        try:
-            theirs = os.stat(f"/proc/{pid}/ns/{kind}")
-            mine = os.stat(f"/proc/self/ns/{kind}")
-        except FileNotFoundError:
-            if os.path.exists(f"/proc/self/ns/{kind}"):
-                return None  # the child has exited: nothing to join
-            continue  # a namespace kind this kernel does not have
-        if (theirs.st_dev, theirs.st_ino) != (mine.st_dev, mine.st_ino):
-            lines.append(f"{kind} {theirs.st_dev} {theirs.st_ino}\n")
-    return "".join(lines)
 
 
 # -- finding the instance ---------------------------------------------------------------
@@ -82,19 +61,11 @@ def _read_record(dir_fd: int, path: str) -> dict[str, tuple[int, int]] | None:
         text = ""  # not ours: refused below
     if text is None:
         return None
-    record = {}
     try:
-        for line in text.splitlines():
-            kind, dev, ino = line.split()
-            if kind not in KINDS:
-                raise ValueError(kind)
-            record[kind] = (int(dev), int(ino))
+        return parse_namespaces(text)
     except ValueError:
-        record = {}
-    if "user" not in record:
         raise EnterError(f"{path}/{NAMESPACES} is not a namespace record of rootless-run: "
-                         f"restart the instance")
-    return record
+                         f"restart the instance") from None
 
 
 def _read_pid(dir_fd: int, path: str) -> int:
@@ -114,7 +85,7 @@ def _open_namespaces(dir_fd: int, path: str, record: dict) -> list[tuple[str, in
     pid = _read_pid(dir_fd, path)
     opened: list[tuple[str, int]] = []
     try:
-        for kind in KINDS:
+        for kind in NAMESPACE_KINDS:
             if kind not in record:
                 continue
             try:

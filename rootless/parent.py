@@ -15,11 +15,10 @@ from ._process import (END_OF_SET_UP, FORWARDED_SIGNALS, KILL_TREE, exit_code, f
 from ._supervise import Component, supervise
 from .config import Config
 from .drivers import network, port
-from .enter import record_namespaces
 from .errors import ChildSetupError, ProtocolError, RootlessError, StateDirError
 from .idmap import write_maps
 from ._framing import Channel
-from .statedir import NAMESPACES, StateDir
+from .statedir import NAMESPACES, StateDir, record_namespaces
 from .subid import current_user, lookup
 
 # Set-up in the child takes milliseconds (pyroute2's import is the slowest part);
@@ -214,10 +213,10 @@ class Child:
 
 
 def run(config: Config) -> int:
-    auto_choice = ""
-    if config.net == "auto":
+    net_was_auto = config.net == "auto"
+    if net_was_auto:
         name, why = network.choose_auto(config)
-        auto_choice = f"--net=auto: using {name} ({why}; choose with --net=...)"
+        _log.debug(f"--net=auto: using {name} ({why}; choose with --net=...)")
         config = config.replace(net=name)
     if config.port_driver == "auto":
         config = config.replace(port_driver=_auto_port_driver(config))
@@ -230,7 +229,7 @@ def run(config: Config) -> int:
     subids = lookup(user, uid, config.subid_source)
     if _runs_dockerd(config):
         from ._docker import preflight
-        preflight(config, subids, net_was_auto=bool(auto_choice))
+        preflight(config, subids, net_was_auto=net_was_auto)
     notifier = _systemd_setup(config)
     if config.evacuate_cgroup2:
         from .cgroup import evacuate
@@ -249,8 +248,6 @@ def run(config: Config) -> int:
             except RootlessError:
                 state.raise_if_removed()
                 raise
-            if auto_choice:
-                _log.info(auto_choice)  # once it works: a failed run prints only its error
             from ._services import Services  # threading: not before the command runs
 
             services = Services(config, state, anchor, info, ports, listeners)

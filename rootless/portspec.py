@@ -21,7 +21,7 @@ import re
 import msgspec
 
 from ._log import printable
-from .api.models import PortSpec
+from .ports import PortSpec
 from .errors import PortSpecError
 
 PROTOS = ("tcp", "tcp4", "tcp6", "udp", "udp4", "udp6", "sctp", "sctp4", "sctp6")

@@ -30,8 +30,13 @@ from ._safewalk import PATH_FLAGS, check_changeable, describe, walk
 from .errors import StateDirError, StateDirLocked, StateDirMissing
 
 # The namespaces the instance created, as `KIND DEV INO` lines, written once the
-# command runs (see enter.py): joiners wait for it and check child_pid against it.
+# command runs (record_namespaces): joiners (enter.py) wait for it and check
+# child_pid against it.
 NAMESPACES = "namespaces"
+# The kinds it may name, in the order a joiner joins them: the user namespace first
+# (joining it gives the capabilities the others ask for), the mount namespace last
+# (it resets the joiner's root and cwd).
+NAMESPACE_KINDS = ("user", "cgroup", "ipc", "uts", "net", "pid", "mnt")
 
 # The unix sockets a run binds in the dir (the API's, slirp4netns' API): their paths
 # must fit in sun_path.
@@ -53,6 +58,39 @@ _READ_LIMIT = 4096  # bytes: what child_pid or namespaces can hold
 # The temp state dirs this process has open: removed at exit, so no message should
 # name a file in them (see removed_at_exit).
 _temporary: set[str] = set()
+
+
+def record_namespaces(pid: int) -> str | None:
+    """The text of STATE/namespaces for the instance whose child is `pid`: its
+    namespaces that differ from ours (those the instance created), as `KIND DEV INO`
+    lines. None if the child is already gone (a command that ended at once)."""
+    lines = []
+    for kind in NAMESPACE_KINDS:
+        try:
+            theirs = os.stat(f"/proc/{pid}/ns/{kind}")
+            mine = os.stat(f"/proc/self/ns/{kind}")
+        except FileNotFoundError:
+            if os.path.exists(f"/proc/self/ns/{kind}"):
+                return None  # the child has exited: nothing to join
+            continue  # a namespace kind this kernel does not have
+        if (theirs.st_dev, theirs.st_ino) != (mine.st_dev, mine.st_ino):
+            lines.append(f"{kind} {theirs.st_dev} {theirs.st_ino}\n")
+    return "".join(lines)
+
+
+def parse_namespaces(text: str) -> dict[str, tuple[int, int]]:
+    """STATE/namespaces as written by record_namespaces: kind -> (dev, ino).
+    ValueError if it is not such a record (a line that is not `KIND DEV INO` of a
+    known kind, or no user namespace, which every instance creates)."""
+    record = {}
+    for line in text.splitlines():
+        kind, dev, ino = line.split()
+        if kind not in NAMESPACE_KINDS:
+            raise ValueError(f"unknown namespace kind {kind!r}")
+        record[kind] = (int(dev), int(ino))
+    if "user" not in record:
+        raise ValueError("no user namespace")
+    return record
 
 
 class StateDir:

@@ -243,13 +243,16 @@ def _read(path: str) -> str:
         return ""
 
 
-def add_command(user: str, uids: bool = True, gids: bool = True) -> str:
-    """What to run, as root, to give `user` the subordinate ids it lacks."""
+def add_command(user: str, uids: bool = True, gids: bool = True, fenced: bool = False) -> str:
+    """What to run, as root, to give `user` the subordinate ids it lacks. `fenced`: the
+    command in backticks, for a message where a sentence follows it."""
     free = first_free_range(_read(SUBUID_FILE), _read(SUBGID_FILE), _read(LOGIN_DEFS))
     ids = f"{free.start}-{free.start + free.count - 1}" if free else "FIRST-LAST"
     options = [f"--add-sub{kind}s {ids}" for kind, wanted in (("uid", uids), ("gid", gids))
                if wanted]
     command = f"usermod {' '.join(options)} {user}"
+    if fenced:
+        command = f"`{command}`"
     if free is None:
         return (f"as root, run {command} with a range free in {SUBUID_FILE} and "
                 f"{SUBGID_FILE}")

@@ -188,14 +188,6 @@ def wait_for_api(proc: subprocess.Popen, state_dir: str, timeout: float = 20) ->
     return sock
 
 
-AUTO_INFO = "info: --net=auto: using "
-
-
-def diagnostics(stderr: str) -> list[str]:
-    """stderr lines, less the one info line a default (--net=auto) run prints."""
-    return [line for line in stderr.splitlines() if AUTO_INFO not in line]
-
-
 @pytest.fixture(scope="session")
 def user() -> User:
     return User(TEST_USER)

@@ -74,6 +74,27 @@ def test_docker_rootlesskit_script(user):
     assert r.stdout.startswith("Usage: docker-rootlesskit ")
 
 
+@pytest.mark.parametrize("program", ["rootless-run", "rootlesskit"])
+def test_help_shows_defaults_as_typed(user, rootless_run, rootlesskit_link, program):
+    """Every "(default: X)" of --help is what the user types (true, not True; each
+    --copy-up on its own, not a Python tuple), and typing it changes nothing."""
+    from rootless.cli import build_config
+
+    r = user.run([rootless_run if program == "rootless-run" else rootlesskit_link, "--help"])
+    assert r.returncode == 0, r.stderr
+    shown = re.findall(r"^  (?:-\w, )?(--[\w-]+).*\n {6}.*\(default: (.*)\)$", r.stdout, re.M)
+    assert len(shown) >= 10, r.stdout
+    if program == "rootless-run":
+        assert ("--disable-host-loopback", "true") in shown
+        assert ("--copy-up", "--copy-up=/etc --copy-up=/run") in shown
+    command = ["--", "true"]
+    unflagged = repr(build_config(program, command))
+    for flag, default in shown:
+        assert not re.search(r"True|False|[()'\[\]]", default), (flag, default)
+        typed = default.split() if default.startswith("-") else [f"{flag}={default}"]
+        assert repr(build_config(program, typed + command)) == unflagged, (flag, default)
+
+
 # -- import hygiene -------------------------------------------------------------------
 
 @pytest.mark.parametrize("modules,absent", [
@@ -115,10 +136,25 @@ BAD_INPUT = [  # (arguments, what the error line must name)
     (["-p", "127.0.0.1:99999:80/tcp"], ["99999"]),
     (["--mtu=99999"], ["--mtu=99999"]),
     (["--propagation=bogus"], ["--propagation=bogus", "rslave"]),
+    # every driver the flag takes, auto included
+    (["--net=bogus"], ["--net=bogus", "auto, host, none, slirp4netns, pasta, lxc-user-nic"]),
+    (["--port-driver=bogus"],
+     ["--port-driver=bogus", "auto, none, builtin, slirp4netns, implicit"]),
     (["--state-dir=/root/x"], ["/root/x"]),
     (["--reaper=true"], ["--reaper=true", "--pidns"]),
     (["--evacuate-cgroup2=x"], ["--evacuate-cgroup2", "--pidns", "--cgroupns"]),
 ]
+
+
+def _choice_flags() -> list:
+    from rootless._flags import FLAGS
+    return [pytest.param(f.names[-1], f.choices, id=f.names[-1]) for f in FLAGS if f.choices]
+
+
+@pytest.mark.parametrize("flag,choices", _choice_flags())
+def test_a_bad_choice_lists_every_choice(user, rootless_run, flag, choices):
+    r = user.run([rootless_run, f"{flag}=bogus", "--", "echo", "ran"])
+    assert_one_line_error(r, f"{flag}=bogus", ", ".join(choices))
 
 
 @pytest.mark.parametrize("args,needles", [pytest.param(a, n, id=" ".join(a)) for a, n in BAD_INPUT])

@@ -208,7 +208,8 @@ def test_bad_id(user, server, ident):
 
 def test_client(server):
     from rootless.api.client import Client
-    from rootless.api.models import Info, PortStatus
+    from rootless.api.models import Info
+    from rootless.ports import PortStatus
     from rootless.errors import ApiError, ApiUnreachable
     from rootless.portspec import parse
 

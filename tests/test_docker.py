@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import VENV_BIN, diagnostics
+from conftest import VENV_BIN
 from conftest import free_port
 from test_ports_hardening import netns  # noqa: F401
 from test_subid import _assert_free
@@ -194,7 +194,7 @@ def test_rootless_run_dockerd(user, docker_home, spawned, image_tar, state_dir, 
     code, err = d.stop()
     assert code == 0, err[-3000:]
     assert "Daemon shutdown complete" in err
-    assert [l for l in diagnostics(err) if l.startswith("rootless-run")] == []
+    assert [l for l in err.splitlines() if l.startswith("rootless-run")] == []
 
     again = start(user, docker_home, spawned, ["rootless-run", f"--state-dir={state_dir}",
                                                "--", "dockerd"])
@@ -234,7 +234,7 @@ def test_port_published_on_ipv6_too(user, docker_home, spawned, image_tar, state
     assert r.stdout.startswith("web Up"), r.stdout
     code, err = d.stop()
     assert code == 0, err[-3000:]
-    assert [l for l in diagnostics(err) if l.startswith("rootless-run")] == []
+    assert [l for l in err.splitlines() if l.startswith("rootless-run")] == []
 
 
 # -- preflight: what is missing is said before anything starts ------------------------
@@ -242,7 +242,7 @@ def test_port_published_on_ipv6_too(user, docker_home, spawned, image_tar, state
 def _preflight(user, env, *args) -> str:
     r = user.run(["rootless-run", *args], env=env, timeout=20)
     assert r.returncode == 1, r
-    lines = diagnostics(r.stderr)
+    lines = r.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert lines[0].startswith("rootless-run: error: dockerd cannot run rootless here")
     return lines[0]
@@ -256,15 +256,63 @@ def test_dockerd_preflight(user, docker_home, args, needle):
     assert needle in _preflight(user, docker_home, *args)
 
 
+def sentences(line: str) -> list[str]:
+    """The sentences after "dockerd cannot run rootless here. " (none of ours has a
+    full stop followed by a space inside it)."""
+    head = "rootless-run: error: dockerd cannot run rootless here. "
+    assert line.startswith(head) and line.endswith("."), line
+    return [s + "." for s in line[len(head):-1].split(". ")]
+
+
 def test_dockerd_preflight_path_without_sbin(user, docker_home):
     env = {**docker_home, "PATH": f"{VENV_BIN}:/usr/bin:/bin"}
     line = _preflight(user, env, "--", "/usr/sbin/dockerd")
-    assert "iptables" in line and "/usr/sbin, which is not in PATH" in line
+    assert sentences(line) == [
+        "iptables, which dockerd needs for its NAT and port rules, is in /usr/sbin, a "
+        "directory not in PATH: run `export PATH=$PATH:/usr/sbin:/sbin`."]
+
+
+def test_dockerd_preflight_one_sentence_per_missing_thing(user, docker_home):
+    """Everything missing at once: each is its own sentence, with what dockerd needs it
+    for and the fix."""
+    env = {**docker_home, "PATH": f"{VENV_BIN}:/usr/bin:/bin", "XDG_RUNTIME_DIR": "",
+           "HOME": "/nonexistent"}
+    line = _preflight(user, env, "--net=host", "--copy-up=/etc", "--", "/usr/sbin/dockerd")
+    assert sentences(line) == [
+        "--net=host leaves dockerd no network namespace to make its bridge and iptables "
+        "rules in: drop --net=host (rootless-run then picks slirp4netns or pasta).",
+        "/run is not writable in the namespace, and dockerd creates /run/docker there: add "
+        "--copy-up=/run.",
+        "iptables, which dockerd needs for its NAT and port rules, is in /usr/sbin, a "
+        "directory not in PATH: run `export PATH=$PATH:/usr/sbin:/sbin`.",
+        "XDG_RUNTIME_DIR is not set, and dockerd puts docker.sock there: log in through a "
+        "session that sets it, or export XDG_RUNTIME_DIR to a private dir of yours.",
+        "HOME=/nonexistent does not exist, and dockerd keeps its data in "
+        "~/.local/share/docker: export HOME to your home directory."]
+
+
+def test_dockerd_preflight_tool_not_found(user, docker_home):
+    """A tool in no directory of PATH, nor in the sbin dirs: install it, or add its dir."""
+    fakebin = tempfile.mkdtemp(prefix="rlt-fakebin-")
+    try:
+        os.chmod(fakebin, 0o755)
+        for tool in ("setpriv", "newuidmap", "newgidmap", "getsubids", "slirp4netns"):
+            os.symlink(shutil.which(tool), os.path.join(fakebin, tool))
+        env = {**docker_home, "PATH": f"{VENV_BIN}:{fakebin}:/usr/sbin"}
+        line = _preflight(user, env, "--", "/usr/sbin/dockerd")
+    finally:
+        shutil.rmtree(fakebin)
+    assert sentences(line) == [
+        "rootlesskit-docker-proxy, which publishes the containers' ports through our API, "
+        "is not in PATH: as root, run `apt-get install rootlesskit`, or add its directory "
+        "to PATH."]
 
 
 def test_dockerd_preflight_without_subids(nosub_user, docker_home):
     line = _preflight(nosub_user, {"PATH": docker_home["PATH"]}, "--", "dockerd")
-    found = re.search(r"as root, run: usermod --add-subuids (\d+)-(\d+) "
-                      r"--add-subgids \1-\2 (\S+)", line)
-    assert found and found[3] == nosub_user.name, line
-    _assert_free(int(found[1]), int(found[2]))  # not a range another user has
+    [sentence] = sentences(line)
+    found = re.fullmatch(r"(\S+) has no subordinate uids and gids, which the images' files "
+                         r"need \(they have many owners\): as root, run: `usermod "
+                         r"--add-subuids (\d+)-(\d+) --add-subgids \2-\3 (\S+)`\.", sentence)
+    assert found and found[1] == found[4] == nosub_user.name, line
+    _assert_free(int(found[2]), int(found[3]))  # not a range another user has

@@ -1,5 +1,6 @@
-"""Third-party network drivers: one module, registered through the
-`rootless.network_drivers` entry-point group, selected with --net=NAME."""
+"""Third-party drivers: one module, registered through the `rootless.network_drivers`
+(or `rootless.port_drivers`) entry-point group, selected with --net=NAME (or
+--port-driver=NAME)."""
 import os
 import shutil
 import textwrap
@@ -7,12 +8,12 @@ import uuid
 
 import pytest
 
-from conftest import diagnostics
 
 DRIVER = '''
 import os
 
 from rootless.drivers.network.none import NoneDriver
+from rootless.drivers.port.none import NoPortDriver
 
 
 class MarkerDriver(NoneDriver):
@@ -25,6 +26,17 @@ class MarkerDriver(NoneDriver):
         NoneDriver.configure_child(info)
         with open(os.environ["MARKER_FILE"], "w") as f:
             f.write(str(os.getuid()))
+
+
+class MarkerPortDriver(NoPortDriver):
+    """As none, and a marker file proving its child side ran in the child."""
+
+    name = "marker-ports"
+
+    @staticmethod
+    def start_child(config, state_dir, netns):
+        with open(os.environ["MARKER_FILE"], "w") as f:
+            f.write(f"ports {os.getuid()}")
 '''
 
 
@@ -41,6 +53,8 @@ def plugin_dir(user):
         f.write(textwrap.dedent("""\
             [rootless.network_drivers]
             marker = rlt_marker_driver:MarkerDriver
+            [rootless.port_drivers]
+            marker-ports = rlt_marker_driver:MarkerPortDriver
             """))
     os.system(f"chmod -R a+rX {path}")
     yield path
@@ -54,7 +68,7 @@ def test_entry_point_driver_is_used(user, rootless_run, plugin_dir):
                      env={"PYTHONPATH": plugin_dir, "MARKER_FILE": marker})
         assert r.returncode == 0, r.stderr
         assert int(r.stdout, 16) & 1, "lo is not up"  # IFF_UP
-        assert diagnostics(r.stderr) == []
+        assert r.stderr == ""
         with open(marker) as f:
             assert f.read() == "0"  # written inside the namespace, as its root
     finally:
@@ -62,10 +76,30 @@ def test_entry_point_driver_is_used(user, rootless_run, plugin_dir):
             os.unlink(marker)
 
 
-def test_unknown_driver_names_the_choices(user, rootless_run, plugin_dir):
-    r = user.run([rootless_run, "--net=nosuch", "--", "true"],
+def test_entry_point_port_driver_is_used(user, rootless_run, plugin_dir):
+    """--port-driver takes a plugin's name too (it used to refuse any name but ours)."""
+    marker = f"/tmp/rlt-marker-{uuid.uuid4().hex[:8]}"
+    try:
+        r = user.run([rootless_run, "--net=none", "--port-driver=marker-ports", "--", "true"],
+                     env={"PYTHONPATH": plugin_dir, "MARKER_FILE": marker})
+        assert (r.returncode, r.stderr) == (0, "")
+        with open(marker) as f:
+            assert f.read() == "ports 0"  # written inside the namespace, as its root
+    finally:
+        if os.path.exists(marker):
+            os.unlink(marker)
+
+
+@pytest.mark.parametrize("flag,choices", [
+    ("--net", "auto, host, none, slirp4netns, pasta, lxc-user-nic, marker"),
+    ("--port-driver", "auto, none, builtin, slirp4netns, implicit, marker-ports"),
+])
+def test_unknown_driver_names_the_choices(user, rootless_run, plugin_dir, flag, choices):
+    """Every name the flag takes: auto, ours, and the installed plugins'."""
+    r = user.run([rootless_run, f"{flag}=nosuch", "--", "true"],
                  env={"PYTHONPATH": plugin_dir})
     assert r.returncode == 1
     lines = r.stderr.splitlines()
-    assert len(lines) == 1 and "--net=nosuch" in lines[0] and "slirp4netns" in lines[0], r.stderr
+    assert len(lines) == 1 and f"{flag}=nosuch" in lines[0], r.stderr
+    assert lines[0].endswith(f"choose one of {choices}"), r.stderr
     assert "Traceback" not in r.stderr

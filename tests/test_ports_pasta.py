@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from test_network import assert_one_line_error
-from conftest import diagnostics, free_port, wait_for_api
+from conftest import free_port, wait_for_api
 from test_ports import api, exchange, until
 
 # Echo servers in the child, on its 127.0.0.1: TCP (half-closes after EOF) and UDP.
@@ -196,11 +196,21 @@ def test_automatic_forwarding_of_a_port_bound_later(user, start, echo_py, user_t
     assert api(user, inst.sock, "DELETE", f"/v1/ports/{added['id']}")[0] == 200
     assert [p["id"] for p in json.loads(api(user, inst.sock, "GET", "/v1/ports")[1])] == \
         [added["id"] + 1]
-    # what is forwarded was said, in one line
-    assert diagnostics(stop(inst)) == [
-        "rootless-run: info: --pasta-auto-forward: pasta publishes every TCP and UDP port "
-        "the command listens on, its 127.0.0.1 services included, on all host IPv4 "
-        "addresses with the same port number, as it finds them"]
+    # asked for, so not said unless asked (--debug: test_auto_forward_is_said_under_debug)
+    assert stop(inst) == ""
+
+
+def test_auto_forward_is_said_under_debug(user, rootless_run):
+    """What --pasta-auto-forward publishes (everything, 127.0.0.1 services included) is
+    said in one line under --debug; a run without it prints nothing of ours."""
+    flags = ["--net=pasta", "--disable-host-loopback=false", "--pasta-auto-forward"]
+    quiet = user.run([rootless_run, *flags, "--", "true"])
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+    r = user.run([rootless_run, "--debug", *flags, "--", "true"])
+    assert r.returncode == 0, r.stderr
+    said = [line for line in r.stderr.splitlines() if "pasta publishes every" in line]
+    assert len(said) == 1 and ": debug: " in said[0], r.stderr
+    assert "its 127.0.0.1 services included, on all host IPv4 addresses" in said[0]
 
 
 def stop(inst) -> str:
@@ -224,7 +234,7 @@ def test_no_automatic_forwarding_unless_asked(user, start, echo_py, port_driver)
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
     driver = info(user, inst)["portDriver"]["driver"]
-    lines = diagnostics(stop(inst))
+    lines = stop(inst).splitlines()
     if port_driver == "auto":  # builtin: the API can still publish it
         assert driver == "builtin" and lines == []
     else:
@@ -239,8 +249,8 @@ def test_implicit_without_host_loopback_and_without_publish(user, start):
     assert status == 400, body
     message = json.loads(body)["message"]
     assert "--pasta-auto-forward" in message and "--port-driver=builtin" in message
-    assert diagnostics(stop(inst)) == [
-        "rootless-run: info: --port-driver=implicit: pasta forwards no port (no -p, and "
+    assert stop(inst).splitlines() == [
+        "rootless-run: warning: --port-driver=implicit: pasta forwards no port (no -p, and "
         "--pasta-auto-forward is off); publish with -p, or use --port-driver=builtin to "
         "publish through the API"]
 

@@ -4,7 +4,7 @@ import msgspec
 import pytest
 
 from rootless import portspec
-from rootless.api.models import PortSpec
+from rootless.ports import PortSpec
 from rootless.errors import PortSpecError, RootlessError, UsageError
 
 

@@ -24,7 +24,7 @@ from hypothesis import example, given, strategies as st
 
 from conftest import RUN, VENV_BIN, answers, examples, sample
 from hostile import any_text, pieces
-from rootless.api.models import PortSpec
+from rootless.ports import PortSpec
 from test_properties_portspec import (BIND_FAILURES, api_answer, argv_specs, bodies,
                                       ctl_specs, outcome, stderr_line)
 

@@ -28,6 +28,7 @@ from rootless.config import Config
 from rootless.drivers.port._relay import _pipe_share
 from rootless.drivers.port.base import unprivileged_port_start
 from rootless.errors import EnterError, RootlessError
+from rootless.statedir import NAMESPACE_KINDS
 
 CTL = os.path.join(VENV_BIN, "rootless-ctl")
 
@@ -242,10 +243,10 @@ def test_sysctl_readers_answer_whatever_they_read(scratch, content):
 
 # -- the state dir's files, as a joiner reads them ---------------------------------------
 
-_MINE = {kind: os.stat(f"/proc/self/ns/{kind}") for kind in enter.KINDS}
+_MINE = {kind: os.stat(f"/proc/self/ns/{kind}") for kind in NAMESPACE_KINDS}
 _record_line = st.one_of(
     st.sampled_from([f"{k} {s.st_dev} {s.st_ino}" for k, s in _MINE.items()]),
-    st.builds("{} {} {}".format, st.sampled_from(list(enter.KINDS) + ["net6", "USER", ""]),
+    st.builds("{} {} {}".format, st.sampled_from(list(NAMESPACE_KINDS) + ["net6", "USER", ""]),
               st.sampled_from(NUMBERS), st.sampled_from(NUMBERS)),
     mangled(st.just("user 4 4026531837")), pieces())
 records = st.one_of(st.lists(_record_line, max_size=8).map("\n".join).map(

@@ -22,12 +22,13 @@ from hypothesis import example, given, strategies as st
 from conftest import RUN, examples, sample
 from hostile import any_text, argv_able, joined, mangled, pieces
 from rootless import cli, ctl, portspec
-from rootless.api.models import ErrorBody, PortSpec
+from rootless.api.models import ErrorBody
 from rootless.api.router import Router
 from rootless.drivers.port.builtin import BuiltinPortDriver
 from rootless.drivers.port.implicit import initial_specs as pasta_specs
 from rootless.drivers.port.slirp4netns import Slirp4netnsPortDriver
 from rootless.errors import PortSpecError, UsageError
+from rootless.ports import PortSpec
 
 # -- strategies -------------------------------------------------------------------------
 

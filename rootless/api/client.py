@@ -10,7 +10,8 @@ import stat
 import msgspec
 
 from ..errors import ApiError, ApiUnreachable
-from .models import ErrorBody, Info, PortSpec, PortStatus
+from ..ports import PortSpec, PortStatus
+from .models import ErrorBody, Info
 
 DEFAULT_TIMEOUT = 30.0  # seconds; adding a port may wait for the child's side
 

@@ -1,20 +1,7 @@
 """API bodies, with rootlesskit's JSON field names. Empty optional fields are omitted,
-as rootlesskit's Go structs do with omitempty."""
+as rootlesskit's Go structs do with omitempty. The ports' bodies are the port model's
+own (rootless.ports: PortSpec, PortStatus), served as they are."""
 import msgspec
-
-
-class PortSpec(msgspec.Struct, omit_defaults=True, frozen=True, kw_only=True):
-    # kw_only: fields in rootlesskit's order, optional ones among them.
-    proto: str
-    parentIP: str = ""
-    parentPort: int = 0  # rootlessctl omits 0 (Go omitempty): "pick a free port"
-    childIP: str = ""
-    childPort: int
-
-
-class PortStatus(msgspec.Struct, omit_defaults=True):
-    id: int
-    spec: PortSpec
 
 
 class NetworkDriverInfo(msgspec.Struct, omit_defaults=True):

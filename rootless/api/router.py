@@ -7,14 +7,16 @@ is not the canonical form (`//v1/info`, a trailing `/`) is a 404 (rootlesskit
 redirects some of those; a redirect would help no API client). HEAD is not served
 (405, as rootlesskit).
 
-The port operations are delegated to a PortManager (the port driver's parent side),
-whose errors carry their HTTP status."""
+The port operations are delegated to a PortManager (the port driver's parent side);
+its errors (rootless.ports) are mapped here to HTTP statuses."""
 from urllib.parse import unquote
 
 import msgspec
 
 from ..errors import CAPACITY_ERRNOS, RootlessError
-from .models import ErrorBody, PortSpec
+from ..ports import (PortConflict, PortError, PortHelperFailed, PortNotFound, PortRequestInvalid,
+                     PortSpec, PortsUnavailable)
+from .models import ErrorBody
 
 _json = msgspec.json.Encoder()
 _spec_decoder = msgspec.json.Decoder(PortSpec)
@@ -24,12 +26,22 @@ _METHODS = {INFO: ("GET",), PORTS: ("GET", "POST"), PORT: ("DELETE",)}
 _ID_MAX = 2**63 - 1  # rootlesskit's port ids are Go ints
 
 
+# The port side's errors as HTTP statuses: the first class of an error's MRO found here.
+PORT_ERROR_STATUS = {PortRequestInvalid: 400, PortNotFound: 404, PortConflict: 409,
+                     PortHelperFailed: 502, PortsUnavailable: 503, PortError: 500}
+
+
 class ApiFailure(RootlessError):
-    """An error with the HTTP status to answer with."""
+    """A request the router itself refuses (a bad port id, a body that is no port spec),
+    with the HTTP status to answer with."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
+
+
+def port_error_status(exc: PortError) -> int:
+    return next(PORT_ERROR_STATUS[cls] for cls in type(exc).__mro__ if cls in PORT_ERROR_STATUS)
 
 
 def error(status: int, message: str) -> tuple[int, bytes]:
@@ -87,6 +99,8 @@ class Router:
             return await self._call(name, method, ident, body)
         except ApiFailure as exc:
             return error(exc.status, str(exc))
+        except PortError as exc:
+            return error(port_error_status(exc), str(exc))
         except RootlessError as exc:  # bad input found by the shared parsers/validators
             return error(400, str(exc))
         except OSError as exc:

@@ -6,11 +6,14 @@ from ..errors import NotSupportedYet, UsageError
 
 class Registry:
     def __init__(self, flag: str, entry_point_group: str, builtin: dict[str, str],
-                 planned: dict[str, str] | None = None):
+                 planned: dict[str, str] | None = None, chosen_by_us: tuple[str, ...] = ()):
         self.flag = flag
         self.group = entry_point_group
         self.builtin = builtin    # name -> "module:Class"
         self.planned = planned or {}   # name -> why it is not available (yet)
+        # Names the flag takes that the parent turns into a driver's name before it asks
+        # the registry ("auto"): valid choices, listed with the others.
+        self.chosen_by_us = chosen_by_us
 
     def get(self, name: str):
         target = self.builtin.get(name)
@@ -20,9 +23,15 @@ class Registry:
             if name in self.planned:
                 raise NotSupportedYet(f"{self.flag}={name} {self.planned[name]}")
             raise UsageError(f"{self.flag}={name}: no such driver; choose one of "
-                             f"{', '.join(sorted(self.builtin))}")
+                             f"{', '.join(self.choices())}")
         module, _, cls = target.partition(":")
         return getattr(importlib.import_module(module), cls)
+
+    def choices(self) -> list[str]:
+        """Every name the flag takes: ours, then those of installed plugins."""
+        from importlib.metadata import entry_points
+        plugins = sorted({ep.name for ep in entry_points(group=self.group)} - set(self.builtin))
+        return [*self.chosen_by_us, *self.builtin, *plugins]
 
     def _from_entry_points(self, name: str) -> str | None:
         # importlib.metadata is slow to import: consulted only for unknown names.

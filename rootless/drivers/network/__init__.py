@@ -22,6 +22,7 @@ registry = Registry(
         "gvisor-tap-vsock": "is not available: it is a Go library built into rootlesskit, not "
                             "a program rootless-run can start; " + _INSTEAD,
     },
+    chosen_by_us=("auto",),  # choose_auto
 )
 
 

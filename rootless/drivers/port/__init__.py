@@ -1,4 +1,5 @@
-"""Port drivers: how published ports reach the child."""
+"""Port drivers: how published ports reach the child. One module a driver; third
+parties register theirs in the `rootless.port_drivers` entry-point group."""
 from .._registry import Registry
 from .base import PortDriver
 
@@ -8,6 +9,7 @@ registry = Registry(
              "builtin": "rootless.drivers.port.builtin:BuiltinPortDriver",
              "slirp4netns": "rootless.drivers.port.slirp4netns:Slirp4netnsPortDriver",
              "implicit": "rootless.drivers.port.implicit:ImplicitPortDriver"},
+    chosen_by_us=("auto",),  # parent._auto_port_driver
 )
 
 

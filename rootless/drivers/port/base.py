@@ -16,22 +16,27 @@ FAMILY = {"tcp": "tcp", "tcp4": "tcp", "tcp6": "tcp", "udp": "udp", "udp4": "udp
           "udp6": "udp", "sctp": "sctp", "sctp4": "sctp", "sctp6": "sctp"}
 
 
-def bind_failure(exc: OSError, proto: str, ip: str, port: int) -> tuple[int, str]:
-    """Why the host's `ip`:`port` cannot be bound, and the fix: (the API's HTTP
-    status, the message). Every driver that binds on the host says it the same way."""
+def bind_failure(exc: OSError, proto: str, ip: str, port: int):
+    """Why the host's `ip`:`port` cannot be bound, and the fix, as a ports.PortError
+    (its message alone for a -p). Every driver that binds on the host says it the same
+    way."""
+    from ...ports import PortConflict, PortRequestInvalid, PortsUnavailable
+
     where = f"{f'[{ip}]' if ':' in ip else ip}:{port}/{proto}"
     if exc.errno == errno.EADDRINUSE:
-        return 409, (f"{where} is in use on the host: pick another parent port, or 0 for "
-                     f"a free one")
+        return PortConflict(f"{where} is in use on the host: pick another parent port, or "
+                            f"0 for a free one")
     if exc.errno == errno.EADDRNOTAVAIL:
-        return 400, (f"{ip} is not an address of this host: use 127.0.0.1, 0.0.0.0 or "
-                     f"one of the host's addresses")
-    if exc.errno in CAPACITY_ERRNOS:  # a 503: the same request may do later
-        return 503, f"cannot listen on {where} for now ({exc.strerror}): try again later"
+        return PortRequestInvalid(f"{ip} is not an address of this host: use 127.0.0.1, "
+                                  f"0.0.0.0 or one of the host's addresses")
+    if exc.errno in CAPACITY_ERRNOS:  # the same request may do later
+        return PortsUnavailable(f"cannot listen on {where} for now ({exc.strerror}): try "
+                                f"again later")
     if exc.errno == errno.EACCES:
-        return 400, (f"port {port} is privileged on this host: use a port from "
-                     f"{unprivileged_port_start()} up (net.ipv4.ip_unprivileged_port_start)")
-    return 400, f"cannot listen on {where}: {exc.strerror}"
+        return PortRequestInvalid(f"port {port} is privileged on this host: use a port from "
+                                  f"{unprivileged_port_start()} up "
+                                  f"(net.ipv4.ip_unprivileged_port_start)")
+    return PortRequestInvalid(f"cannot listen on {where}: {exc.strerror}")
 
 
 def unprivileged_port_start(
@@ -53,7 +58,7 @@ class PortDriver:
 
     def __init__(self, config: Config):
         self.config = config
-        self._ports: dict[int, tuple] = {}  # id -> (PortStatus, closer)
+        self._ports: dict[int, tuple] = {}  # id -> (ports.PortStatus, closer)
         self._next_id = 1
 
     def preflight(self) -> None:
@@ -108,24 +113,23 @@ class PortDriver:
         return [status for status, _ in self._ports.values()]
 
     async def add(self, spec):
-        from ...api.router import ApiFailure
-        from ...api.models import PortStatus
         from ...portspec import validate
+        from ...ports import PortConflict, PortRequestInvalid, PortStatus
 
         spec = validate(spec)
         if not self.protos:
-            raise ApiFailure(400, f"the {self.name} port driver cannot publish ports: start "
-                             f"with --port-driver=builtin")
+            raise PortRequestInvalid(f"the {self.name} port driver cannot publish ports: "
+                                     f"start with --port-driver=builtin")
         if spec.proto not in self.protos:
-            raise ApiFailure(400, f"protocol {spec.proto} is not supported by the "
-                             f"{self.name} port driver (it supports "
-                             f"{', '.join(self.protos) or 'none'})")
+            raise PortRequestInvalid(f"protocol {spec.proto} is not supported by the "
+                                     f"{self.name} port driver (it supports "
+                                     f"{', '.join(self.protos) or 'none'})")
         for status, _ in self._ports.values():
             other = status.spec
             if (FAMILY[other.proto] == FAMILY[spec.proto] and other.parentIP == spec.parentIP
                     and other.parentPort == spec.parentPort and spec.parentPort != 0):
-                raise ApiFailure(409, f"{spec.proto} {spec.parentIP}:{spec.parentPort} is "
-                                 f"already published (id {status.id})")
+                raise PortConflict(f"{spec.proto} {spec.parentIP}:{spec.parentPort} is "
+                                   f"already published (id {status.id})")
         spec, closer = await self._expose(spec)
         status = PortStatus(id=self._next_id, spec=spec)
         self._ports[status.id] = (status, closer)
@@ -133,10 +137,10 @@ class PortDriver:
         return status
 
     async def remove(self, ident: int) -> None:
-        from ...api.router import ApiFailure
+        from ...ports import PortNotFound
 
         if ident not in self._ports:
-            raise ApiFailure(404, f"unknown port id {ident}")
+            raise PortNotFound(f"unknown port id {ident}")
         _, closer = self._ports.pop(ident)
         await closer()  # returns once the port is closed: a client then finds it so
 

@@ -80,7 +80,7 @@ class BuiltinPortDriver(PortDriver):
                          or spec.parentIP in wildcards)):
                 return (f"{family} port {spec.parentPort} is already published by "
                         f"-p {text(other)}: publish each port once")
-        return bind_failure(exc, spec.proto, spec.parentIP or "0.0.0.0", spec.parentPort)[1]
+        return str(bind_failure(exc, spec.proto, spec.parentIP or "0.0.0.0", spec.parentPort))
 
     def close_early(self) -> None:
         for _, sock in self._early:
@@ -117,7 +117,7 @@ class BuiltinPortDriver(PortDriver):
     async def _expose(self, spec):
         import msgspec
         import trio
-        from ...api.router import ApiFailure
+        from ...ports import PortsUnavailable
 
         udp = spec.proto.startswith("udp")
         sock = self._take_early(spec)
@@ -125,8 +125,8 @@ class BuiltinPortDriver(PortDriver):
             try:
                 sock = _bind(spec)
             except OSError as exc:
-                raise ApiFailure(*bind_failure(exc, spec.proto, spec.parentIP or "0.0.0.0",
-                                               spec.parentPort)) from None
+                raise bind_failure(exc, spec.proto, spec.parentIP or "0.0.0.0",
+                                   spec.parentPort) from None
         if spec.parentPort == 0:
             spec = msgspec.structs.replace(spec, parentPort=sock.getsockname()[1])
         if udp:
@@ -135,8 +135,8 @@ class BuiltinPortDriver(PortDriver):
                 await self._add_udp_rule(spec.childPort)
             except _socket_factory.FactoryGone:
                 sock.close()  # the run is ending: no port to add
-                raise ApiFailure(503, "the socket factory is gone (the run is ending): "
-                                      "no port can be added") from None
+                raise PortsUnavailable("the socket factory is gone (the run is ending): "
+                                       "no port can be added") from None
             serve = UdpPort(self.factory, sock, spec.childIP or "127.0.0.1", spec.childPort,
                             self.factory.transparent).serve
         else:

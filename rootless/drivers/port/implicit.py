@@ -18,7 +18,7 @@ What Debian 12's pasta (passt 2023-03) can do, probed, not assumed:
 
 Automatic forwarding publishes whatever the command listens on, its 127.0.0.1-only
 services included, to every host address: it is never implied (rootlesskit never
-does it), only asked for with our --pasta-auto-forward, and said in one line.
+does it), only asked for with our --pasta-auto-forward (and said under --debug).
 
 The namespace end is pasta's to choose: its loopback for clients on the host's
 loopback, its interface address for other clients.
@@ -151,23 +151,25 @@ class ImplicitPortDriver(PortDriver):
         self._say_what_is_forwarded()
 
     def _say_what_is_forwarded(self) -> None:
-        """One line when what pasta forwards may surprise: everything, or nothing."""
+        """One line when what pasta forwards may surprise: everything (asked for with
+        --pasta-auto-forward: said under --debug), or nothing (said always: it asks the
+        user to publish something, or to use another port driver)."""
         if self.mode == AUTO:
             where = "all host addresses" if self.config.ipv6 else "all host IPv4 addresses"
-            _log.info(f"--pasta-auto-forward: pasta publishes every TCP and UDP port the "
-                      f"command listens on, its 127.0.0.1 services included, on {where} "
-                      f"with the same port number, as it finds them")
+            _log.debug(f"--pasta-auto-forward: pasta publishes every TCP and UDP port the "
+                       f"command listens on, its 127.0.0.1 services included, on {where} "
+                       f"with the same port number, as it finds them")
         elif self.mode == OFF:
-            _log.info("--port-driver=implicit: pasta forwards no port (no -p, and "
-                      "--pasta-auto-forward is off); publish with -p, or use "
-                      "--port-driver=builtin to publish through the API")
+            _log.warning("--port-driver=implicit: pasta forwards no port (no -p, and "
+                         "--pasta-auto-forward is off); publish with -p, or use "
+                         "--port-driver=builtin to publish through the API")
 
     def listen_early(self) -> list[int]:
         return []  # pasta forwards the -p ports itself: serve() only lists them
 
     async def serve(self, state_dir: str, *, task_status) -> None:
         import trio
-        from ...api.models import PortStatus
+        from ...ports import PortStatus
 
         # pasta forwards the -p ports since it started: listed, with nothing to close.
         for spec in self.initial:
@@ -177,50 +179,50 @@ class ImplicitPortDriver(PortDriver):
         await trio.sleep_forever()
 
     async def remove(self, ident: int) -> None:
-        from ...api.router import ApiFailure
+        from ...ports import PortRequestInvalid
 
         if self.mode == RULES and ident in self._ports:
-            raise ApiFailure(400, f"port {ident} was published with -p: pasta (2023-03) "
-                             f"cannot stop forwarding it while it runs; restart without "
-                             f"it, or use --port-driver=builtin for ports that come and go")
+            raise PortRequestInvalid(f"port {ident} was published with -p: pasta (2023-03) "
+                                     f"cannot stop forwarding it while it runs; restart without "
+                                     f"it, or use --port-driver=builtin for ports that come and go")
         await super().remove(ident)
 
     async def _expose(self, spec):
         import msgspec
-        from ...api.router import ApiFailure
+        from ...ports import PortConflict, PortRequestInvalid
 
         if self.mode == RULES:
-            raise ApiFailure(400, "pasta (2023-03) cannot add forwarding rules while it "
-                             "runs, and with -p its automatic forwarding is off: publish "
-                             "the port with -p at start, or use --port-driver=builtin")
+            raise PortRequestInvalid("pasta (2023-03) cannot add forwarding rules while it "
+                                     "runs, and with -p its automatic forwarding is off: publish "
+                                     "the port with -p at start, or use --port-driver=builtin")
         if self.mode == OFF:
-            raise ApiFailure(400, "pasta forwards no port in this run (no -p, and "
-                             "--pasta-auto-forward is off) and cannot add one while it "
-                             "runs: publish with -p at start, start with "
-                             "--pasta-auto-forward --disable-host-loopback=false, or use "
-                             "--port-driver=builtin")
+            raise PortRequestInvalid("pasta forwards no port in this run (no -p, and "
+                                     "--pasta-auto-forward is off) and cannot add one while it "
+                                     "runs: publish with -p at start, start with "
+                                     "--pasta-auto-forward --disable-host-loopback=false, or use "
+                                     "--port-driver=builtin")
         # AUTO: pasta forwards whatever the namespace binds, on the same port number and
         # on all host addresses. Adding is bookkeeping, valid only for what pasta does.
         problem = _unsupported(spec, self.config)
         if problem:
-            raise ApiFailure(400, problem)
+            raise PortRequestInvalid(problem)
         if spec.parentPort == 0:
             spec = msgspec.structs.replace(spec, parentPort=spec.childPort)
         if spec.parentPort != spec.childPort:
-            raise ApiFailure(400, f"parent port {spec.parentPort} differs from child port "
-                             f"{spec.childPort}: pasta's automatic forwarding keeps the "
-                             f"port number; use the same port (or 0), or "
-                             f"--port-driver=builtin")
+            raise PortRequestInvalid(f"parent port {spec.parentPort} differs from child port "
+                                     f"{spec.childPort}: pasta's automatic forwarding keeps the "
+                                     f"port number; use the same port (or 0), or "
+                                     f"--port-driver=builtin")
         if spec.parentIP not in ("", "0.0.0.0", "::"):
-            raise ApiFailure(400, f"parent IP {spec.parentIP}: pasta's automatic forwarding "
-                             f"listens on all host addresses, not on one; use 0.0.0.0, "
-                             f"publish with -p at start, or use --port-driver=builtin")
+            raise PortRequestInvalid(f"parent IP {spec.parentIP}: pasta's automatic forwarding "
+                                     f"listens on all host addresses, not on one; use 0.0.0.0, "
+                                     f"publish with -p at start, or use --port-driver=builtin")
         for status, _ in self._ports.values():
             other = status.spec
             if (FAMILY[other.proto] == FAMILY[spec.proto]
                     and other.parentPort == spec.parentPort):
-                raise ApiFailure(409, f"{spec.proto} port {spec.parentPort} is already "
-                                 f"published (id {status.id})")
+                raise PortConflict(f"{spec.proto} port {spec.parentPort} is already "
+                                   f"published (id {status.id})")
 
         async def forget():  # pasta stops by itself once the namespace unbinds the port
             pass

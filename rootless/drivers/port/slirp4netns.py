@@ -51,9 +51,9 @@ class Slirp4netnsPortDriver(PortDriver):
     async def serve(self, state_dir: str, *, task_status) -> None:
         import trio
 
-        from ...api.router import ApiFailure
         from ...errors import DriverError
         from ..network.slirp4netns import API_SOCKET
+        from ...ports import PortError
 
         self._api = os.path.join(state_dir, API_SOCKET)
         # One change at a time: the conflict check, the free-port probe and slirp4netns'
@@ -62,7 +62,7 @@ class Slirp4netnsPortDriver(PortDriver):
         for text, spec in self.initial:
             try:
                 await self.add(spec)
-            except ApiFailure as exc:
+            except PortError as exc:
                 raise DriverError(f"-p {text}: {exc}") from None
         task_status.started()
         await trio.sleep_forever()
@@ -78,7 +78,7 @@ class Slirp4netnsPortDriver(PortDriver):
     async def _expose(self, spec):
         import msgspec
 
-        from ...api.router import ApiFailure
+        from ...ports import PortConflict, PortError, PortHelperFailed
 
         self._check(spec, where=f"port {_text(spec)}")
         proto = FAMILY[spec.proto]
@@ -91,20 +91,20 @@ class Slirp4netnsPortDriver(PortDriver):
             "proto": proto, "host_addr": host_ip, "host_port": port,
             "guest_addr": spec.childIP or self.child_ip, "guest_port": spec.childPort})
         if "error" in reply:
-            raise ApiFailure(409, f"slirp4netns cannot forward {host_ip}:{port}/{proto}: "
-                             f"{_desc(reply)}")
+            raise PortConflict(f"slirp4netns cannot forward {host_ip}:{port}/{proto}: "
+                               f"{_desc(reply)}")
         fwd = reply.get("return", {}).get("id")
         if not isinstance(fwd, int):
-            raise ApiFailure(502, f"unexpected answer from slirp4netns to add_hostfwd: "
-                                  f"{reply!r:.200}")
+            raise PortHelperFailed(f"unexpected answer from slirp4netns to add_hostfwd: "
+                                   f"{reply!r:.200}")
         if port != spec.parentPort:
             spec = msgspec.structs.replace(spec, parentPort=port)
 
         async def close():
             reply = await self._call("remove_hostfwd", {"id": fwd})
             if "error" in reply:
-                raise ApiFailure(500, f"slirp4netns did not remove {host_ip}:{port}/{proto}"
-                                      f": {_desc(reply)}")
+                raise PortError(f"slirp4netns did not remove {host_ip}:{port}/{proto}"
+                                f": {_desc(reply)}")
         return spec, close
 
     def _check(self, spec, where: str) -> None:
@@ -142,8 +142,6 @@ class Slirp4netnsPortDriver(PortDriver):
         slirp4netns does not say. Returns the port."""
         import socket
 
-        from ...api.router import ApiFailure
-
         kind = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
         with socket.socket(socket.AF_INET, kind) as probe:
             if proto == "tcp":  # as slirp4netns does: a port in TIME_WAIT is free to it
@@ -151,18 +149,23 @@ class Slirp4netnsPortDriver(PortDriver):
             try:
                 probe.bind((ip, port))
             except OSError as exc:
-                raise ApiFailure(*self._bind_failure(exc, proto, ip, port)) from None
+                raise self._bind_failure(exc, proto, ip, port) from None
             return probe.getsockname()[1]
 
     def _bind_failure(self, exc: OSError, proto: str, ip: str, port: int):
+        """base.bind_failure, or the port of ours it overlaps (slirp4netns binds a
+        port once per protocol, whatever the address)."""
+        from ...ports import PortConflict
+
         where = f"{ip}:{port}/{proto}"
         if exc.errno == errno.EADDRINUSE:
             for status in self.list():
                 other = status.spec
                 if FAMILY[other.proto] == proto and other.parentPort == port:
-                    return 409, (f"{where} overlaps port {status.id} "
-                                 f"({other.parentIP or '0.0.0.0'}:{port}/{other.proto}): "
-                                 f"remove it first, or pick another parent port")
+                    return PortConflict(f"{where} overlaps port {status.id} "
+                                        f"({other.parentIP or '0.0.0.0'}:{port}/"
+                                        f"{other.proto}): remove it first, or pick another "
+                                        f"parent port")
         return bind_failure(exc, proto, ip, port)
 
     async def _call(self, execute: str, arguments: dict) -> dict:
@@ -172,7 +175,7 @@ class Slirp4netnsPortDriver(PortDriver):
         import msgspec
         import trio
 
-        from ...api.router import ApiFailure
+        from ...ports import PortHelperFailed, PortsUnavailable
 
         request = msgspec.json.encode({"execute": execute, "arguments": arguments})
         reply = bytearray()
@@ -190,19 +193,19 @@ class Slirp4netnsPortDriver(PortDriver):
                         if len(reply) > _MAX_REPLY:
                             raise OSError(errno.EMSGSIZE, "oversized answer")
                 except OSError as exc:
-                    raise ApiFailure(503, f"slirp4netns' API ({self._api}): "
-                                          f"{exc.strerror or exc}; is slirp4netns still "
-                                          f"running?") from None
+                    raise PortsUnavailable(f"slirp4netns' API ({self._api}): "
+                                           f"{exc.strerror or exc}; is slirp4netns still "
+                                           f"running?") from None
         if timer.cancelled_caught:
-            raise ApiFailure(503, f"slirp4netns did not answer {execute} within "
-                                  f"{_TIMEOUT:.0f} s ({self._api})")
+            raise PortsUnavailable(f"slirp4netns did not answer {execute} within "
+                                   f"{_TIMEOUT:.0f} s ({self._api})")
         try:
             answer = msgspec.json.decode(bytes(reply))
         except msgspec.DecodeError:
             answer = None
         if not isinstance(answer, dict):
-            raise ApiFailure(502, f"unexpected answer from slirp4netns to {execute}: "
-                                  f"{bytes(reply)[:200]!r}")
+            raise PortHelperFailed(f"unexpected answer from slirp4netns to {execute}: "
+                                   f"{bytes(reply)[:200]!r}")
         _log.debug(f"slirp4netns {execute} {arguments}: {answer}")
         return answer
 
