@@ -67,14 +67,13 @@ def start(conn: socket.socket, netns: str | None, transparent: bool) -> None:
 def _hello(transparent: bool) -> bytes:
     """What the factory says on connect; sets up the routing for clients' addresses
     first, when asked to. Not before the parent's first connection, which comes with
-    the first client of a port: made as the command started, pyroute2's import (0.3 s
-    of a CPU) and the routing change stalled the command's first transfers (iperf3
-    through slirp4netns lost its first 0.2-0.6 s in half the runs)."""
+    the first client of a port: a run that publishes nothing leaves the netns' routing
+    as the command found it."""
     if not transparent:
         return b"Noff\n"
     from . import _transparent
 
-    why = _in_subprocess(_transparent.set_up_routing)
+    why = _failure(_transparent.set_up_routing)
     if why:
         from ... import _log
 
@@ -84,49 +83,24 @@ def _hello(transparent: bool) -> bytes:
     return b"T\n"
 
 
-def _in_subprocess(function, *args) -> str:
-    """Run `function` in a short-lived child; returns "" or why it failed. The
-    factory lives as long as the command: pyroute2 (20 MiB) must not stay in it.
-    Neither can the factory die of it: out of fds or memory, this request fails alone
-    (its answer says why), and the factory serves the next one."""
-    try:
-        read_end, write_end = _pipe()
-    except OSError as exc:
-        return exc.strerror or "cannot make a pipe"
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        os.close(read_end)
-        os.close(write_end)
-        return exc.strerror or "cannot fork"
-    if pid == 0:
+def _failure(function, *args) -> str:
+    """Run `function` (a few netlink requests: see rootless.netlink); returns "" or why
+    it failed. The factory cannot die of it: out of fds or memory, this request fails
+    alone (its answer says why), and the factory serves the next one. Out of fds, it
+    tries once more with the soft limit raised to the hard one (it may have been
+    lowered under us)."""
+    for attempt in (1, 2):
         try:
-            os.close(read_end)
-            try:
-                function(*args)
-            except OSError as exc:
-                os.write(write_end, (exc.strerror or str(exc) or "failed").encode()[:1000])
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        why = f.read().decode(errors="replace")
-    os.waitpid(pid, 0)
-    return why
+            function(*args)
+            return ""
+        except OSError as exc:
+            if attempt == 1 and exc.errno == errno.EMFILE:
+                from ...linux import raise_fd_limit
 
-
-def _pipe() -> tuple[int, int]:
-    """os.pipe(); out of fds, after the soft limit is raised to the hard one (it may
-    have been lowered under us)."""
-    try:
-        return os.pipe()
-    except OSError as exc:
-        if exc.errno != errno.EMFILE:
-            raise
-    from ...linux import raise_fd_limit
-
-    raise_fd_limit()
-    return os.pipe()
+                raise_fd_limit()
+                continue
+            return exc.strerror or str(exc) or "failed"
+    return ""
 
 
 def _serve(conn: socket.socket, transparent: bool) -> None:
@@ -154,7 +128,7 @@ def _answer(conn: socket.socket, op: bytes, family: bytes, count: int, port: int
     if op in (b"R", b"r"):
         from . import _transparent
 
-        why = _in_subprocess(_transparent.udp_rule, "add" if op == b"R" else "del", port)
+        why = _failure(_transparent.udp_rule, "add" if op == b"R" else "del", port)
         conn.sendall(f"-{why}\n".encode() if why else b"+")
         return True
     return False
