@@ -180,6 +180,34 @@ def test_socket_factory_death_ends_the_run(user, rootless_run, start, state_dir,
     nothing_left(user)
 
 
+@pytest.mark.parametrize("flags", [[], ["--pidns"], ["--detach-netns"]],
+                         ids=["no-pidns", "pidns", "detach-netns"])
+def test_the_socket_factory_is_a_thread_of_the_child(user, rootless_run, start, state_dir,
+                                                     flags):
+    """Two Python processes, not three (docs/memory.md): after a first client through a
+    published port the child's only child is the command, and the child has a second
+    thread, the factory, which served that client's socket from the child's netns (the
+    detached one, which only that thread enters, with --detach-netns)."""
+    port = free_port()
+    server = f"python3 -m http.server -b 127.0.0.1 {HTTP}"
+    if "--detach-netns" in flags:  # the command keeps the host's network
+        server = f'nsenter --net="$ROOTLESSKIT_STATE_DIR/netns" {server}'
+    proc = start([rootless_run, "--net=slirp4netns", "--port-driver=builtin", *flags,
+                  f"--state-dir={state_dir}", "-p", f"127.0.0.1:{port}:{HTTP}/tcp", "--",
+                  "sh", "-c", f"exec {server}"])
+    until("a first client's answer", lambda: b"Directory listing" in http_get(port, "/"),
+          timeout=20)
+    anchor = child_pid(state_dir)
+    commands = children(anchor)
+    assert len(commands) == 1 and is_python(commands[0]), commands
+    assert "http.server" in open(f"/proc/{commands[0]}/cmdline").read()
+    assert stat_fields(anchor)[17] == "2", "the child's threads"  # num_threads
+    factory_fd(anchor)  # its socket to the parent: the child's only one
+    proc.terminate()
+    assert ended(proc) == 128 + signal.SIGTERM
+    nothing_left(user)
+
+
 def _listener_fd(pid: int, path: str) -> int:
     """The fd of process `pid` that is the unix socket listening at `path`."""
     with open("/proc/net/unix") as f:
