@@ -11,7 +11,8 @@ for the GIL.
 Nor does the thread load trio while nobody needs it. The API socket and the port
 driver's -p ports are bound before the command starts (parent.Listeners, with the
 standard library), and the thread waits for the first client of any of them before it
-loads anything: clients wait in the sockets' backlogs meanwhile. Loading trio, h11 and
+loads anything: clients wait in the sockets' backlogs meanwhile. A port's client
+loads trio and the port driver; the API's code waits for the API's first client. Loading trio, h11 and
 the port driver takes 60-100 ms of a CPU: taken just as the command started, that
 stalled a command busy on every CPU (iperf3 through slirp4netns lost 0.25-0.75 s of
 traffic). An instance nobody calls also stays small (14 MiB RSS instead of 27).
@@ -143,18 +144,22 @@ class Services:
     async def _main(self) -> None:
         import trio
 
-        from .api.router import Router
-        from .api.server import serve
-
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
             self._token = trio.lowlevel.current_trio_token()
             self._running.set()
             await nursery.start(self.ports.serve, self.state.path)
+            self.started.set()  # the API listens already (parent.Listeners)
+            # The API (h11, its routes and models) loads at its own first client, not
+            # at a -p port's: 0.5 MiB and some milliseconds that a port's client would
+            # pay for nothing (docs/memory.md).
+            await trio.lowlevel.wait_readable(self._listener.fileno())
+            from .api.router import Router
+            from .api.server import serve
+
             self._api = _stdlib_socket(self._listener)
             await nursery.start(serve, self._api, Router(self.info, self.ports))
             _log.debug(f"API on {self.state.file('api.sock')}")
-            self.started.set()
 
     def info(self):
         from .api.models import Info, NetworkDriverInfo, PortDriverInfo

@@ -14,15 +14,18 @@ from ._process import drain, readable, signal_wakeup
 
 # How long the command gets to stop on SIGTERM after its network has gone.
 STOP_GRACE = 10.0
+# A part of the child ended: how long the child may take to be seen dead, if that is why.
+_CHILD_EXITING = 0.1
 
 
 class Component:
     """A part the run cannot live without, watched through `fd`: `events` (POLLIN for
     a pidfd or a pipe that says why; 0 for a socket whose hang-up is its end). `why()`
-    says, in one line, what happened."""
+    says, in one line, what happened. `in_child`: it lives in the child's process (the
+    socket factory, a thread of it), and so ends with it."""
 
-    def __init__(self, fd: int, why, events: int = 0):
-        self.fd, self.why, self.events = fd, why, events
+    def __init__(self, fd: int, why, events: int = 0, in_child: bool = False):
+        self.fd, self.why, self.events, self.in_child = fd, why, events, in_child
 
 
 def supervise(child, components: list) -> int:
@@ -32,8 +35,8 @@ def supervise(child, components: list) -> int:
     line too, and returns 1 (the command died with it; Child.kill ends the rest).
 
     The child closes its end of the handshake channel as its command ends, before it
-    kills what the command left (the socket factory among them): so a component that
-    goes with the run is never taken for one that failed."""
+    kills what the command left and before it exits (which ends the socket factory):
+    so a component that goes with the run is never taken for one that failed."""
     pidfd = child.pidfd
     # Our own copies: the services thread may close its sockets while we poll them.
     fds = {os.dup(c.fd): c for c in components}
@@ -50,6 +53,12 @@ def supervise(child, components: list) -> int:
             if ready - {wakeup}:
                 break
             drain(wakeup)
+        if not ready & {pidfd, child.channel.rfd} and any(
+                fds[fd].in_child for fd in ready if fd in fds) and readable(
+                pidfd, _CHILD_EXITING):
+            # The child died, and a part of it with it: the kernel closes a dying
+            # process' fds (which hangs the part's socket up) before its pidfd says so.
+            ready.add(pidfd)
         if ready & {pidfd, child.channel.rfd}:
             status = child.wait()
             if not child.signal:

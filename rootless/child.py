@@ -147,7 +147,6 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
         if info is not None and info.dns:
             mounts.install_resolver_files(state_dir, info.dns)
     _expect(channel, "ParentInitPortDriverCompleted")
-    ports.start_child(config, state_dir, netns if config.detach_netns else None)
     if config.pidns:
         mounts.mount_proc()
 
@@ -158,11 +157,15 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
     # The signals held since the fork (or sent as the command started) go to it now.
     forward_signals(pid)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    # After the command's fork (a thread, for the builtin driver), before the parent
+    # can ask for anything: its services start once it hears ChildCommandStarted.
+    ports.start_child(config, state_dir, netns if config.detach_netns else None)
     channel.send("ChildCommandStarted")
     status = wait_for_status(pid, reap_all=config.reap or not config.pidns)
     expected = _signals_sent_to_the_run(channel, os.WIFSIGNALED(status))
-    # Ours closes before anything the command leaves dies (the socket factory among
-    # them): the parent then knows that the run ends, and not by a failure.
+    # Ours closes before anything the command leaves dies, and before our exit hangs
+    # up the socket factory's connection: the parent then knows that the run ends, and
+    # not by a failure.
     channel.close()
     if not config.pidns:
         # As when a pid namespace's pid 1 exits: what the command left running dies with

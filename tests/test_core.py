@@ -280,8 +280,8 @@ def test_pidns_shows_only_its_processes(user, rootless_run):
     first, *rest = r.stdout.split()
     assert 1 <= int(first) <= 3
     pids = {int(w) for w in rest if w.isdigit()}
-    # pid 1 (the child), the port driver's socket factory (and the short-lived process
-    # that sets up its routing), the shell, ls or ps: nothing of the host's hundreds
+    # pid 1 (the child, the port driver's socket factory a thread of it), the shell,
+    # ls or ps: nothing of the host's hundreds
     assert 1 in pids and max(pids) < 12 and len(pids) <= 7, pids
 
 

@@ -79,7 +79,6 @@ SETUP = (BEFORE_MAPS, AFTER_MAPS)
 
 FAULTS = (
     "SIGKILL slirp4netns", "SIGSTOP slirp4netns",
-    "SIGKILL socket factory", "SIGSTOP socket factory",
     "SIGKILL child", "SIGSTOP child",
     "SIGKILL command", "SIGSTOP command",
     "SIGKILL rootless-run",
@@ -113,7 +112,6 @@ def NA(why: str) -> Expect:
 
 
 NO_NET = NA("slirp4netns/pasta start after the id maps")
-NO_FACTORY = NA("the child forks the socket factory just before the command")
 NO_COMMAND = NA("the command does not exist yet")
 # Death by SIGKILL as rootlesskit says it; the command's own status, 128+9.
 COMMAND_KILLED = ENDS("exited: signal: killed", 128 + signal.SIGKILL)
@@ -140,11 +138,6 @@ EXPECTED: dict[str, dict[str, Expect]] = {
                             **_running(SLIRP_KILLED), SHUTTING_DOWN: SLIRP_KILLED},
     "SIGSTOP slirp4netns": {BEFORE_MAPS: NO_NET, AFTER_MAPS: SERVES, **_running(SERVES),
                             SHUTTING_DOWN: STOPS},
-    "SIGKILL socket factory": {BEFORE_MAPS: NO_FACTORY, AFTER_MAPS: NO_FACTORY,
-                               **_running(ENDS("socket factory")),
-                               SHUTTING_DOWN: ENDS("socket factory")},
-    "SIGSTOP socket factory": {BEFORE_MAPS: NO_FACTORY, AFTER_MAPS: NO_FACTORY,
-                               **_running(SERVES), SHUTTING_DOWN: STOPS},
     # The child dies: one line saying so, not what failed after it (newuidmap or
     # slirp4netns on a pid that is gone), and the command's whole tree goes.
     "SIGKILL child": {BEFORE_MAPS: CHILD_KILLED, AFTER_MAPS: CHILD_KILLED,
@@ -666,9 +659,8 @@ class Cell:
             if self.net == "pasta":
                 with open(os.path.join(self.state, "pasta.pid")) as f:
                     self.pids["pasta"] = int(f.read())
-            for pid in children(child):
-                name = "socket factory" if "rootless-run" in cmdline(pid) else "command"
-                self.pids[name] = pid
+            for pid in children(child):  # the socket factory is a thread of the child
+                self.pids["command"] = pid
 
     # -- the fault ---------------------------------------------------------------------
 
@@ -692,7 +684,7 @@ class Cell:
             os.kill(self.target(), signal.SIGSTOP)
             return True
         if fault == "RLIMIT_NOFILE lowered":
-            for name in ("rootless-run", "child", "socket factory"):
+            for name in ("rootless-run", "child"):
                 if name in self.pids:
                     self.lower_nofile(self.pids[name])
             return True

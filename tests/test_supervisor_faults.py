@@ -73,10 +73,12 @@ def child_pid(state_dir: str, timeout: float = 20) -> int:
         return int(f.read())
 
 
-def factory_of(anchor: int) -> int:
-    """The socket factory: the Python process the child forked beside the command."""
-    found = until("the socket factory", lambda: [p for p in children(anchor) if is_python(p)])
-    assert len(found) == 1, found
+def factory_fd(anchor: int) -> int:
+    """The fd of the child that is the socket factory's end of the parent's socket pair
+    (the factory is a thread of the child): its only socket, beside the command."""
+    found = until("the socket factory's socket", lambda: [
+        fd for fd, target in fd_targets(anchor).items() if target.startswith("socket:[")])
+    assert len(found) == 1, (found, fd_targets(anchor))
     return found[0]
 
 
@@ -169,9 +171,40 @@ def test_socket_factory_death_ends_the_run(user, rootless_run, start, state_dir,
                   "sleep", "1000"])
     # Serving (the services loaded, the factory in use): a client has come and gone.
     assert api(user, wait_for_api(proc, state_dir), "GET", "/v1/info")[0] == 200
-    os.kill(factory_of(child_pid(state_dir)), signal.SIGKILL)
+    # The factory, a thread of the child, cannot be killed alone: its socket is shut
+    # down under it, as its end would be (it reads EOF and ends, closing it).
+    anchor = child_pid(state_dir)
+    _shut_down_in(anchor, factory_fd(anchor))
     assert ended(proc) == 1
     one_error_line(proc, "socket factory", "stopping the command")
+    nothing_left(user)
+
+
+@pytest.mark.parametrize("flags", [[], ["--pidns"], ["--detach-netns"]],
+                         ids=["no-pidns", "pidns", "detach-netns"])
+def test_the_socket_factory_is_a_thread_of_the_child(user, rootless_run, start, state_dir,
+                                                     flags):
+    """Two Python processes, not three (docs/memory.md): after a first client through a
+    published port the child's only child is the command, and the child has a second
+    thread, the factory, which served that client's socket from the child's netns (the
+    detached one, which only that thread enters, with --detach-netns)."""
+    port = free_port()
+    server = f"python3 -m http.server -b 127.0.0.1 {HTTP}"
+    if "--detach-netns" in flags:  # the command keeps the host's network
+        server = f'nsenter --net="$ROOTLESSKIT_STATE_DIR/netns" {server}'
+    proc = start([rootless_run, "--net=slirp4netns", "--port-driver=builtin", *flags,
+                  f"--state-dir={state_dir}", "-p", f"127.0.0.1:{port}:{HTTP}/tcp", "--",
+                  "sh", "-c", f"exec {server}"])
+    until("a first client's answer", lambda: b"Directory listing" in http_get(port, "/"),
+          timeout=20)
+    anchor = child_pid(state_dir)
+    commands = children(anchor)
+    assert len(commands) == 1 and is_python(commands[0]), commands
+    assert "http.server" in open(f"/proc/{commands[0]}/cmdline").read()
+    assert stat_fields(anchor)[17] == "2", "the child's threads"  # num_threads
+    factory_fd(anchor)  # its socket to the parent: the child's only one
+    proc.terminate()
+    assert ended(proc) == 128 + signal.SIGTERM
     nothing_left(user)
 
 
@@ -431,9 +464,9 @@ def test_ctrl_c_ends_the_run_quietly(rootless_run, start, state_dir):
 # -- what long-lived helpers hold (item 16) -------------------------------------------
 
 def test_long_lived_helpers_hold_nothing_of_ours(user, rootless_run, start, state_dir):
-    """The socket factory, pasta's watchdog, the pid-ns shim and pasta itself hold none
-    of the supervisor's fds (its sockets, pipes, the state dir's lock), only what they
-    need."""
+    """pasta's watchdog, the pid-ns shim and pasta itself hold none of the supervisor's
+    fds (its sockets, pipes, the state dir's lock), only what they need. (The socket
+    factory is a thread of the child.)"""
     port = free_port()
     proc = start([rootless_run, "--pidns", "--net=pasta", "--port-driver=builtin",
                   f"--state-dir={state_dir}", "-p", f"127.0.0.1:{port}:{HTTP}/tcp", "--",
@@ -441,7 +474,6 @@ def test_long_lived_helpers_hold_nothing_of_ours(user, rootless_run, start, stat
     wait_for_api(proc, state_dir)
     init = child_pid(state_dir)
     shim = int(stat_fields(init)[1])
-    factory = factory_of(init)
     watchdogs = [p for p in children(proc.pid) if is_python(p) and p != shim]
     assert len(watchdogs) == 1, (children(proc.pid), shim)
     with open(os.path.join(state_dir, "pasta.pid")) as f:
@@ -455,8 +487,6 @@ def test_long_lived_helpers_hold_nothing_of_ours(user, rootless_run, start, stat
     assert len(shim_fds) == 2 and len(set(shim_fds)) == 1 and shim_fds[0].startswith("pipe:"), \
         shim_fds
     assert shim_fds[0] not in beyond_stdio(proc.pid) + beyond_stdio(init)
-    assert [t.split(":")[0] for t in beyond_stdio(factory)] == ["socket"], \
-        beyond_stdio(factory)
     assert sorted(re.sub(r"\[\d+\]", "", t) for t in beyond_stdio(watchdogs[0])) == \
         ["anon_inode:[pidfd]", "pipe:"], beyond_stdio(watchdogs[0])
     ours = set(beyond_stdio(proc.pid))

@@ -171,7 +171,8 @@ def connections(runner: Runner, port: int, seconds: float = 0, count: int = 0) -
     result = _json(out)
     if code != 0 or not result:
         raise Skip(f"the connection client failed (exit {code})")
-    return {"rate": result["done"] / result["seconds"], "done": result["done"]}
+    return {"rate": result["done"] / result["seconds"], "done": result["done"],
+            "seconds": result["seconds"]}
 
 
 @contextmanager

@@ -42,7 +42,7 @@ def parse(argv):
     parser.add_argument("--seconds", type=int, help=f"length of a throughput or connection "
                                                     f"round, whole seconds ({FULL['seconds']})")
     parser.add_argument("--connections", type=int,
-                        help=f"connections before the second memory figure "
+                        help=f"connections before the last memory figure, the first included "
                              f"({FULL['connections']})")
     parser.add_argument("--soak-seconds", type=int,
                         help=f"length of the soak ({FULL['soak_seconds']}; --quick: "

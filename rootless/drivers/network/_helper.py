@@ -89,6 +89,7 @@ class Helper:
     process by the time it is signalled."""
 
     events = select.POLLIN
+    in_child = False
 
     def __init__(self, name: str, pid: int, log: str, reapable: bool = True,
                  tail_lines: int = 5):

@@ -1,6 +1,6 @@
-"""A small process in the child's network namespace that makes unconnected sockets
-for the parent and passes them over a unix socket (SCM_RIGHTS); and the parent's
-client of it.
+"""A thread of the child, in the child's network namespace, that makes unconnected
+sockets for the parent and passes them over a unix socket (SCM_RIGHTS); and the
+parent's client of it.
 
 A socket belongs to the netns it was created in: the parent connects such a socket
 itself, and the connection is made inside the child's namespace. The parent asks in
@@ -18,7 +18,7 @@ count, port: "!ccBH"):
                 (fewer when the factory is out of fds: the bytes say where the
                 answer ends, whatever fds came);
   op b"R"/b"r": add/remove the UDP rule of `port`  -> b"+" or b"-" + why + b"\\n".
-The factory exits when the parent's end closes.
+The factory ends when the parent's end closes.
 """
 import errno
 import os
@@ -35,46 +35,54 @@ _BATCH = 64  # sockets a request brings (SCM_RIGHTS passes at most 253)
 # -- child side ---------------------------------------------------------------------------
 
 def start(conn: socket.socket, netns: str | None, transparent: bool) -> None:
-    """Fork the factory, serving `conn` (the child's end of the parent's socket pair);
-    it lives until the parent's end closes or the child (its parent) dies."""
-    pid = os.fork()
-    if pid:
-        conn.close()  # the factory's alone: its death must hang the parent's end up
-        return
-    try:
-        from ..._process import close_fds_except
-        from ...linux import CLONE_NEWNET, set_parent_death_signal, setns
+    """Serve `conn` (the child's end of the parent's socket pair) from a thread of the
+    child, until the parent's end closes or the child exits. Called once the command
+    runs: the command is forked from a process with one thread.
 
-        set_parent_death_signal(signal.SIGKILL)
-        # Only its connection: not the child's handshake pipes, nor the activation fds.
-        close_fds_except(conn.fileno())
-        # A Ctrl-C (the terminal signals the whole process group) is for the command:
-        # the factory goes with the child or the parent's end, and its death would
-        # otherwise race the command's as the reason the run ends.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-            signal.signal(sig, signal.SIG_IGN)
-        # The child holds the command's signals until the command runs: not ours.
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        if netns:
-            fd = os.open(netns, os.O_RDONLY)
-            setns(fd, CLONE_NEWNET)
-            os.close(fd)
-        _serve(conn, transparent)
+    A thread, not a process of its own: a third Python process cost 1.3 MiB of PSS
+    and 12 MiB of RSS (docs/memory.md). Its death closes `conn`, which hangs the
+    parent's end up, as the child's does."""
+    import _thread
+
+    # Every signal blocked: the kernel gives a process' signal to any thread that does
+    # not block it, and only the main thread runs the handlers (forwarding, the kill
+    # of the command's tree); taken here, one would wait until the main thread wakes.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        _thread.start_new_thread(_run, (conn, netns, transparent))
     finally:
-        os._exit(0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+
+def _run(conn: socket.socket, netns: str | None, transparent: bool) -> None:
+    try:
+        if netns:  # the detached netns: this thread's alone (CLONE_NEWNET is per thread)
+            from ...linux import CLONE_NEWNET, setns
+
+            fd = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                setns(fd, CLONE_NEWNET)
+            finally:
+                os.close(fd)
+        _serve(conn, transparent)
+    except BaseException as exc:  # noqa: B902 - the parent says the factory died
+        from ... import _log
+
+        _log.debug(f"socket factory: {type(exc).__name__}: {exc}")
+    finally:
+        conn.close()
 
 
 def _hello(transparent: bool) -> bytes:
     """What the factory says on connect; sets up the routing for clients' addresses
     first, when asked to. Not before the parent's first connection, which comes with
-    the first client of a port: made as the command started, pyroute2's import (0.3 s
-    of a CPU) and the routing change stalled the command's first transfers (iperf3
-    through slirp4netns lost its first 0.2-0.6 s in half the runs)."""
+    the first client of a port: a run that publishes nothing leaves the netns' routing
+    as the command found it."""
     if not transparent:
         return b"Noff\n"
     from . import _transparent
 
-    why = _in_subprocess(_transparent.set_up_routing)
+    why = _failure(_transparent.set_up_routing)
     if why:
         from ... import _log
 
@@ -84,49 +92,24 @@ def _hello(transparent: bool) -> bytes:
     return b"T\n"
 
 
-def _in_subprocess(function, *args) -> str:
-    """Run `function` in a short-lived child; returns "" or why it failed. The
-    factory lives as long as the command: pyroute2 (20 MiB) must not stay in it.
-    Neither can the factory die of it: out of fds or memory, this request fails alone
-    (its answer says why), and the factory serves the next one."""
-    try:
-        read_end, write_end = _pipe()
-    except OSError as exc:
-        return exc.strerror or "cannot make a pipe"
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        os.close(read_end)
-        os.close(write_end)
-        return exc.strerror or "cannot fork"
-    if pid == 0:
+def _failure(function, *args) -> str:
+    """Run `function` (a few netlink requests: see rootless.netlink); returns "" or why
+    it failed. The factory cannot die of it: out of fds or memory, this request fails
+    alone (its answer says why), and the factory serves the next one. Out of fds, it
+    tries once more with the soft limit raised to the hard one (it may have been
+    lowered under us)."""
+    for attempt in (1, 2):
         try:
-            os.close(read_end)
-            try:
-                function(*args)
-            except OSError as exc:
-                os.write(write_end, (exc.strerror or str(exc) or "failed").encode()[:1000])
-        finally:
-            os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        why = f.read().decode(errors="replace")
-    os.waitpid(pid, 0)
-    return why
+            function(*args)
+            return ""
+        except OSError as exc:
+            if attempt == 1 and exc.errno == errno.EMFILE:
+                from ...linux import raise_fd_limit
 
-
-def _pipe() -> tuple[int, int]:
-    """os.pipe(); out of fds, after the soft limit is raised to the hard one (it may
-    have been lowered under us)."""
-    try:
-        return os.pipe()
-    except OSError as exc:
-        if exc.errno != errno.EMFILE:
-            raise
-    from ...linux import raise_fd_limit
-
-    raise_fd_limit()
-    return os.pipe()
+                raise_fd_limit()
+                continue
+            return exc.strerror or str(exc) or "failed"
+    return ""
 
 
 def _serve(conn: socket.socket, transparent: bool) -> None:
@@ -154,7 +137,7 @@ def _answer(conn: socket.socket, op: bytes, family: bytes, count: int, port: int
     if op in (b"R", b"r"):
         from . import _transparent
 
-        why = _in_subprocess(_transparent.udp_rule, "add" if op == b"R" else "del", port)
+        why = _failure(_transparent.udp_rule, "add" if op == b"R" else "del", port)
         conn.sendall(f"-{why}\n".encode() if why else b"+")
         return True
     return False

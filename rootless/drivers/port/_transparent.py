@@ -27,7 +27,7 @@ IP_BIND_ADDRESS_NO_PORT = 24
 # -- child side (the socket factory's process, in the child's netns) -------------------
 
 def set_up_routing() -> None:
-    """Raises OSError (or pyroute2's NetlinkError, an OSError) when it cannot."""
+    """Raises OSError when it cannot."""
     from ... import netlink
 
     with open("/proc/sys/net/ipv4/tcp_fwmark_accept", "w") as f:
@@ -39,8 +39,7 @@ def set_up_routing() -> None:
 def udp_rule(command: str, port: int) -> None:
     from ... import netlink
 
-    netlink.rule(command, TABLE, _UDP_PRIORITY, ip_proto=socket.IPPROTO_UDP,
-                 sport_range=f"{port}:{port}")
+    netlink.rule(command, TABLE, _UDP_PRIORITY, ip_proto=socket.IPPROTO_UDP, sport=port)
 
 
 # -- parent side --------------------------------------------------------------------------

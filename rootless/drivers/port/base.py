@@ -96,7 +96,7 @@ class PortDriver:
     @staticmethod
     def start_child(config, state_dir: str, netns: str | None) -> None:
         """Child side: start what the parent needs inside the namespaces (called on
-        the parent's driver object, as the fork left it)."""
+        the parent's driver object, as the fork left it), once the command runs."""
 
     # -- parent side, in the service thread (trio) --
 

@@ -55,7 +55,7 @@ class BuiltinPortDriver(PortDriver):
         return [Component(self._factory_link.fileno(), lambda: (
             "the socket factory (it makes the sockets of published ports in the "
             "namespace) died while the command was running: the published ports cannot "
-            "reach it any more; stopping the command"))]
+            "reach it any more; stopping the command"), in_child=True)]
 
     def listen_early(self) -> list[int]:
         """The -p ports listen from the start; the relays load at their first client."""
