@@ -33,11 +33,11 @@ def build_config(program: str, argv: list[str]) -> Config | str:
     if semver:  # an empty value is no value, as rootlesskit reads it
         return f"{version_component(semver)}\n"
     if "evacuate_cgroup2" in values:  # given, even empty
-        from .cgroup import check_name
+        from .integrations.cgroup import check_name
         check_name(values["evacuate_cgroup2"])
     merged = {**defaults, **values}
     if "name" in values:
-        from .instances import check_name, named_dir
+        from .state.instances import check_name, named_dir
         check_name(values["name"])
         if not values.get("state_dir"):  # --state-dir wins
             merged["state_dir"] = named_dir(values["name"])
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if config.reuse:
             from .enter import reuse
             return reuse(config)
-        from .parent import run
+        from .parent.run import run
         return run(config)
     except RootlessError as exc:
         _log.error(str(exc))

@@ -1,6 +1,6 @@
 """rootless-ctl: the client of a running instance's API, mirroring Debian's `rootlessctl`
 (same commands, flags and output formats, so scripts can use either), and finding and
-stopping the user's instances (ours: see instances.py).
+stopping the user's instances (ours: see state/instances.py).
 
     rootless-ctl [INSTANCE] info [--json]
     rootless-ctl [INSTANCE] list-ports [--json]
@@ -202,7 +202,7 @@ def _socket_path(args) -> str:
 
 
 def _state_dir(args) -> str:
-    from .instances import check_name, state_dir_for
+    from .state.instances import check_name, state_dir_for
 
     if args.name is not None:
         check_name(args.name)
@@ -215,7 +215,7 @@ _PS_API_TIMEOUT = 2.0  # seconds an instance's API gets to list its ports for ps
 
 
 def _ps(as_json: bool) -> int:
-    from .instances import running
+    from .state.instances import running
 
     found = running()
     ports = [_ports_of(instance) for instance in found]
@@ -284,7 +284,7 @@ def _instance_json(instance, ports) -> str:
 
 
 def _stop(args) -> int:
-    from .instances import check_name, find, stop
+    from .state.instances import check_name, find, stop
 
     if not args.timeout >= 0:
         raise UsageError(f"--timeout {args.timeout:g}: give a number of seconds, 0 or more")

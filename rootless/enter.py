@@ -22,7 +22,7 @@ from ._paths import which
 from ._process import (FORWARDED_SIGNALS, PYTHON_IGNORED_SIGNALS, command_environment,
                        forward_signals, wait_for)
 from .errors import EnterError, StateDirError, StateDirLocked, UsageError
-from .statedir import (NAMESPACE_KINDS, NAMESPACES, StateDirMissing, lock_held, open_existing,
+from .state.statedir import (NAMESPACE_KINDS, NAMESPACES, StateDirMissing, lock_held, open_existing,
                        parse_namespaces, read_small)
 
 # How long `enter` waits for an instance that holds the lock but has not recorded its
@@ -229,11 +229,11 @@ def reuse(config) -> int:
     """`rootless-run --reuse`: join the instance running on the state dir, else start
     one. The lock decides who starts; the others wait until its namespaces are
     recorded, then join."""
-    from .parent import run
+    from .parent.run import run
 
     path = os.path.abspath(config.state_dir)
     if config.name:  # the instance of that name, wherever its state dir is
-        from .instances import find
+        from .state.instances import find
         path = find(config.name) or path
     while True:
         try:
@@ -284,7 +284,7 @@ def main(argv: list[str], socket: str | None = None, name: str | None = None,
             raise UsageError(f"unknown flag {arg} for enter (see rootless-ctl enter --help)")
         else:
             break
-    from .instances import check_name, state_dir_for
+    from .state.instances import check_name, state_dir_for
     if name is not None:
         check_name(name)
     return enter(state_dir_for(name, state_dir, socket), argv[i:])

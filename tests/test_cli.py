@@ -98,9 +98,9 @@ def test_help_shows_defaults_as_typed(user, rootless_run, rootlesskit_link, prog
 # -- import hygiene -------------------------------------------------------------------
 
 @pytest.mark.parametrize("modules,absent", [
-    ("rootless.child, rootless.cli, rootless.parent, rootless.messages", ["trio"]),
+    ("rootless.child.run, rootless.cli, rootless.parent.run, rootless.wire.messages", ["trio"]),
     # enum (signal.py's wrappers, re) is 1.5-2 ms of every start: see _process.py
-    ("rootless.cli, rootless.parent, rootless.child", ["trio", "msgspec", "enum", "re"]),
+    ("rootless.cli, rootless.parent.run, rootless.child.run", ["trio", "msgspec", "enum", "re"]),
 ], ids=["no-trio", "fast-path"])
 def test_import_hygiene(modules, absent):
     code = f"import sys, {modules}; print(' '.join(m for m in {absent!r} if m in sys.modules))"

@@ -60,7 +60,7 @@ from test_supervisor_faults import children
 ECHO = 9000          # the echo server's port in the namespace
 SHUTDOWN = 3.0       # s the command takes to stop on SIGTERM in the shutdown phase
 HELD = 2.0           # s a process stays stopped, or a pressure lasts
-STOP_GRACE = 10.0    # rootless._supervise.STOP_GRACE
+STOP_GRACE = 10.0    # rootless.parent.supervise.STOP_GRACE
 HANG = 30.0          # s after which a run that should have done something is stuck
 SETTLE = 1.0         # s after the fault: a run that serves then has not just not noticed
 WORKERS = int(os.environ.get("RLT_FAULT_WORKERS", "4"))

@@ -123,16 +123,16 @@ def test_the_reader_finds_every_kind_of_import(tmp_path):
 
 # The API is where the port side meets HTTP: it depends on the drivers' interface
 # (rootless.ports, the drivers' list/add/remove), never the reverse. Only the wiring
-# may import it: rootless.parent binds api.sock before the command starts,
-# rootless._services serves it in the service thread, and rootless.ctl is its client
+# may import it: rootless.parent.run binds api.sock before the command starts,
+# rootless.parent.services serves it in the service thread, and rootless.ctl is its client
 # (rootless-ctl). Everything else, the drivers, portspec and the port model first,
 # knows nothing of HTTP.
 API = "rootless.api"
-API_WIRING = {"rootless.parent", "rootless._services", "rootless.ctl"}
+API_WIRING = {"rootless.parent.run", "rootless.parent.services", "rootless.ctl"}
 # What the drivers and the port model never import (STYLE.md): the API, and the
 # programs that wire them (the drivers are handed a Config and called, nothing more).
 WIRING = {API, "rootless.cli", "rootless.ctl", "rootless.parent", "rootless.child",
-          "rootless._services", "rootless.enter"}
+          "rootless.enter"}
 PORT_SIDE = ("rootless.drivers", "rootless.ports", "rootless.portspec")
 
 

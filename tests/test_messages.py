@@ -8,12 +8,12 @@ import sys
 import msgspec
 import pytest
 
-from rootless import messages
-from rootless import _msgpack
-from rootless._framing import (CONSTANT_PAYLOADS, MAX_FRAME, Channel, FrameSplitter, classify,
+from rootless.wire import messages
+from rootless.wire import msgpack as _msgpack
+from rootless.wire.framing import (CONSTANT_PAYLOADS, MAX_FRAME, Channel, FrameSplitter, classify,
                                frame, network_payload)
 from rootless.errors import ProtocolError
-from rootless.netinfo import NetworkInfo
+from rootless.wire.netinfo import NetworkInfo
 
 NETWORKS = [
     NetworkInfo(),
@@ -82,8 +82,8 @@ def test_malformed_network_payload_is_protocol_error(tail):
 
 def test_the_handshake_imports_no_msgspec():
     # What the parent and the child run on the way to the command, in a fresh interpreter.
-    code = ("import os, sys; from rootless._framing import Channel; "
-            "from rootless.netinfo import NetworkInfo; r, w = os.pipe(); c = Channel(r, w); "
+    code = ("import os, sys; from rootless.wire.framing import Channel; "
+            "from rootless.wire.netinfo import NetworkInfo; r, w = os.pipe(); c = Channel(r, w); "
             "c.send_network(NetworkInfo(ifname='tap0', dns=('10.0.2.3',))); "
             "c.send('ChildCommandStarted'); name, m = c.recv(1); assert m.network.dns; "
             "assert c.recv(1) == ('ChildCommandStarted', None); "

@@ -1,4 +1,4 @@
-"""rootless.netlink's routing calls, encoded by hand (no pyroute2), against the kernel
+"""rootless.linux.netlink's routing calls, encoded by hand (no pyroute2), against the kernel
 in a network namespace of the test user's own: what they write is what `ip` reads
 back, and a refusal is an OSError with the kernel's errno."""
 from conftest import VENV_BIN

@@ -1,4 +1,4 @@
-"""Properties of the handshake's frames (rootless._framing, _msgpack, messages,
+"""Properties of the handshake's frames (rootless.wire: framing, msgpack, messages,
 netinfo): the hand-written msgpack and msgspec agree byte for byte, both ways, on
 generated messages; truncated, oversized and garbage frames, read through a real
 pipe by the real Channel, give ProtocolError: never a hang (a timeout turns one
@@ -12,11 +12,11 @@ from hypothesis import example, given, strategies as st
 
 from conftest import examples
 from hostile import any_text, garbage_bytes
-from rootless import _msgpack, messages
-from rootless._framing import (CONSTANT_PAYLOADS, MAX_FRAME, Channel, classify, frame,
+from rootless.wire import msgpack as _msgpack, messages
+from rootless.wire.framing import (CONSTANT_PAYLOADS, MAX_FRAME, Channel, classify, frame,
                                network_payload)
 from rootless.errors import ProtocolError
-from rootless.netinfo import NetworkInfo
+from rootless.wire.netinfo import NetworkInfo
 
 # -- strategies -------------------------------------------------------------------------
 

@@ -21,14 +21,16 @@ from hypothesis import example, given, strategies as st
 
 from conftest import RUN, VENV_BIN, examples, sample
 from hostile import NUMBERS, argv_able, argv_text, garbage_bytes, mangled, pieces, to_bytes
-from rootless import _flags, _listen, _log, cgroup, cli, enter, mounts
-from rootless._safewalk import _overflow_id
-from rootless.child import _parent_in_stat, diagnose_unshare
+from rootless import _flags, _listen, _log, cli, enter
+from rootless.integrations import cgroup
+from rootless.child import mounts
+from rootless.state.safewalk import _overflow_id
+from rootless.child.run import _parent_in_stat, diagnose_unshare
 from rootless.config import Config
 from rootless.drivers.port._relay import _pipe_share
 from rootless.drivers.port.base import unprivileged_port_start
 from rootless.errors import EnterError, RootlessError
-from rootless.statedir import NAMESPACE_KINDS
+from rootless.state.statedir import NAMESPACE_KINDS
 
 CTL = os.path.join(VENV_BIN, "rootless-ctl")
 

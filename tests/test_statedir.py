@@ -6,7 +6,7 @@ that unlink races our removal of the state dir: the entry is listed, then gone w
 unlink it. The race is replayed here with a real listing taken before the removal."""
 import os
 
-from rootless import statedir
+from rootless.state import statedir
 
 
 def test_an_entry_removed_by_a_helper_meanwhile_is_not_an_error(tmp_path, monkeypatch):

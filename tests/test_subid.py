@@ -6,7 +6,7 @@ import re
 import pytest
 
 from rootless.errors import SubidError
-from rootless.idmap import map_args
+from rootless.parent.idmap import map_args
 from rootless.subid import Range, first_free_range, parse_getsubids, parse_subid_file
 
 FILE = """\

@@ -19,7 +19,7 @@ import pytest
 from conftest import free_port, wait_for_api, write_user_files
 from test_ports import HTTP, NOTHING, api, http_get, tmp, until, wait_http  # noqa: F401
 
-STOP_GRACE = 10  # rootless._supervise.STOP_GRACE: the command's time to stop on SIGTERM
+STOP_GRACE = 10  # rootless.parent.supervise.STOP_GRACE: the command's time to stop on SIGTERM
 HANG = 30        # seconds after which a run that should have ended is stuck
 
 

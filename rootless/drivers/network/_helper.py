@@ -7,7 +7,7 @@ import _signal as signal  # the C module: see _process.py
 from ..._paths import which
 from ..._process import PYTHON_IGNORED_SIGNALS, close_fds_except
 from ...errors import DriverError, UsageError
-from ...statedir import removed_at_exit
+from ...state.statedir import removed_at_exit
 
 
 def find_binary(flag: str, name: str, package: str) -> str:
@@ -82,7 +82,7 @@ def capture_output(argv: list[str], timeout: float = 5.0) -> str:
 
 class Helper:
     """A helper process the parent supervises: if it dies, the run ends (it is a
-    _supervise.Component: its pidfd, readable when it exits).
+    drivers._component.Component: its pidfd, readable when it exits).
 
     Known and signalled by a pidfd, opened as soon as the pid is known: a pid read
     from a file (pasta's), or that of a child already reaped, may name another

@@ -55,7 +55,7 @@ class HelperDriver(NetworkDriver):
         return getattr(self.config, self.binary_flag.removeprefix("--").replace("-", "_"))
 
     def info(self, **opaque: str):
-        from ...netinfo import NetworkInfo
+        from ...wire.netinfo import NetworkInfo
 
         a = self.addressing
         return NetworkInfo(ifname=self.config.ifname, ip=a.child, netmask=a.prefixlen,

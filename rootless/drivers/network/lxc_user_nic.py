@@ -52,7 +52,7 @@ class LxcUserNicDriver(NetworkDriver):
         self.client = Client.fork(c.ifname, c.mtu, c.lxc_user_nic_bridge, c.debug)
 
     def start(self, child_pid: int, state_dir: str, netns_path: str | None = None):
-        from ...netinfo import NetworkInfo
+        from ...wire.netinfo import NetworkInfo
 
         c = self.config
         try:

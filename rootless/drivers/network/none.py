@@ -8,5 +8,5 @@ class NoneDriver(NetworkDriver):
 
     @staticmethod
     def configure_child(info) -> None:
-        from ...netlink import set_link_up
+        from ...linux.netlink import set_link_up
         set_link_up("lo")

@@ -28,7 +28,7 @@ IP_BIND_ADDRESS_NO_PORT = 24
 
 def set_up_routing() -> None:
     """Raises OSError when it cannot."""
-    from ... import netlink
+    from ...linux import netlink
 
     with open("/proc/sys/net/ipv4/tcp_fwmark_accept", "w") as f:
         f.write("1")
@@ -37,7 +37,7 @@ def set_up_routing() -> None:
 
 
 def udp_rule(command: str, port: int) -> None:
-    from ... import netlink
+    from ...linux import netlink
 
     netlink.rule(command, TABLE, _UDP_PRIORITY, ip_proto=socket.IPPROTO_UDP, sport=port)
 

@@ -89,7 +89,7 @@ class PortDriver:
         """Right after that fork, on each side: close what belongs to the other."""
 
     def components(self) -> list:
-        """Parts the run cannot live without (_supervise.Component): when one ends,
+        """Parts the run cannot live without (drivers._component.Component): when one ends,
         the run ends."""
         return []
 

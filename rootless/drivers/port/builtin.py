@@ -50,7 +50,7 @@ class BuiltinPortDriver(PortDriver):
         _socket_factory.start(self._factory_end, netns, config.source_ip_transparent)
 
     def components(self) -> list:
-        from ..._supervise import Component
+        from .._component import Component
 
         return [Component(self._factory_link.fileno(), lambda: (
             "the socket factory (it makes the sockets of published ports in the "

@@ -7,9 +7,9 @@ mode by itself from ROOTLESSKIT_STATE_DIR.
 """
 import os
 
-from . import _log
-from ._paths import which
-from .errors import UsageError
+from .. import _log
+from .._paths import which
+from ..errors import UsageError
 
 # The host's daemons' runtime paths: after the copy-up of /run they are symlinks to
 # the host's (root-owned) ones, where our dockerd and its containerd cannot write.
@@ -42,7 +42,7 @@ def preflight(config, subids, net_was_auto: bool) -> None:
     need("newuidmap", "maps the owners of the images' files", "uidmap")
     need("newgidmap", "maps the groups of the images' files", "uidmap")
     if not subids.uids or not subids.gids:
-        from .subid import add_command, current_user
+        from ..subid import add_command, current_user
 
         user = current_user()
         kinds = " and ".join(k for k, none in (("uids", not subids.uids),

@@ -7,7 +7,7 @@ Other users must not be able to steer what a run writes or removes, even where
 fs.protected_symlinks is 0 (a symlink planted at a predictable path in /tmp would
 otherwise lead our run into a dir of the planter's choosing). So the dir is reached
 by a walk from / that follows only root's and the user's symlinks, through dirs only
-they can change (`_safewalk`).
+they can change (`safewalk.py`).
 
 The state dir itself must be the user's. One writable by others is refused (files may
 have been planted in it, which a chmod would not remove); one only readable or
@@ -25,9 +25,9 @@ import fcntl
 import os
 import stat
 
-from . import _log
-from ._safewalk import PATH_FLAGS, check_changeable, describe, walk
-from .errors import StateDirError, StateDirLocked, StateDirMissing
+from .. import _log
+from .safewalk import PATH_FLAGS, check_changeable, describe, walk
+from ..errors import StateDirError, StateDirLocked, StateDirMissing
 
 # The namespaces the instance created, as `KIND DEV INO` lines, written once the
 # command runs (record_namespaces): joiners (enter.py) wait for it and check
@@ -257,7 +257,7 @@ class StateDir:
         process (setns needs one thread). Whether it succeeded."""
         if self._userns_fd < 0:
             return False
-        from .linux import CLONE_NEWUSER, setns
+        from ..linux import CLONE_NEWUSER, setns
 
         pid = os.fork()
         if pid == 0:

@@ -12,7 +12,7 @@ names (a path, or "@name" for the abstract namespace).
 """
 import os
 
-from . import _log
+from .. import _log
 
 FIRST_ACTIVATION_FD = 3  # SD_LISTEN_FDS_START
 

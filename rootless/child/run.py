@@ -8,18 +8,18 @@ import os
 import time
 import _signal as signal  # the C module: see _process.py
 
-from . import _log
-from ._paths import which
-from ._process import (END_OF_SET_UP, KILL_TREE, close_fds_except, command_environment, exit_code,
+from .. import _log
+from .._paths import which
+from .._process import (END_OF_SET_UP, KILL_TREE, close_fds_except, command_environment, exit_code,
                        forward_signals, readable, restore_default_signals, signal_name,
                        wait_for, wait_for_status)
-from .config import Config
-from .drivers import network
-from .errors import ChildSetupError, OutOfFds, ProtocolError, RootlessError
-from .linux import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID,
+from ..config import Config
+from ..drivers import network
+from ..errors import ChildSetupError, OutOfFds, ProtocolError, RootlessError
+from ..linux import (CLONE_NEWCGROUP, CLONE_NEWIPC, CLONE_NEWNET, CLONE_NEWNS, CLONE_NEWPID,
                     CLONE_NEWUSER, CLONE_NEWUTS, raise_fd_limit, set_child_subreaper,
                     set_parent_death_signal, setns, unshare)
-from ._framing import Channel
+from ..wire.framing import Channel
 from . import mounts
 
 # The parent answers in milliseconds; this only bounds a wedged parent.
@@ -75,7 +75,7 @@ def _report(channel: Channel, message: str, code: int) -> None:
     # Saying it takes fds (the message's import): the soft limit may be what ran out.
     raise_fd_limit()
     try:
-        from .messages import ChildFailed
+        from ..wire.messages import ChildFailed
         channel.send(ChildFailed(message=message, exit_code=code))
     except OSError:
         _log.error(message)  # the parent is gone; stderr is all that is left
@@ -105,7 +105,7 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
     env = command_environment(state_dir, (os.geteuid(), os.getegid()))  # ids before unshare
     activation = 0
     if "LISTEN_FDS" in env:
-        from ._systemd import activation_fds
+        from ..integrations.systemd import activation_fds
         activation = activation_fds(env, parent_pid)
     try:
         unshare(namespace_flags(config))
@@ -114,7 +114,7 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
     watcher = parent_pid
     hello = "ChildHello"
     if config.pidns:
-        from .messages import ChildHello
+        from ..wire.messages import ChildHello
         # returns only in pid 1 of the new pidns, which anchors the namespaces
         hello = ChildHello(pid=_split_pid_namespace(mask))
         watcher = None  # our parent (the shim) is outside the pidns: getppid() says 0
@@ -127,7 +127,7 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
 
     mounts.set_up(config.propagation, config.child_netns, config.copy_up, state_dir)
     if "/run" in config.copy_up and os.path.basename(config.command[0]) == "dockerd":
-        from ._docker import forget_host_runtime_dirs
+        from ..integrations.docker import forget_host_runtime_dirs
         forget_host_runtime_dirs()
     netns = os.path.join(state_dir, "netns")
     if config.detach_netns:
@@ -340,7 +340,7 @@ def _start_command(config: Config, env: dict[str, str], mask: set, activation: i
             if exe is None:
                 raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), argv[0])
             if activation:
-                from ._systemd import pass_activation_fds
+                from ..integrations.systemd import pass_activation_fds
                 pass_activation_fds(env, activation)
             os.execve(exe, argv, env)
         except OSError as exc:

@@ -2,7 +2,7 @@
 itself holds none and controllers can be delegated to the child's cgroup namespace."""
 import os
 
-from .errors import RootlessError, UsageError
+from ..errors import RootlessError, UsageError
 
 _ROOT = "/sys/fs/cgroup"
 
@@ -17,7 +17,7 @@ def _own_cgroup(path: str = "/proc/self/cgroup") -> str:
 
 
 def _is_cgroup2(path: str, mountinfo: str = "/proc/self/mountinfo") -> bool:
-    from .mounts import top_fstype
+    from ..child.mounts import top_fstype
 
     return top_fstype(path, mountinfo) == b"cgroup2"
 

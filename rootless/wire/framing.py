@@ -2,7 +2,7 @@
 
 The payload-free handshake messages (each message type's default instance) are kept
 here pre-encoded, and the one that carries data on the way to the command (the network
-driver's NetworkInfo) is encoded by hand (`_msgpack`), so a handshake never imports
+driver's NetworkInfo) is encoded by hand (`msgpack.py`), so a handshake never imports
 msgspec (9-11 ms here: half of rootlesskit's whole start-up) unless something fails.
 tests/test_messages.py checks both against msgspec's own encoding.
 """
@@ -10,8 +10,8 @@ import os
 import struct
 import time
 
-from ._process import readable
-from .errors import ProtocolError
+from .._process import readable
+from ..errors import ProtocolError
 
 MAX_FRAME = 1 << 20  # a handshake message is tiny: anything near this is garbage
 _HEADER = struct.Struct(">I")
@@ -44,7 +44,7 @@ class NetworkCompleted:
 
 def network_payload(info) -> bytes:
     """The payload of ParentInitNetworkDriverCompleted(network=info)."""
-    from ._msgpack import pack
+    from .msgpack import pack
     return _NETWORK_PREFIX + pack(info.to_wire())
 
 
@@ -85,7 +85,7 @@ def classify(payload: bytes):
     if name is not None:
         return name, None
     if payload.startswith(_NETWORK_PREFIX):
-        from ._msgpack import unpack
+        from .msgpack import unpack
         from .netinfo import NetworkInfo
         return _NETWORK, NetworkCompleted(NetworkInfo.from_wire(
             unpack(payload[len(_NETWORK_PREFIX):])))

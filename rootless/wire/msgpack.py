@@ -7,7 +7,7 @@ start-up of about 30, and one message of a few fields is all that needs encoding
 """
 import struct
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 # (type byte, struct format) for each width, narrowest first.
 _UINT = ((0xCC, ">B", 1 << 8), (0xCD, ">H", 1 << 16), (0xCE, ">I", 1 << 32), (0xCF, ">Q", 1 << 64))

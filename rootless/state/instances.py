@@ -26,9 +26,9 @@ the lookups, and the supervisor the recording.
 """
 import os
 
-from . import _log
-from ._safewalk import describe, walk
-from .errors import RootlessError, StateDirError, StateDirLocked, StateDirMissing, UsageError
+from .. import _log
+from .safewalk import describe, walk
+from ..errors import RootlessError, StateDirError, StateDirLocked, StateDirMissing, UsageError
 from .statedir import (_DIR_FLAGS, EXIT_STATUS, INSTANCE, StateDir, lock_held, open_existing,
                        read_bytes)
 
@@ -492,7 +492,7 @@ def stop(path: str, timeout: float) -> int:
     """`rootless-ctl stop`: SIGTERM to the supervisor of the instance on `path` (it
     forwards it to the command), wait until it has ended (at most `timeout` seconds)
     and return the run's exit status, as the supervisor recorded it."""
-    from ._process import readable
+    from .._process import readable
     import _signal as signal  # the C module: see _process.py
 
     pidfd, status_fd, record, real = _grab(path)

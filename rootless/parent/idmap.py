@@ -2,11 +2,11 @@
 ranges, or, for a user without any, a single-id map written directly."""
 import os
 
-from . import _log
-from ._paths import which
-from ._process import PYTHON_IGNORED_SIGNALS
-from .errors import IdmapError
-from .subid import Range, Subids, add_command
+from .. import _log
+from .._paths import which
+from .._process import PYTHON_IGNORED_SIGNALS
+from ..errors import IdmapError
+from ..subid import Range, Subids, add_command
 
 
 def map_args(host_id: int, ranges: list[Range]) -> list[str]:

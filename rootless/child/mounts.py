@@ -1,9 +1,9 @@
 """Mount set-up inside the child's mount namespace (sync; runs before the command)."""
 import os
 
-from .errors import ChildSetupError
-from .statedir import write_all, write_failure
-from .linux import (MNT_DETACH, MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE,
+from ..errors import ChildSetupError
+from ..state.statedir import write_all, write_failure
+from ..linux import (MNT_DETACH, MS_BIND, MS_MOVE, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE,
                     MS_REC, MS_SHARED, MS_SLAVE, mount, umount)
 
 # --propagation: the values rootlesskit's child accepts; without "r", / alone.
@@ -194,7 +194,7 @@ def _dir_point(hidden: str, name: str, index: int) -> str:
 def create_detached_netns(path: str) -> None:
     """--detach-netns: a new netns kept alive by a bind mount at `path` (in a process
     that exits afterwards: the caller stays in the host's netns)."""
-    from .linux import CLONE_NEWNET, unshare
+    from ..linux import CLONE_NEWNET, unshare
 
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600))

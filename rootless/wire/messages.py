@@ -1,6 +1,6 @@
 """Parent/child handshake messages: one tagged union of msgspec Structs, msgpack-encoded.
 
-Framing and the pipes are in `_framing` (no msgspec there): the payload-free messages
+Framing and the pipes are in `framing.py` (no msgspec there): the payload-free messages
 travel as pre-encoded frames and the network driver's message is encoded by hand, so a
 run without errors never imports msgspec before its command starts; these Structs are
 the schema that both must match (tests/test_messages.py). No trio import: the child
@@ -8,7 +8,7 @@ uses this module.
 """
 import msgspec
 
-from .errors import ProtocolError
+from ..errors import ProtocolError
 from .netinfo import FIELDS
 
 PROTOCOL_VERSION = 1
@@ -37,7 +37,7 @@ class ChildInitUserNSCompleted(Message):
     pass
 
 
-#: The wire schema of netinfo.NetworkInfo (a plain class, encoded by hand in _framing):
+#: The wire schema of netinfo.NetworkInfo (a plain class, encoded by hand in framing.py):
 #: built from its FIELDS, so the two cannot drift apart.
 NetworkInfoStruct = msgspec.defstruct("NetworkInfo", FIELDS, frozen=True)
 
@@ -65,7 +65,7 @@ AnyMessage = (ParentHello | ChildHello | ParentInitIdmapCompleted | ChildInitUse
               | ParentInitNetworkDriverCompleted | ParentInitPortDriverCompleted
               | ChildCommandStarted | ChildFailed)
 
-#: Messages whose default instance is sent as a constant frame (see _framing).
+#: Messages whose default instance is sent as a constant frame (see framing.py).
 CONSTANT = (ParentHello, ChildHello, ParentInitIdmapCompleted, ChildInitUserNSCompleted,
             ParentInitNetworkDriverCompleted, ParentInitPortDriverCompleted, ChildCommandStarted)
 

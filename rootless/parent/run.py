@@ -4,22 +4,24 @@ supervises the child until the command ends.
 The path to the user's command stays free of heavy imports: network helpers are
 started and waited for with plain system calls, the API socket and the -p ports are
 bound with the standard library before the command starts, and the parent then polls
-the child and the parts the run cannot live without (see _supervise).
+the child and the parts the run cannot live without (see supervise.py).
 """
 import os
 import _signal as signal  # the C module: see _process.py
 
-from . import _log, instances
-from ._process import (END_OF_SET_UP, FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals,
+from .. import _log
+from ..state import instances
+from .._process import (END_OF_SET_UP, FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals,
                        kill_user_namespace, readable, wait_for_status)
-from ._supervise import Component, supervise
-from .config import Config
-from .drivers import network, port
-from .errors import ChildSetupError, ProtocolError, RootlessError, StateDirError
+from ..drivers._component import Component
+from .supervise import supervise
+from ..config import Config
+from ..drivers import network, port
+from ..errors import ChildSetupError, ProtocolError, RootlessError, StateDirError
 from .idmap import write_maps
-from ._framing import Channel
-from .statedir import NAMESPACES, StateDir, record_namespaces
-from .subid import current_user, lookup
+from ..wire.framing import Channel
+from ..state.statedir import NAMESPACES, StateDir, record_namespaces
+from ..subid import current_user, lookup
 
 # Set-up in the child takes milliseconds (pyroute2's import is the slowest part);
 # this only turns a wedged child into an error instead of a hang.
@@ -34,7 +36,7 @@ _DYING = 0.1
 class Child:
     """The forked child and our ends of its two pipes. The channel stays open while the
     command runs: the child closes its end as the command ends, and we close ours to
-    tell it that we are stopping the command (see _supervise). Its pidfd is opened
+    tell it that we are stopping the command (see supervise.py). Its pidfd is opened
     at once and kept: what watches and stops it needs no new fd, even when the run
     is out of them."""
 
@@ -70,7 +72,7 @@ class Child:
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         pid = os.fork()
         if pid == 0:
-            from . import child
+            from ..child import run as child
             os.close(to_child_w)
             os.close(to_parent_r)
             state.close_lock_in_child()
@@ -88,7 +90,7 @@ class Child:
         return child
 
     def send(self, message, doing: str) -> None:
-        """Send the child `message` (see _framing.Channel.send) as the set-up goes on
+        """Send the child `message` (see wire.framing.Channel.send) as the set-up goes on
         (`doing`, for the error if the child is gone)."""
         try:
             self.channel.send(message)
@@ -126,7 +128,7 @@ class Child:
 
     def _gone(self, doing: str) -> ChildSetupError:
         """The child died during the set-up (killed, or out of memory): say how. Exit 1
-        when it was killed, as when it is killed later (see _supervise)."""
+        when it was killed, as when it is killed later (see supervise.py)."""
         code = self.wait()
         return ChildSetupError(f"the child {self.how()} during set-up ({doing})",
                                exit_code=1 if self.signal else code or 1)
@@ -228,11 +230,11 @@ def run(config: Config) -> int:
     ports.preflight()
     subids = lookup(user, uid, config.subid_source)
     if _runs_dockerd(config):
-        from ._docker import preflight
+        from ..integrations.docker import preflight
         preflight(config, subids, net_was_auto=net_was_auto)
     notifier = _systemd_setup(config)
     if config.evacuate_cgroup2:
-        from .cgroup import evacuate
+        from ..integrations.cgroup import evacuate
         evacuate(config.evacuate_cgroup2)
 
     state = instances.open_state(config)
@@ -248,7 +250,7 @@ def run(config: Config) -> int:
             except RootlessError:
                 state.raise_if_removed()
                 raise
-            from ._services import Services  # threading: not before the command runs
+            from .services import Services  # threading: not before the command runs
 
             services = Services(config, state, anchor, info, ports, listeners)
             services.start()
@@ -282,7 +284,7 @@ class Listeners:
     """What listens before the command starts: the API socket and the port driver's -p
     ports, bound with the standard library (no trio, no h11 on the way to the
     command). A port that cannot be had is then an error before anything runs, and
-    clients wait in the backlogs until the services load (_services)."""
+    clients wait in the backlogs until the services load (services.py)."""
 
     def __init__(self, ports):
         self.ports = ports
@@ -291,7 +293,7 @@ class Listeners:
         self.early: list[int] | None = []
 
     def bind(self, state: StateDir) -> None:
-        from .api import listen
+        from ..api import listen
 
         self.early = self.ports.listen_early()
         self.path = state.file("api.sock")  # last: once it answers, the ports listen
@@ -321,7 +323,7 @@ def _systemd_setup(config: Config):
     """Socket activation and readiness (see _systemd); imported only when in use."""
     env = os.environ
     if "LISTEN_FDS" in env or "NOTIFY_SOCKET" in env or config.notify != "none":
-        from . import _systemd
+        from ..integrations import systemd as _systemd
         _systemd.hold_activation_fds()
         if config.notify == "ready":
             return _systemd.Notifier.from_environment()
@@ -335,7 +337,7 @@ def _auto_port_driver(config: Config) -> str:
     if config.net == "host":
         return "none"
     if config.net == "pasta":
-        from .drivers.port.implicit import can_forward
+        from ..drivers.port.implicit import can_forward
         if can_forward(config):
             return "implicit"
     return "builtin"
@@ -377,7 +379,7 @@ def _handshake(config, state, child, net, ports, listeners, uid, gid, user, subi
         child.send_network(info, doing)
     opaque = ports.opaque()
     if opaque:
-        from .messages import ParentInitPortDriverCompleted
+        from ..wire.messages import ParentInitPortDriverCompleted
         child.send(ParentInitPortDriverCompleted(opaque=opaque), doing)
     else:
         child.send("ParentInitPortDriverCompleted", doing)

@@ -11,7 +11,7 @@ before it, with O_NOFOLLOW;
 import os
 import stat
 
-from .errors import StateDirError, StateDirMissing
+from ..errors import StateDirError, StateDirMissing
 
 PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_LINKS = 40  # as the kernel's path walk

@@ -9,23 +9,13 @@ import os
 import select
 import _signal as signal  # the C module: see _process.py
 
-from . import _log
-from ._process import drain, readable, signal_wakeup
+from .. import _log
+from .._process import drain, readable, signal_wakeup
 
 # How long the command gets to stop on SIGTERM after its network has gone.
 STOP_GRACE = 10.0
 # A part of the child ended: how long the child may take to be seen dead, if that is why.
 _CHILD_EXITING = 0.1
-
-
-class Component:
-    """A part the run cannot live without, watched through `fd`: `events` (POLLIN for
-    a pidfd or a pipe that says why; 0 for a socket whose hang-up is its end). `why()`
-    says, in one line, what happened. `in_child`: it lives in the child's process (the
-    socket factory, a thread of it), and so ends with it."""
-
-    def __init__(self, fd: int, why, events: int = 0, in_child: bool = False):
-        self.fd, self.why, self.events, self.in_child = fd, why, events, in_child
 
 
 def supervise(child, components: list) -> int:

@@ -1,11 +1,11 @@
 """What a network driver tells the child to configure on its interface.
 
 A plain class, not a msgspec Struct: it is the payload of the handshake's one message
-that carries data, which `_framing` encodes by hand so that msgspec's import stays off
+that carries data, which `framing.py` encodes by hand so that msgspec's import stays off
 the way to the command. `messages` builds the same message's msgspec schema from
 FIELDS, and tests/test_messages.py checks that both give the same bytes.
 """
-from .errors import ProtocolError
+from ..errors import ProtocolError
 
 #: (name, type, default), in wire order.
 FIELDS = (("ifname", str, ""), ("ip", str, ""), ("netmask", int, 0), ("gateway", str, ""),

@@ -26,11 +26,11 @@ import select
 import threading
 import _signal as signal  # the C module: see _process.py
 
-from . import __version__, _log
-from ._listen import raise_fd_limit
-from ._process import FORWARDED_SIGNALS
-from ._supervise import Component
-from .api import API_VERSION
+from .. import __version__, _log
+from .._listen import raise_fd_limit
+from .._process import FORWARDED_SIGNALS
+from ..drivers._component import Component
+from ..api import API_VERSION
 
 _GRACE = 0.02  # seconds before the services load: see the module's docstring
 
@@ -154,21 +154,21 @@ class Services:
             # at a -p port's: 0.5 MiB and some milliseconds that a port's client would
             # pay for nothing (docs/memory.md).
             await trio.lowlevel.wait_readable(self._listener.fileno())
-            from .api.router import Router
-            from .api.server import serve
+            from ..api.router import Router
+            from ..api.server import serve
 
             self._api = _stdlib_socket(self._listener)
             await nursery.start(serve, self._api, Router(self.info, self.ports))
             _log.debug(f"API on {self.state.file('api.sock')}")
 
     def info(self):
-        from .api.models import Info, NetworkDriverInfo, PortDriverInfo
+        from ..api.models import Info, NetworkDriverInfo, PortDriverInfo
 
         net = None
         if self.config.net == "host":
             net = NetworkDriverInfo(driver="")
         else:
-            from .drivers import network
+            from ..drivers import network
 
             ni = self.network_info
             dynamic = getattr(network.get(self.config.net), "dynamic_child_ip", False)
@@ -195,7 +195,7 @@ def _stdlib_socket(sock):
 
 
 def _describe(exc: BaseException) -> str:
-    from .errors import RootlessError
+    from ..errors import RootlessError
 
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)

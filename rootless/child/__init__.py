@@ -1,0 +1,1 @@
+"""The child: the side of the run in the new namespaces."""

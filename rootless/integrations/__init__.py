@@ -1,0 +1,1 @@
+"""What the run does for Docker, systemd and cgroups."""

@@ -1,0 +1,1 @@
+"""The parent: the supervisor's side of the run (rootless-run's process)."""

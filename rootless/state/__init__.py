@@ -1,0 +1,1 @@
+"""The state dir and the registry of running instances."""

@@ -1,0 +1,1 @@
+"""The handshake's wire: frames and the messages they carry."""
