@@ -369,10 +369,14 @@ def _indented_json(value) -> str:
     return _go_escape(json.dumps(value, indent=4, ensure_ascii=False)) + "\n"
 
 
-def _builtins(struct):
+def _builtins(value):
+    """An API model (a Struct, or a port model's PortStatus) as JSON's builtins."""
     import msgspec
 
-    return msgspec.to_builtins(struct)  # keeps omit_defaults: Go's omitempty
+    from .api.models import encode_hook
+
+    # keeps omit_defaults: Go's omitempty
+    return msgspec.to_builtins(value, enc_hook=encode_hook)
 
 
 def _go_escape(text: str) -> str:

@@ -18,8 +18,6 @@ an empty child IP means the driver's default. Both stay empty: the drivers decid
 import ipaddress
 import re
 
-import msgspec
-
 from ._log import printable
 from .ports import PortSpec
 from .errors import PortSpecError
@@ -82,8 +80,7 @@ def validate(spec: PortSpec, *, text: str | None = None) -> PortSpec:
                 f"parent IP {parent_ip} is IPv{parent_ip.version} but {spec.proto} is "
                 f"IPv{family} only {where}: use {base} or {base}{other}, or an IPv{family} "
                 f"address")
-    return msgspec.structs.replace(
-        spec,
+    return spec.replace(
         parentIP="" if parent_ip is None else str(parent_ip),
         childIP="" if child_ip is None else str(child_ip),
     )

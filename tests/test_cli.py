@@ -9,6 +9,8 @@ import tempfile
 
 import pytest
 
+from conftest import free_port
+
 # Every flag of the contract (COMPAT.md, "Command line").
 COMPAT_FLAGS = [
     "--debug", "--state-dir", "--net", "--slirp4netns-binary", "--pasta-binary",
@@ -107,6 +109,27 @@ def test_import_hygiene(modules, absent):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "", f"imported by {modules}: {r.stdout.strip()}"
+
+
+@pytest.mark.parametrize("net,port_driver", [
+    ("slirp4netns", "builtin"), ("slirp4netns", "slirp4netns"), ("pasta", "implicit")])
+def test_publishing_loads_no_msgspec_before_the_fork(net, port_driver):
+    """What the parent does with -p before the fork (parse, check, bind the builtin
+    driver's ports) loads no msgspec: the child would share it (3 MiB), and it would
+    delay the command (10-16 ms). tests/test_ports.py checks a whole run, as the user."""
+    port = free_port()
+    code = ("import sys; from rootless.cli import build_config; "
+            "from rootless.drivers import port; "
+            f"config = build_config('rootless-run', ['--net={net}', "
+            f"'--port-driver={port_driver}', '-p', '127.0.0.1:{port}:80/tcp', '--', 'true']); "
+            "ports = port.get(config.port_driver)(config); ports.preflight(); "
+            "ports.link_child(); bound = ports.listen_early() or (); ports.close_early(); "
+            "print(len(bound), sorted(m for m in sys.modules "
+            "if m.startswith(('msgspec', 'rootless.portspec'))))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0, r.stderr
+    bound = 1 if port_driver == "builtin" else 0  # the others' helper binds
+    assert r.stdout.strip() == f"{bound} ['rootless.portspec']", r.stdout
 
 
 @pytest.mark.parametrize("script,argv", [

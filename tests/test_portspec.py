@@ -4,6 +4,7 @@ import msgspec
 import pytest
 
 from rootless import portspec
+from rootless.api.models import PortSpecBody, port_spec
 from rootless.ports import PortSpec
 from rootless.errors import PortSpecError, RootlessError, UsageError
 
@@ -187,7 +188,7 @@ def test_validate_accepts_what_parse_makes():
 
 def test_validate_from_json_body():
     body = b'{"proto":"tcp","parentIP":"127.0.0.1","parentPort":8080,"childPort":80}'
-    got = portspec.validate(msgspec.json.decode(body, type=PortSpec))
+    got = portspec.validate(port_spec(msgspec.json.decode(body, type=PortSpecBody)))
     assert got == spec(parentIP="127.0.0.1")
 
 

@@ -24,8 +24,8 @@ from hypothesis import example, given, strategies as st
 
 from conftest import RUN, VENV_BIN, answers, examples, sample
 from hostile import any_text, pieces
-from rootless.ports import PortSpec
-from test_properties_portspec import (BIND_FAILURES, api_answer, argv_specs, bodies,
+from rootless.api.models import PortSpecBody
+from test_properties_portspec import (BIND_FAILURES, api_answer, argv_specs, bodies, body_of,
                                       ctl_specs, outcome, stderr_line)
 
 CTL = os.path.join(VENV_BIN, "rootless-ctl")
@@ -300,7 +300,7 @@ BIND_STATUSES = (400, 409)
 
 @sample(15, 300)
 @given(st.one_of(bodies, argv_specs.map(lambda t: outcome(ctl_specs, t)).filter(
-    lambda o: o[0]).map(lambda o: msgspec.json.encode(o[1][0]))))
+    lambda o: o[0]).map(lambda o: body_of(o[1][0]))))
 def test_real_post_answers_as_the_in_process_api(instance, body):
     """POST /v1/ports to the real instance: what the router and the driver's checks
     answer in process (tests/test_properties_portspec.py), or, for a spec they
@@ -319,7 +319,7 @@ def test_real_post_answers_as_the_in_process_api(instance, body):
         wanted = msgspec.to_builtins(msgspec.json.decode(expected, type=dict)["spec"])
         if wanted.get("parentPort", 0) == 0:  # an automatic port: the one chosen
             wanted["parentPort"] = spec["parentPort"]
-        assert msgspec.convert(spec, PortSpec) == msgspec.convert(wanted, PortSpec)
+        assert msgspec.convert(spec, PortSpecBody) == msgspec.convert(wanted, PortSpecBody)
 
 
 @sample(10, 200)
@@ -337,7 +337,7 @@ def test_real_rootless_ctl_add_ports_says_what_the_property_says(instance, text)
         else:
             assert r.returncode == 1 and stderr_line(r.stderr, "rootless-ctl") == expected
         return
-    status, answer = api_answer(msgspec.json.encode(expected[0]))
+    status, answer = api_answer(body_of(expected[0]))
     if status != 201:  # the API refuses it, as it says
         message = json.loads(answer)["message"]
         assert r.returncode == 1 and stderr_line(r.stderr, "rootless-ctl") == \

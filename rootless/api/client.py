@@ -11,11 +11,11 @@ import msgspec
 
 from ..errors import ApiError, ApiUnreachable
 from ..ports import PortSpec, PortStatus
-from .models import ErrorBody, Info
+from .models import ErrorBody, Info, PortStatusBody, encode_hook, port_status
 
 DEFAULT_TIMEOUT = 30.0  # seconds; adding a port may wait for the child's side
 
-_encoder = msgspec.json.Encoder()
+_encoder = msgspec.json.Encoder(enc_hook=encode_hook)
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -46,10 +46,12 @@ class Client:
 
     def list_ports(self) -> list[PortStatus]:
         # `or []`: Go encodes an empty (nil) slice as null
-        return self._call("GET", "/v1/ports", list[PortStatus] | None) or []
+        bodies = self._call("GET", "/v1/ports", list[PortStatusBody] | None) or []
+        return [port_status(body) for body in bodies]
 
     def add_port(self, spec: PortSpec) -> PortStatus:
-        return self._call("POST", "/v1/ports", PortStatus, _encoder.encode(spec))
+        return port_status(self._call("POST", "/v1/ports", PortStatusBody,
+                                      _encoder.encode(spec)))
 
     def remove_port(self, ident: int) -> None:
         self._call("DELETE", f"/v1/ports/{int(ident)}", None)

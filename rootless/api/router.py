@@ -16,10 +16,10 @@ import msgspec
 from ..errors import CAPACITY_ERRNOS, RootlessError
 from ..ports import (PortConflict, PortError, PortHelperFailed, PortNotFound, PortRequestInvalid,
                      PortSpec, PortsUnavailable)
-from .models import ErrorBody
+from .models import ErrorBody, PortSpecBody, encode_hook, port_spec
 
-_json = msgspec.json.Encoder()
-_spec_decoder = msgspec.json.Decoder(PortSpec)
+_json = msgspec.json.Encoder(enc_hook=encode_hook)
+_spec_decoder = msgspec.json.Decoder(PortSpecBody)
 
 INFO, PORTS, PORT = "/v1/info", "/v1/ports", "/v1/ports/{id}"
 _METHODS = {INFO: ("GET",), PORTS: ("GET", "POST"), PORT: ("DELETE",)}
@@ -121,6 +121,6 @@ class Router:
     @staticmethod
     def _spec(body: bytes) -> PortSpec:
         try:
-            return _spec_decoder.decode(body)
+            return port_spec(_spec_decoder.decode(body))
         except msgspec.DecodeError as exc:
             raise ApiFailure(400, f"invalid port spec body: {exc}") from None

@@ -21,14 +21,18 @@ class BuiltinPortDriver(PortDriver):
 
     def preflight(self) -> None:
         from ...errors import UsageError
-        from ...portspec import parse, validate, written
 
         if self.config.net == "host":
             raise UsageError("--port-driver=builtin needs a network namespace: use it with "
                              "--net=slirp4netns, pasta or none")
-        self.initial = [validate(parse(text)) for text in self.config.publish]
+        self.initial = []
         self._early = []  # (_spec_key(spec), its socket), bound by listen_early()
         self._factory_link = self._factory_end = None
+        if not self.config.publish:
+            return  # portspec (re, ipaddress: 1-2 ms) only when there are specs
+        from ...portspec import parse, validate, written
+
+        self.initial = [validate(parse(text)) for text in self.config.publish]
         for text, spec in zip(self.config.publish, self.initial):
             if spec.proto not in self.protos:
                 raise UsageError(f"-p {written(text)}: {spec.proto} is not supported by "
@@ -59,12 +63,11 @@ class BuiltinPortDriver(PortDriver):
 
     def listen_early(self) -> list[int]:
         """The -p ports listen from the start; the relays load at their first client."""
-        from ...portspec import written
-
         for text, spec in zip(self.config.publish, self.initial):
             try:
                 self._early.append((_spec_key(spec), _bind(spec)))
             except OSError as exc:  # those bound so far: close_early(), as always
+                from ...portspec import written
                 raise PortSpecError(f"-p {written(text)}: {self._early_failure(spec, exc)}"
                                     ) from None
         return [sock.fileno() for _, sock in self._early]
@@ -115,7 +118,6 @@ class BuiltinPortDriver(PortDriver):
             self.factory.close()
 
     async def _expose(self, spec):
-        import msgspec
         import trio
         from ...ports import PortsUnavailable
 
@@ -128,7 +130,7 @@ class BuiltinPortDriver(PortDriver):
                 raise bind_failure(exc, spec.proto, spec.parentIP or "0.0.0.0",
                                    spec.parentPort) from None
         if spec.parentPort == 0:
-            spec = msgspec.structs.replace(spec, parentPort=sock.getsockname()[1])
+            spec = spec.replace(parentPort=sock.getsockname()[1])
         if udp:
             sock.setblocking(False)
             try:

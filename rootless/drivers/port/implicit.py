@@ -188,7 +188,6 @@ class ImplicitPortDriver(PortDriver):
         await super().remove(ident)
 
     async def _expose(self, spec):
-        import msgspec
         from ...ports import PortConflict, PortRequestInvalid
 
         if self.mode == RULES:
@@ -207,7 +206,7 @@ class ImplicitPortDriver(PortDriver):
         if problem:
             raise PortRequestInvalid(problem)
         if spec.parentPort == 0:
-            spec = msgspec.structs.replace(spec, parentPort=spec.childPort)
+            spec = spec.replace(parentPort=spec.childPort)
         if spec.parentPort != spec.childPort:
             raise PortRequestInvalid(f"parent port {spec.parentPort} differs from child port "
                                      f"{spec.childPort}: pasta's automatic forwarding keeps the "

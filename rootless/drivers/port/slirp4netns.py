@@ -37,7 +37,7 @@ class Slirp4netnsPortDriver(PortDriver):
                              f"add --net=slirp4netns, or use --port-driver=builtin")
         self.child_ip = Addressing(self.config.cidr).child
         self.initial = []
-        if self.config.publish:  # msgspec (through portspec) only when there are specs
+        if self.config.publish:  # portspec (re, ipaddress) only when there are specs
             from ...portspec import parse, written
 
             for text in self.config.publish:
@@ -76,8 +76,6 @@ class Slirp4netnsPortDriver(PortDriver):
             await super().remove(ident)
 
     async def _expose(self, spec):
-        import msgspec
-
         from ...ports import PortConflict, PortError, PortHelperFailed
 
         self._check(spec, where=f"port {_text(spec)}")
@@ -98,7 +96,7 @@ class Slirp4netnsPortDriver(PortDriver):
             raise PortHelperFailed(f"unexpected answer from slirp4netns to add_hostfwd: "
                                    f"{reply!r:.200}")
         if port != spec.parentPort:
-            spec = msgspec.structs.replace(spec, parentPort=port)
+            spec = spec.replace(parentPort=port)
 
         async def close():
             reply = await self._call("remove_hostfwd", {"id": fwd})
@@ -170,14 +168,15 @@ class Slirp4netnsPortDriver(PortDriver):
 
     async def _call(self, execute: str, arguments: dict) -> dict:
         """One request to slirp4netns' API, on a connection of its own."""
+        import json  # not msgspec: its import is 3 MiB, and the API may never be used
         import socket
 
-        import msgspec
         import trio
 
         from ...ports import PortHelperFailed, PortsUnavailable
 
-        request = msgspec.json.encode({"execute": execute, "arguments": arguments})
+        request = json.dumps({"execute": execute, "arguments": arguments},
+                             separators=(",", ":")).encode()
         reply = bytearray()
         with trio.move_on_after(_TIMEOUT) as timer:
             with trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
@@ -200,8 +199,8 @@ class Slirp4netnsPortDriver(PortDriver):
             raise PortsUnavailable(f"slirp4netns did not answer {execute} within "
                                    f"{_TIMEOUT:.0f} s ({self._api})")
         try:
-            answer = msgspec.json.decode(bytes(reply))
-        except msgspec.DecodeError:
+            answer = json.loads(bytes(reply))
+        except ValueError:  # not JSON, or not UTF-8
             answer = None
         if not isinstance(answer, dict):
             raise PortHelperFailed(f"unexpected answer from slirp4netns to {execute}: "
