@@ -27,9 +27,9 @@ the lookups, and the supervisor the recording.
 import os
 
 from .. import _log
-from .safewalk import describe, walk
+from .safewalk import describe
 from ..errors import RootlessError, StateDirError, StateDirLocked, StateDirMissing, UsageError
-from .statedir import (_DIR_FLAGS, EXIT_STATUS, INSTANCE, StateDir, lock_held, open_existing,
+from .statedir import (EXIT_STATUS, INSTANCE, StateDir, lock_held, open_dir, open_existing,
                        read_bytes)
 
 BASE = "rootless"  # in $XDG_RUNTIME_DIR
@@ -255,14 +255,7 @@ def _open_registry(create: bool) -> int:
     """The registry dir's fd, once it is known to be the user's alone."""
     path = os.path.join(base_dir("finding instances", fix=" (instances started without "
                                  "it cannot be found)"), REGISTRY)
-    parent_fd, name, real = walk(path, create=create, what=f"the registry of instances {path}")
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    except OSError as exc:
-        raise StateDirError(f"cannot open {real}: {describe(exc)}") from None
-    finally:
-        os.close(parent_fd)
-    st = os.fstat(fd)
+    fd, real, st = open_dir(path, create=create, what=f"the registry of instances {path}")
     if st.st_uid != os.geteuid() or st.st_mode & 0o022:
         os.close(fd)
         raise StateDirError(f"{real} is not a dir of yours only (uid {st.st_uid}, mode "

@@ -381,19 +381,28 @@ def open_existing(path: str) -> tuple[int, str]:
     """For joiners (`rootless-ctl enter`, `--reuse`): the fd and real path of the
     user's existing state dir at `path`, reached as StateDir.open does. Raises
     StateDirMissing, or StateDirError naming what is wrong."""
-    parent_fd, name, real = walk(os.path.abspath(path), create=False)
-    try:
-        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-    except OSError as exc:
-        raise StateDirError(f"cannot open state dir {real}: {describe(exc)}") from None
-    finally:
-        os.close(parent_fd)
-    st = os.fstat(fd)
+    fd, real, st = open_dir(os.path.abspath(path), create=False, label="state dir ")
     if st.st_uid != os.geteuid():
         os.close(fd)
         raise StateDirError(f"state dir {real} belongs to uid {st.st_uid}, not to you (uid "
                             f"{os.geteuid()}): you can use only your own instances")
     return fd, real
+
+
+def open_dir(path: str, *, create: bool, what: str = "", label: str = ""
+             ) -> tuple[int, str, os.stat_result]:
+    """The dir at absolute `path`, reached without following a symlink an attacker
+    could swap in (safewalk.walk, `create` and `what` as there): its fd, real path and
+    stat, for the caller's check of whose it is. StateDirError (`label` + real path)
+    if it cannot be opened."""
+    parent_fd, name, real = walk(path, create=create, what=what)
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        raise StateDirError(f"cannot open {label}{real}: {describe(exc)}") from None
+    finally:
+        os.close(parent_fd)
+    return fd, real, os.fstat(fd)
 
 
 def read_small(dir_fd: int, name: str) -> str | None:

@@ -109,7 +109,6 @@ def _failure(function, *args) -> str:
                 raise_fd_limit()
                 continue
             return exc.strerror or str(exc) or "failed"
-    return ""
 
 
 def _serve(conn: socket.socket, transparent: bool) -> None:
