@@ -25,10 +25,9 @@ import os
 # once the command runs).
 import resource  # noqa: F401
 import select
-import threading
 import _signal as signal  # the C module: see _process.py
 
-from .. import __version__, _log
+from .. import __version__, _log, _threads
 from .._listen import raise_fd_limit
 from .._process import FORWARDED_SIGNALS
 from ..drivers._component import Component
@@ -52,17 +51,16 @@ class Services:
         self.failed_r, self._failed_w = os.pipe()
         # stop() writes here: it wakes the thread wherever it waits before trio runs.
         self._wake_r, self._wake_w = os.pipe()
-        self._lock = threading.Lock()
+        self._lock = _threads.Lock()
         self._stopping = False
         self._active = False
-        self._running = threading.Event()
+        self._running = _threads.Event()
         # Set once the port driver and the API listen (or the services gave up):
         # what --notify=ready waits for before READY=1.
-        self.started = threading.Event()
+        self.started = _threads.Event()
         self._token = None
         self._scope = None
-        self._thread = threading.Thread(target=self._run, name="rootless-services",
-                                        daemon=True)
+        self._thread = _threads.Thread(self._run)
         ports.on_failure = self._fail
 
     def _fail(self, message: str) -> None:

@@ -16,6 +16,8 @@ cancellation writes an eventfd the thread polls along with its fds.
 import os
 import select
 
+from ... import _threads
+
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _IDLE_MS = 50
 
@@ -40,7 +42,7 @@ _IDLE_WORKER = 10.0  # s: a worker with nothing to copy this long ends (as trio'
 _busy: set = set()   # the copies on a worker now (the loop's thread adds, removes)
 _idle: list = []     # the workers waiting for a copy
 _ending: set = set()  # copies whose worker has not yet handed them back
-_lock = None         # threading.Lock, guards _idle and _ending
+_lock = None         # guards _idle and _ending
 
 
 def _workers() -> int:
@@ -61,10 +63,8 @@ def start(copy: Copy, done) -> bool:
     is called; then the worker calls `done()` (from its thread). False, and nothing
     started, when no eventfd or thread can be had now (out of fds or threads)."""
     global _lock
-    import threading
-
     if _lock is None:
-        _lock = threading.Lock()
+        _lock = _threads.Lock()
     try:
         copy.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     except OSError:
@@ -76,7 +76,7 @@ def start(copy: Copy, done) -> bool:
         worker = _Worker()
         worker.job = (copy, done)
         try:
-            threading.Thread(target=worker.run, daemon=True).start()
+            _threads.Thread(worker.run).start()
         except RuntimeError:  # "can't start new thread"
             with _lock:
                 _ending.discard(copy)
@@ -117,22 +117,20 @@ class _Worker:
     "rootless worker" while it waits (top, and the tests, tell them apart)."""
 
     def __init__(self):
-        import threading
-
-        self.wake = threading.Event()
+        self.wake = _threads.Event()
         self.job = None
 
     def run(self) -> None:
         while True:
             copy, done = self.job
             self.job = None
-            name_thread("rootless relay")
+            _threads.name("rootless relay")
             try:
                 _copy(copy, copy.wake)
             except BaseException as exc:  # noqa: B902 - a bug: said as a failed read
                 copy.how, copy.error = READ_FAILED, OSError(str(exc))
             finally:
-                name_thread("rootless worker")
+                _threads.name("rootless worker")
                 with _lock:
                     _idle.append(self)
                     _ending.discard(copy)
@@ -147,15 +145,6 @@ class _Worker:
                         return
                 self.wake.wait()  # taken just now: the copy is coming
             self.wake.clear()
-
-
-def name_thread(name: str) -> None:
-    """The thread's name as ps and /proc show it."""
-    try:
-        with open("/proc/thread-self/comm", "w") as f:
-            f.write(name)
-    except OSError:
-        pass
 
 
 def _copy(copy: Copy, wake: int) -> None:

@@ -2,9 +2,7 @@
 with the socket factory's client and the published TCP ports. It starts at the first
 client of a -p TCP port, or when trio's services start, whichever comes first; other
 threads (the services', trio's) add and remove ports through it."""
-import threading
-
-from ... import _log
+from ... import _log, _threads
 from . import _relay
 from ._loop import Loop
 from ._socket_factory import Factory
@@ -20,7 +18,7 @@ class Engine:
         self._on_failure = on_failure  # a message: the run cannot go on
         self._ports: set[TcpPort] = set()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="rootless-ports", daemon=True)
+        self._thread = _threads.Thread(self._run)
 
     def start(self) -> None:
         _relay.pipes.loop = self.loop
@@ -47,7 +45,7 @@ class Engine:
 
     def remove_port(self, port: TcpPort) -> None:
         """Close `port` and its connections; returns once they are closed."""
-        closed = threading.Event()
+        closed = _threads.Event()
         try:
             self.loop.call_soon_threadsafe(lambda: (self._ports.discard(port),
                                                     port.close(closed.set)))
@@ -57,7 +55,7 @@ class Engine:
 
     def _call(self, function):
         """Run `function` on the loop's thread and return what it returns."""
-        done, box = threading.Event(), []
+        done, box = _threads.Event(), []
 
         def call():
             try:
@@ -76,9 +74,7 @@ class Engine:
         return result
 
     def _run(self) -> None:
-        from ._bulk import name_thread
-
-        name_thread("rootless ports")  # as top and /proc show it
+        _threads.name("rootless ports")
         try:
             self.loop.run()
         except BaseException as exc:  # noqa: B902 - the run cannot go on without ports
