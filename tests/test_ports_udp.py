@@ -274,6 +274,11 @@ def test_ports_load_at_their_first_client(user, rootless_run, state_dir, spawned
     time.sleep(0.3)  # well past the moment the services used to load
     idle = rss_kib(proc.pid)  # setpriv execs: the Popen's pid is rootless-run's parent
     assert "rootless ports" not in _thread_names(proc.pid)
+    # Both file tables grown to 1024 while their process had one thread: grown later,
+    # in a process of several, each growth waits for an RCU grace period (8-10 ms of
+    # the first client's wait, when the socket factory's first batch crossed 64 fds).
+    for pid in (proc.pid, child_pid):
+        assert _fd_table_size(pid) >= 1024, pid
     # Nor is the routing for clients' addresses set up yet (made as the command
     # started, it stalled the command's own first transfers).
     assert "fwmark" not in child_rules(child_pid)
@@ -288,6 +293,11 @@ def test_ports_load_at_their_first_client(user, rootless_run, state_dir, spawned
         assert "rootless ports" in _thread_names(proc.pid)
         assert loaded - idle < 4 * 1024, f"RSS {idle} KiB idle, {loaded} KiB: trio loaded?"
     assert "fwmark 0x524c" in child_rules(child_pid)
+
+
+def _fd_table_size(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("FDSize:")).split()[1])
 
 
 def _thread_names(pid: int) -> list[str]:

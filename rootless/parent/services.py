@@ -28,7 +28,7 @@ import select
 import _signal as signal  # the C module: see _process.py
 
 from .. import __version__, _log, _threads
-from .._listen import raise_fd_limit
+from .._listen import grow_fd_table, raise_fd_limit
 from .._process import FORWARDED_SIGNALS
 from ..drivers._component import Component
 from ..api import API_VERSION
@@ -77,6 +77,7 @@ class Services:
         # main thread slept on in poll(), until TimeoutStopSec. A thread gets the mask
         # of the one that starts it: blocked around start(), not in the thread, where
         # a signal could come before it is.
+        grow_fd_table(self._wake_r)  # while the parent has one thread: see there
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         try:
             self._thread.start()

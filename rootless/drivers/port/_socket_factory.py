@@ -51,6 +51,9 @@ def start(conn: socket.socket, netns: str | None, transparent: bool) -> None:
     parent's end up, as the child's does."""
     import _thread
 
+    from ..._listen import grow_fd_table
+
+    grow_fd_table(conn.fileno())  # now, while the child has one thread (see there)
     # Every signal blocked: the kernel gives a process' signal to any thread that does
     # not block it, and only the main thread runs the handlers (forwarding, the kill
     # of the command's tree); taken here, one would wait until the main thread wakes.
