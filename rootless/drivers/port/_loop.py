@@ -116,8 +116,10 @@ class Loop:
     def close(self) -> None:
         self._running = False
         self._epoll.close()
-        os.close(self._wake)
-        self._wake = -1
+        # -1 first: another thread's call_soon_threadsafe must not write to the number
+        # once it is closed (and maybe reused by an fd of someone else).
+        wake, self._wake = self._wake, -1
+        os.close(wake)
 
     def _timeout(self) -> float:
         if self._calls:
