@@ -58,6 +58,23 @@ def spare_fd() -> SpareFd:
     return _spare[0]
 
 
+def grow_fd_table(fd: int, size: int = 1024) -> None:
+    """Make this process's file table hold `size` fds now, while it has one thread
+    (`fd`: any open one, copied once to number size-1 and closed).
+    The kernel grows the table as fd numbers pass its size (64, 128, 256...), and in a
+    process of several threads each growth waits for an RCU grace period: 8-10 ms,
+    paid by whichever connection's socket crossed the line. The first client's
+    answer waited for it, in the socket factory as it made its first batch. A table
+    of 1024 is 8 KiB of the kernel's memory. Only past the soft limit does it not
+    grow (dup2 then fails: nothing lost)."""
+    import fcntl
+
+    try:
+        os.close(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, size - 1))
+    except OSError:
+        pass
+
+
 def raise_fd_limit() -> None:
     """Raise the soft limit of open files to the hard one, as Go does at the start of
     every program (rootlesskit's included): each connection costs two sockets, and the

@@ -15,8 +15,7 @@ An empty parent IP (API body without `parentIP`, or text `:8080:80/tcp`, which
 rootlesskit's scanner also accepts) means "all host addresses", as in rootlesskit;
 an empty child IP means the driver's default. Both stay empty: the drivers decide.
 """
-import ipaddress
-import re
+import _socket
 
 from ._log import printable
 from .ports import PortSpec
@@ -26,7 +25,13 @@ PROTOS = ("tcp", "tcp4", "tcp6", "udp", "udp4", "udp6", "sctp", "sctp4", "sctp6"
 _PROTO_HINT = "use " + ", ".join(PROTOS[:-1]) + " or " + PROTOS[-1]
 SYNTAX = "[PARENT_IP:]PARENT_PORT:[CHILD_IP:]CHILD_PORT/PROTO"
 _EXAMPLE = '"127.0.0.1:8080:80/tcp"'
-_DIGITS = re.compile(r"[0-9]+")  # ASCII only: int() would take "+80", " 80", "٨٠"
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: int() would take "+80", " 80", "٨٠". (Not re: re and the
+    enum it loads are 1 MiB of every run that has a -p.)"""
+    return text.isascii() and text.isdigit()
+
 
 
 def parse(text: str) -> PortSpec:
@@ -73,16 +78,17 @@ def validate(spec: PortSpec, *, text: str | None = None) -> PortSpec:
     # (rootlesskit drops the 4/6 suffix there).
     if parent_ip is not None:
         family = spec.proto[-1]
-        if family in "46" and str(parent_ip.version) != family:
+        ip, version = parent_ip
+        if family in "46" and str(version) != family:
             other = "6" if family == "4" else "4"
             base = spec.proto[:-1]
             raise PortSpecError(
-                f"parent IP {parent_ip} is IPv{parent_ip.version} but {spec.proto} is "
+                f"parent IP {ip} is IPv{version} but {spec.proto} is "
                 f"IPv{family} only {where}: use {base} or {base}{other}, or an IPv{family} "
                 f"address")
     return spec.replace(
-        parentIP="" if parent_ip is None else str(parent_ip),
-        childIP="" if child_ip is None else str(child_ip),
+        parentIP="" if parent_ip is None else parent_ip[0],
+        childIP="" if child_ip is None else child_ip[0],
     )
 
 
@@ -114,7 +120,7 @@ def _assign(fields: list[tuple[str, bool]], proto: str, where: str) -> PortSpec:
         # PARENT_IP:PARENT_PORT:CHILD_PORT or PARENT_PORT:CHILD_IP:CHILD_PORT: a bare
         # number first is a port (no IP address is written as a bare number).
         first, bracketed = fields[0]
-        if not bracketed and _DIGITS.fullmatch(first):
+        if not bracketed and _digits(first):
             parent_ip, (parent_port, child_ip, child_port) = None, fields
         else:
             parent_ip, parent_port, child_ip, child_port = fields[0], fields[1], none, fields[2]
@@ -172,6 +178,8 @@ def _has_bare_ipv6(fields: list[tuple[str, bool]]) -> bool:
                 break
             if j == i + 1:
                 continue  # one field has no ":" to be misread
+            import ipaddress
+
             try:
                 ipaddress.IPv6Address(":".join(value for value, _ in fields[i:j]))
                 return True
@@ -184,7 +192,7 @@ def _port(field: tuple[str, bool], which: str, where: str) -> int:
     value, bracketed = field
     if not value and not bracketed:
         raise PortSpecError(f"missing {which} port {where}: use {SYNTAX}, e.g. {_EXAMPLE}")
-    if bracketed or not _DIGITS.fullmatch(value):
+    if bracketed or not _digits(value):
         shown = f"[{value}]" if bracketed else value
         raise PortSpecError(f"{which} port {_quote(shown)} is not a number {where}: "
                             f"use {SYNTAX}, e.g. {_EXAMPLE}")
@@ -200,11 +208,16 @@ def _check_range(port, which: str, low: int, where: str) -> None:
                             f"range ({low}-65535) {where}")
 
 
-def _ip(text, which: str, where: str):
-    """None for "" (the default), else the address; IPv4-mapped IPv6 counts as IPv4,
-    as with Go's net.ParseIP, which rootlesskit and its clients use."""
+def _ip(text, which: str, where: str) -> tuple[str, int] | None:
+    """None for "" (the default), else the address in canonical form and its version;
+    IPv4-mapped IPv6 counts as IPv4, as with Go's net.ParseIP, which rootlesskit and
+    its clients use."""
     if text == "":
         return None
+    if isinstance(text, str) and _canonical_ipv4(text):
+        return text, 4  # the common case, without ipaddress (0.3 MiB)
+    import ipaddress
+
     try:
         if not isinstance(text, str) or "%" in text:
             raise ValueError  # zones: rootlesskit (net.ParseIP) refuses them too
@@ -214,8 +227,17 @@ def _ip(text, which: str, where: str):
                             f"address, or an IPv6 address (in brackets in the text form)"
                             ) from None
     if address.version == 6 and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
+        address = address.ipv4_mapped
+    return str(address), address.version
+
+
+def _canonical_ipv4(text: str) -> bool:
+    """A dotted quad written as ipaddress writes it (no leading zeros)."""
+    try:
+        packed = _socket.inet_pton(_socket.AF_INET, text)
+    except (OSError, ValueError):
+        return False
+    return _socket.inet_ntop(_socket.AF_INET, packed) == text
 
 
 def _ip_text(ip: str, *, parent: bool) -> str:

@@ -324,7 +324,7 @@ def echo_through(s: socket.socket, payload: bytes) -> bytes:
 
 def test_a_bulk_transfer_goes_on_without_a_free_fd(user, instance):
     """Not one fd left: a connection already open still moves 32 MiB, through the
-    pipes kept idle from before, its bulk bursts staying on trio's thread (a worker
+    pipes kept idle from before, its bulk bursts staying on the ports' loop (a worker
     thread needs an eventfd), or through a buffer. Once, os.eventfd's EMFILE (or
     os.pipe2's) ended the run."""
     port = free_port()
@@ -532,9 +532,9 @@ def test_buffer_fallback_yields_to_others_and_is_cancellable(user, instance, spa
                                                              throttle):
     """Another process of the user holds its whole pipe quota: the relay copies
     through a buffer. One fast stream whose source never runs dry (the relay is held
-    to 10% of a CPU, its peers are not, big buffers between them) must leave trio's
-    thread to the API and the other ports, and end when its port is removed. Once,
-    it kept the thread until the stream ended."""
+    to 10% of a CPU, its peers are not, big buffers between them) must leave the
+    ports' loop to the other ports (and the API), and end when its port is removed.
+    Once, it kept trio's thread until the stream ended."""
     hog = user.popen(["python3", "-c", HOG_ALL_PY])
     spawned.append(hog)
     assert int(hog.stdout.readline()) < 64 << 10, "the user's pipe quota is not used up"

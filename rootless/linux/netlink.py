@@ -21,7 +21,7 @@ def set_link_up(ifname: str) -> None:
 def add_local_table(table: int) -> None:
     """Make `table` deliver everything locally (both families): a packet routed by it
     goes to a local socket, whatever its destination address. OSError if it cannot."""
-    import socket
+    import _socket as socket  # not socket.py: it loads enum (1 MiB)
 
     lo = socket.if_nametoindex("lo")
     with _Rtnetlink() as rt:
@@ -36,7 +36,7 @@ def rule(command: str, table: int, priority: int, *, fwmark: int = 0, fwmask: in
          ip_proto: int = 0, sport: int = 0) -> None:
     """`ip rule add|del [fwmark M/MASK] [ipproto P sport S] priority N lookup table`
     for both families. OSError if it cannot be."""
-    import socket
+    import _socket as socket  # not socket.py: it loads enum (1 MiB)
 
     attributes = _u32(_FRA_PRIORITY, priority) + _u32(_FRA_TABLE, table)
     if fwmark:
@@ -90,7 +90,7 @@ class _Rtnetlink:
     """A NETLINK_ROUTE socket in the caller's netns, one acknowledged request at a time."""
 
     def __init__(self):
-        import socket
+        import _socket as socket
 
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
                                    socket.NETLINK_ROUTE)

@@ -11,11 +11,13 @@ for the GIL.
 Nor does the thread load trio while nobody needs it. The API socket and the port
 driver's -p ports are bound before the command starts (parent.Listeners, with the
 standard library), and the thread waits for the first client of any of them before it
-loads anything: clients wait in the sockets' backlogs meanwhile. A port's client
-loads trio and the port driver; the API's code waits for the API's first client. Loading trio, h11 and
-the port driver takes 60-100 ms of a CPU: taken just as the command started, that
-stalled a command busy on every CPU (iperf3 through slirp4netns lost 0.25-0.75 s of
-traffic). An instance nobody calls also stays small (14 MiB RSS instead of 27).
+loads anything: clients wait in the sockets' backlogs meanwhile. The first client of a
+port the driver serves without trio (the builtin driver's TCP ports: serve_light)
+starts the driver's own loop, and trio waits on; the API's first client, or a UDP
+port's, loads trio. Loading trio, h11 and the port driver takes 60-100 ms of a CPU:
+taken just as the command started, that stalled a command busy on every CPU (iperf3
+through slirp4netns lost 0.25-0.75 s of traffic). trio weighs 12 MiB: an instance
+whose clients only come through TCP ports never loads it (docs/memory.md).
 """
 import os
 # Loaded with this module, before the thread starts: raise_fd_limit needs it as the
@@ -23,11 +25,10 @@ import os
 # once the command runs).
 import resource  # noqa: F401
 import select
-import threading
 import _signal as signal  # the C module: see _process.py
 
-from .. import __version__, _log
-from .._listen import raise_fd_limit
+from .. import __version__, _log, _threads
+from .._listen import grow_fd_table, raise_fd_limit
 from .._process import FORWARDED_SIGNALS
 from ..drivers._component import Component
 from ..api import API_VERSION
@@ -50,17 +51,23 @@ class Services:
         self.failed_r, self._failed_w = os.pipe()
         # stop() writes here: it wakes the thread wherever it waits before trio runs.
         self._wake_r, self._wake_w = os.pipe()
-        self._lock = threading.Lock()
+        self._lock = _threads.Lock()
         self._stopping = False
         self._active = False
-        self._running = threading.Event()
+        self._running = _threads.Event()
         # Set once the port driver and the API listen (or the services gave up):
         # what --notify=ready waits for before READY=1.
-        self.started = threading.Event()
+        self.started = _threads.Event()
         self._token = None
         self._scope = None
-        self._thread = threading.Thread(target=self._run, name="rootless-services",
-                                        daemon=True)
+        self._thread = _threads.Thread(self._run)
+        ports.on_failure = self._fail
+
+    def _fail(self, message: str) -> None:
+        """The services cannot go on (from any of their threads): the supervisor ends
+        the run."""
+        if not self._stopping:
+            os.write(self._failed_w, message.encode()[:4000] or b"?")
 
     def start(self) -> None:
         # The thread (and trio's worker threads, which inherit its mask) never takes
@@ -70,6 +77,7 @@ class Services:
         # main thread slept on in poll(), until TimeoutStopSec. A thread gets the mask
         # of the one that starts it: blocked around start(), not in the thread, where
         # a signal could come before it is.
+        grow_fd_table(self._wake_r)  # while the parent has one thread: see there
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         try:
             self._thread.start()
@@ -91,6 +99,7 @@ class Services:
                     pass
         # Also when it never loaded trio: it may hold the API socket in the state dir.
         self._thread.join(timeout)
+        self.ports.shutdown()  # the port driver's own loop, if it started one
         for fd in (self.failed_r, self._failed_w, self._wake_r, self._wake_w):
             os.close(fd)
 
@@ -106,8 +115,7 @@ class Services:
         try:
             self._serve()
         except BaseException as exc:  # noqa: B902 - reported, then the run ends
-            if not self._stopping:
-                os.write(self._failed_w, _describe(exc).encode()[:4000] or b"?")
+            self._fail(_describe(exc))
         finally:
             self.started.set()  # whatever happened, nobody waits for it any longer
             if self._api is not None:
@@ -121,8 +129,17 @@ class Services:
             _log.debug(f"API on {self.state.file('api.sock')}; the services load at its "
                        f"first connection{' or the first client of a -p port' if wake else ''}")
             self.started.set()
-            if self._woken(None, also=[self._listener.fileno(), *wake]):
-                return
+            api = self._listener.fileno()
+            while True:
+                ready = self._wait(None, also=[api, *wake])
+                if ready is None:
+                    return
+                if api in ready:
+                    break
+                raise_fd_limit()  # serving takes fds: two a connection
+                wake = self.ports.serve_light(ready)  # the ports that need no trio
+                if wake is None:
+                    break
         raise_fd_limit()  # loading takes fds (imports, trio's own), and serving does
         import trio
 
@@ -132,14 +149,18 @@ class Services:
             self._active = True
         trio.run(self._main)
 
-    def _woken(self, timeout: float | None, also: tuple | list = ()) -> bool:
-        """Wait `timeout` seconds (None: no limit) or until an fd of `also` is readable;
-        True if stop() woke us instead."""
+    def _woken(self, timeout: float) -> bool:
+        """Wait `timeout` seconds; True if stop() woke us first."""
+        return self._wait(timeout) is None
+
+    def _wait(self, timeout: float | None, also: tuple | list = ()) -> set[int] | None:
+        """Wait `timeout` seconds (None: no limit) or until fds of `also` are readable:
+        those; None if stop() woke us instead."""
         poller = select.poll()
         for fd in (self._wake_r, *also):
             poller.register(fd, select.POLLIN)
-        ready = poller.poll(None if timeout is None else timeout * 1000)
-        return any(fd == self._wake_r for fd, _ in ready)
+        ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
+        return None if self._wake_r in ready else ready
 
     async def _main(self) -> None:
         import trio

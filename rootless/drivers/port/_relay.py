@@ -1,11 +1,11 @@
-"""Copying a TCP connection both ways, for the builtin port driver (parent side, trio).
+"""Copying a TCP connection both ways, for the builtin port driver (parent side, on
+the ports' loop, `_loop`).
 
 Bytes go through a pipe with splice(2): socket -> pipe -> socket, never through
-Python. Every fd is non-blocking (trio's sockets, and the pipe); on EAGAIN the task
-waits for the fd with trio, and each loop has a checkpoint, so a busy connection can
-be cancelled and does not starve the others. A direction that keeps its pipe full
-moves to a worker thread while the data flows (`_bulk`), so bulk connections use
-every CPU.
+Python. Every fd is non-blocking; on EAGAIN the direction waits for the loop to say
+its fd is ready, and it moves at most two chunks each time it is called, so a busy
+connection does not starve the others. A direction that keeps its pipe full moves to
+a worker thread while the data flows (`_bulk`), so bulk connections use every CPU.
 
 Pipes come from a pool and are held only while data is in flight: a direction takes a
 pipe when its source has data, and gives it back, empty, before it waits for more.
@@ -31,11 +31,12 @@ ends that direction: the other one then reads the same dead peer and ends as wel
 import errno
 import fcntl
 import os
-import socket
 import time
+import _socket
 
 from ... import _log
 from . import _bulk
+from ._loop import IN as _IN, OUT as _OUT
 
 _SPLICE = _bulk.SPLICE_FLAGS
 _PIPE_MAX = 1 << 20     # the size a new pipe asks for at most
@@ -46,7 +47,6 @@ _KEEP_IDLE = 16         # pipes kept for reuse at most
 _IDLE_FOR = 5.0         # s: idle pipes no connection needed this long are closed
 _RETRY_AFTER = 1.0      # s: no new pipe is tried this long after one was refused
 _BUFFER = 64 << 10      # the buffer of a direction that has no pipe
-_BUFFER_RUN = 16        # chunks copied through it before a pipe is asked for again
 _BULK = 4 << 20         # bytes in a burst that make a direction a bulk transfer
 _QUIET = 0.01           # s: a source quiet this long ends a burst
 _LINGER_RESET = b"\1\0\0\0\0\0\0\0"  # struct linger {on, 0 s}: close() sends a reset
@@ -73,6 +73,7 @@ class PipePool:
         self.held = 0       # bytes of the pipes open now, idle or in use
         self._least_idle = 0  # the fewest pipes idle at once since the last sweep
         self._sweeping = False
+        self.loop = None      # the ports' loop (_loop.Loop), for the sweep's timer
 
     def get(self) -> _Pipe | None:
         """An empty pipe, or None when no decent one can be had now."""
@@ -122,33 +123,25 @@ class PipePool:
     def close(self) -> None:
         while self._idle:
             self.drop(self._idle.pop())
+        self._sweeping = False
 
     def _sweep_soon(self) -> None:
-        import trio
-
         self._sweeping = True
         self._least_idle = len(self._idle)
-        # A task of the run, not of a port: the pool serves them all.
-        trio.lowlevel.spawn_system_task(self._sweep, name="rootless idle pipes")
+        self.loop.call_later(_IDLE_FOR, self._sweep)
 
-    async def _sweep(self) -> None:
+    def _sweep(self) -> None:
         """Every _IDLE_FOR s, close the idle pipes that no connection took meanwhile:
         they count in the user's quota, and a burst long past must not keep them.
-        Ends when none is idle. A system task: it must not raise."""
-        import trio
-
-        try:
-            while self._idle:
-                await trio.sleep(_IDLE_FOR)
-                unused = self._least_idle
-                for pipe in self._idle[:unused]:
-                    self.drop(pipe)
-                del self._idle[:unused]
-                self._least_idle = len(self._idle)
-        except Exception as exc:  # a bug: the pipes stay, the run goes on
-            _log.limited("relay-sweep", f"port relay: closing idle pipes: "
-                                        f"{type(exc).__name__}: {exc}")
-        finally:
+        Ends when none is idle."""
+        unused = self._least_idle
+        for pipe in self._idle[:unused]:
+            self.drop(pipe)
+        del self._idle[:unused]
+        self._least_idle = len(self._idle)
+        if self._idle:
+            self.loop.call_later(_IDLE_FOR, self._sweep)
+        else:
             self._sweeping = False
 
 
@@ -193,187 +186,305 @@ def _new_pipe(want: int) -> _Pipe | None:
 pipes = PipePool()
 
 
-class _Reset(Exception):
-    """A source failed (reset, timed out...): both directions end."""
+# What a direction is doing.
+_READING, _WRITING, _BULK_COPY, _DONE = "reading", "writing", "bulk", "done"
 
 
-async def relay(a, b) -> None:
-    """Copy between the connected, non-blocking sockets `a` and `b` (trio's or the
-    standard library's) both ways until both directions have
-    ended; the caller closes them. A reset from either peer resets the other."""
-    import trio
+class Relay:
+    """Both directions of one connection, between the connected, non-blocking sockets
+    `a` (the client's) and `b` (the child's), on the ports' loop. It closes both
+    sockets when both directions have ended, or at once on a reset, and then calls
+    `ended(self)`. A reset from either peer resets the other."""
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_direction, b, a, nursery.cancel_scope)
-        await _direction(a, b, nursery.cancel_scope)  # one task less per connection
+    def __init__(self, loop, a, b, ended):
+        self.loop, self.a, self.b, self._ended = loop, a, b, ended
+        fa, fb = a.fileno(), b.fileno()
+        self.up = _Direction(self, fa, fb, b)
+        self.down = _Direction(self, fb, fa, a)
+        self._masks = {fa: 0, fb: 0}
+        self.closing = False
 
+    def start(self) -> None:
+        self.update()
 
-async def _direction(source, sink, both) -> None:
-    try:
-        await _copy(source, sink)
-    except _Reset:
-        # The source peer is gone: so is this connection. The other peer gets a reset
-        # too, rather than an EOF that could pass for the end of a complete exchange.
+    def ready(self, fd: int, events: int) -> None:
+        """The loop's report for one of our sockets: hang-ups and errors wake whichever
+        direction waits on it (its next splice says what happened)."""
+        trouble = events & ~(_IN | _OUT)  # EPOLLERR, EPOLLHUP
+        for direction in (self.up, self.down):
+            if self.closing:
+                return
+            if direction.state == _READING and direction.src == fd and events & (_IN | trouble):
+                direction.pump()
+            elif (direction.state == _WRITING and direction.dst == fd
+                  and events & (_OUT | trouble)):
+                direction.flush()
+        self.update()
+
+    def failed(self, exc: Exception) -> None:
+        _log.limited("port-connection", f"port relay: a connection failed: "
+                                        f"{type(exc).__name__}: {exc}")
+        self.close()
+
+    def update(self) -> None:
+        """Tell the loop what each socket waits for now."""
+        if self.closing:
+            return
+        for fd in self._masks:
+            mask = 0
+            for direction in (self.up, self.down):
+                if direction.state == _READING and direction.src == fd:
+                    mask |= _IN
+                elif direction.state == _WRITING and direction.dst == fd:
+                    mask |= _OUT
+            if mask != self._masks[fd]:
+                self.loop.watch(fd, mask, self)
+                self._masks[fd] = mask
+        if self.up.state == _DONE and self.down.state == _DONE:
+            self.close()
+
+    def reset(self, sink) -> None:
+        """A source failed: its peer is gone, and so is the connection. The other peer
+        gets a reset too, rather than an EOF that could pass for the end of a complete
+        exchange."""
         reset_on_close(sink)
-        both.cancel()
+        self.close()
+
+    def close(self) -> None:
+        """End both directions; the sockets close once no worker thread uses them."""
+        if self.closing:
+            return
+        self.closing = True
+        for fd, mask in self._masks.items():
+            if mask:
+                self.loop.watch(fd, 0, self)
+        for direction in (self.up, self.down):
+            direction.stop()
+        self._close_when_free()
+
+    def _close_when_free(self) -> None:
+        if self.up.copy is None and self.down.copy is None:
+            self.a.close()
+            self.b.close()
+            # No cycle left for the collector: 5,000 connections' worth of them, freed
+            # only by a full collection, made a second burst take new memory.
+            self.up.relay = self.down.relay = None
+            ended, self._ended = self._ended, None
+            if ended is not None:
+                ended(self)
+
+    def back_from_thread(self) -> None:
+        if self.closing:
+            self._close_when_free()
+        else:
+            self.update()
+
+
+class _Direction:
+    __slots__ = ("relay", "src", "dst", "sink", "state", "pipe", "queued", "burst",
+                 "waited_at", "buffer", "pending", "copy")
+
+    def __init__(self, relay: Relay, src: int, dst: int, sink):
+        self.relay, self.src, self.dst, self.sink = relay, src, dst, sink
+        self.state = _READING
+        self.pipe: _Pipe | None = None
+        self.queued = 0        # bytes read into the pipe, not yet written out
+        # Bytes moved since the source was last quiet for _QUIET s: past _BULK, the
+        # direction is a bulk transfer and goes to a worker thread.
+        self.burst = 0
+        self.waited_at = time.monotonic()
+        self.buffer: bytearray | None = None  # without a pipe: copied through this
+        self.pending: memoryview | None = None  # ... and what of it the sink has yet to take
+        self.copy = None       # _bulk.Copy, while a worker thread has the direction
+
+    def pump(self) -> None:
+        """The source is readable: move at most two chunks (the loop reports it again if
+        more is there: the other connections get their turn meanwhile)."""
+        if time.monotonic() - self.waited_at > _QUIET:
+            self.burst = 0
+        for _ in range(2):
+            if not self._chunk():
+                return
+        self._release_pipe()
+        self.waited_at = time.monotonic()
+
+    def flush(self) -> None:
+        """The sink is writable: write what waits for it, then wait for the source."""
+        if self.pending is not None:
+            if self._write_buffer():
+                self._wait_readable()
+            return
+        if not self._write_out():
+            return
+        if self.burst >= _BULK and _bulk.available() and self._to_thread():
+            return
+        self._wait_readable()
+
+    def _chunk(self) -> bool:
+        """Move one chunk; True if a full one moved and the source may have more."""
+        pipe = self.pipe
+        if pipe is None:
+            pipe = self.pipe = pipes.get()
+            if pipe is None:
+                return self._buffered_chunk()
+        try:
+            n = os.splice(self.src, pipe.w, pipe.size, flags=_SPLICE)
+        except BlockingIOError:
+            self._wait_readable()
+            return False
+        except OSError as exc:
+            _debug("reading", exc)
+            self.relay.reset(self.sink)
+            return False
+        if not n:
+            self._eof()
+            return False
+        self.queued = n
+        self.burst += n
+        if not self._write_out():
+            return False
+        if n < pipe.size:  # the source is most likely drained: wait rather than EAGAIN
+            self._wait_readable()
+            return False
+        if self.burst >= _BULK and _bulk.available() and self._to_thread():
+            return False
+        return True
+
+    def _write_out(self) -> bool:
+        """Write the pipe's queued bytes; False if the sink is full (the direction then
+        waits for it) or failed (the direction has ended)."""
+        while self.queued:
+            try:
+                self.queued -= os.splice(self.pipe.r, self.dst, self.queued, flags=_SPLICE)
+            except BlockingIOError:
+                self.state = _WRITING
+                return False
+            except OSError as exc:
+                # The other direction then reads the same dead peer and ends as well.
+                _debug("writing", exc)
+                self._end()
+                return False
+        self.state = _READING
+        return True
+
+    def _buffered_chunk(self) -> bool:
+        """For want of a pipe (the user's quota is used, or fds are out): one chunk
+        through a buffer. The next chunk asks the pool again."""
+        if self.buffer is None:
+            self.buffer = bytearray(_BUFFER)
+        try:
+            n = os.readv(self.src, [self.buffer])
+        except BlockingIOError:
+            self._wait_readable()
+            return False
+        except OSError as exc:
+            _debug("reading", exc)
+            self.relay.reset(self.sink)
+            return False
+        if not n:
+            self._eof()
+            return False
+        self.pending = memoryview(self.buffer)[:n]
+        return self._write_buffer() and n == len(self.buffer)
+
+    def _write_buffer(self) -> bool:
+        while self.pending:
+            try:
+                sent = os.write(self.dst, self.pending)
+            except BlockingIOError:
+                self.state = _WRITING
+                return False
+            except OSError as exc:
+                _debug("writing", exc)
+                self.pending = None
+                self._end()
+                return False
+            self.pending = self.pending[sent:]
+        self.pending = None
+        self.state = _READING
+        return True
+
+    def _wait_readable(self) -> None:
+        self.state = _READING
+        self._release_pipe()
+        self.buffer = None  # 64 KiB a direction: returned while it waits
+        self.waited_at = time.monotonic()
+
+    def _release_pipe(self) -> None:
+        """Give the empty pipe back: others may use it while this direction waits."""
+        if self.pipe is not None and not self.queued:
+            pipes.put(self.pipe)
+            self.pipe = None
+
+    def _eof(self) -> None:
+        """EOF from the source: passed on as a half-close; the other direction goes on."""
+        _shutdown(self.sink)
+        self._end()
+
+    def _end(self) -> None:
+        self.state = _DONE
+        self.stop()
+
+    def stop(self) -> None:
+        """The direction ends: its pipe goes back (dropped if data of a dead connection
+        is in it); a worker thread that has it is told to give it back."""
+        if self.copy is not None:
+            _bulk.cancel(self.copy)
+            return  # the pipe is the thread's until it is back
+        self.state = _DONE
+        if self.pipe is not None:
+            if self.queued:
+                pipes.drop(self.pipe)
+            else:
+                pipes.put(self.pipe)
+            self.pipe = None
+        self.pending = self.buffer = None
+
+    def _to_thread(self) -> bool:
+        """Give the direction a CPU of its own; False if no thread can be had now."""
+        copy = _bulk.Copy(self.src, self.dst, self.pipe)
+        loop = self.relay.loop
+        if not _bulk.start(copy, lambda: loop.call_soon_threadsafe(self._back)):
+            return False
+        self.copy, self.state = copy, _BULK_COPY
+        return True
+
+    def _back(self) -> None:
+        """On the loop's thread: the worker gave the direction back."""
+        copy, self.copy = self.copy, None
+        _bulk.finished(copy)
+        self.queued = copy.queued
+        if self.relay.closing:
+            self.stop()
+        else:
+            self.burst = 0
+            how = copy.how
+            if how == _bulk.STALLED:  # the sink is slow: wait for it on the loop
+                self.state = _WRITING
+            elif how in (_bulk.IDLE, _bulk.CANCELLED):
+                self._wait_readable()  # quiet: wait for the source on the loop's thread
+            elif how == _bulk.EOF:
+                self._eof()
+            elif how == _bulk.READ_FAILED:
+                _debug("reading", copy.error)
+                self.relay.reset(self.sink)
+            else:  # WRITE_FAILED
+                _debug("writing", copy.error)
+                self._end()
+        self.relay.back_from_thread()
 
 
 def reset_on_close(sock) -> None:
     """Have close() reset the connection (a zero linger), not end it with an EOF."""
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_LINGER, _LINGER_RESET)
     except OSError:  # the peer is gone already
         pass
 
 
-async def _copy(source, sink) -> None:
-    import trio
-
-    src, dst = source.fileno(), sink.fileno()
-    wait_readable = trio.lowlevel.wait_readable
-    checkpoint = trio.lowlevel.checkpoint
-    pipe, queued = None, 0  # bytes read into the pipe, not yet written out
-    # Chunks moved since the last wait (a wait is a checkpoint): the second one in a
-    # row checkpoints, so a busy direction yields to the others and heeds cancellation,
-    # and a short exchange (a chunk, then a wait) costs no extra trip to the scheduler.
-    streak = 0
-    # After a read that did not fill the pipe, the source is most likely drained:
-    # wait for it rather than spend a read on EAGAIN (half the syscalls of a short
-    # exchange).
-    drained = False
-    # Bytes moved since the source was last quiet for _QUIET s: past _BULK, the
-    # direction is a bulk transfer and goes to a worker thread.
-    burst = 0
-    try:
-        while True:
-            if drained:
-                if pipe is not None:
-                    pipes.put(pipe)  # empty: others may use it while this one waits
-                    pipe = None
-                since = time.monotonic()
-                await wait_readable(src)
-                if time.monotonic() - since > _QUIET:
-                    burst = 0
-                drained, streak = False, 0
-            if pipe is None:
-                pipe = pipes.get()
-                if pipe is None:
-                    drained = await _copy_buffered(src, dst, sink)
-                    if drained is None:
-                        return
-                    continue
-            try:
-                queued = os.splice(src, pipe.w, pipe.size, flags=_SPLICE)
-            except BlockingIOError:
-                drained = True
-                continue
-            except OSError as exc:
-                _debug("reading", exc)
-                raise _Reset from None
-            if not queued:
-                _shutdown(sink)
-                return
-            drained = queued < pipe.size
-            burst += queued
-            queued, waited = await _write_out(pipe, queued, dst)
-            if queued:
-                return  # the sink failed
-            if waited:
-                streak = 0
-            if burst >= _BULK and _bulk.available():  # give it a CPU of its own
-                copy = _bulk.Copy(src, dst, pipe)
-                try:
-                    await _bulk.copy_in_thread(copy)
-                finally:
-                    queued = copy.queued  # not 0 if cancelled while writing
-                if copy.how == _bulk.STALLED:  # the sink is slow: wait for it here
-                    queued, _ = await _write_out(pipe, queued, dst)
-                    if queued:
-                        return
-                elif copy.how != _bulk.IDLE:
-                    _thread_ended(copy, sink)
-                    return
-                drained, burst = True, 0  # quiet: wait for the source on trio's thread
-                continue
-            streak += 1
-            if streak > 1:
-                await checkpoint()
-                streak = 0
-    finally:
-        if pipe is not None:
-            if queued:
-                pipes.drop(pipe)  # data of a dead connection in it
-            else:
-                pipes.put(pipe)
-
-
-async def _write_out(pipe: _Pipe, queued: int, dst: int) -> tuple[int, bool]:
-    """Write the pipe's `queued` bytes to `dst`: (what is left, only if the sink
-    failed; whether it had to wait for the sink)."""
-    import trio
-
-    waited = False
-    while queued:
-        try:
-            queued -= os.splice(pipe.r, dst, queued, flags=_SPLICE)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(dst)
-            waited = True
-        except OSError as exc:
-            _debug("writing", exc)
-            break
-    return queued, waited
-
-
-def _thread_ended(copy, sink) -> None:
-    """The direction ended on a worker thread: end it here as `_copy` would."""
-    if copy.how == _bulk.EOF:
-        _shutdown(sink)
-    elif copy.how == _bulk.READ_FAILED:
-        _debug("reading", copy.error)
-        raise _Reset
-    elif copy.how == _bulk.WRITE_FAILED:
-        _debug("writing", copy.error)
-
-
-async def _copy_buffered(src: int, dst: int, sink) -> bool | None:
-    """Copy through a buffer, for want of a pipe, until the source is drained (True)
-    or for _BUFFER_RUN chunks (False: a pipe may be had by then); None at EOF or when
-    the sink failed. A chunk that did not wait is followed by a checkpoint, as in the
-    pipe path: a source that never runs dry must not keep trio's thread."""
-    import trio
-
-    buffer = bytearray(_BUFFER)
-    into, view = [buffer], memoryview(buffer)
-    for _ in range(_BUFFER_RUN):
-        try:
-            n = os.readv(src, into)
-        except BlockingIOError:
-            return True
-        except OSError as exc:
-            _debug("reading", exc)
-            raise _Reset from None
-        if not n:
-            _shutdown(sink)
-            return None
-        sent, waited = 0, False
-        while sent < n:
-            try:
-                sent += os.write(dst, view[sent:n])
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(dst)
-                waited = True
-            except OSError as exc:
-                _debug("writing", exc)
-                return None
-        if not waited:
-            await trio.lowlevel.checkpoint()
-    return False
-
-
 def _shutdown(sink) -> None:
     try:
-        sink.shutdown(socket.SHUT_WR)
+        sink.shutdown(_socket.SHUT_WR)
     except OSError:  # the peer went away meanwhile: nothing left to tell it
         pass
 

@@ -22,14 +22,21 @@ The factory ends when the parent's end closes.
 """
 import errno
 import os
-import signal
-import socket
 import struct
+# The C modules, not socket.py and signal.py: those load enum (1 MiB), which neither
+# the child nor the parent's ports need.
+import _signal
+import _socket as socket
+
+# Loaded with this module, before the fork: the factory may run with no fd to spare
+# for an import (its RLIMIT_NOFILE lowered under it), and must still answer.
+from . import _transparent
 
 _REQUEST = struct.Struct("!ccBH")
 _FAMILIES = {b"4": socket.AF_INET, b"6": socket.AF_INET6}
 _TYPES = {b"s": socket.SOCK_STREAM, b"d": socket.SOCK_DGRAM}
 _BATCH = 64  # sockets a request brings (SCM_RIGHTS passes at most 253)
+_IN = 0x001  # EPOLLIN (select's constant is the same; select is not loaded in the child)
 
 
 # -- child side ---------------------------------------------------------------------------
@@ -44,14 +51,17 @@ def start(conn: socket.socket, netns: str | None, transparent: bool) -> None:
     parent's end up, as the child's does."""
     import _thread
 
+    from ..._listen import grow_fd_table
+
+    grow_fd_table(conn.fileno())  # now, while the child has one thread (see there)
     # Every signal blocked: the kernel gives a process' signal to any thread that does
     # not block it, and only the main thread runs the handlers (forwarding, the kill
     # of the command's tree); taken here, one would wait until the main thread wakes.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
     try:
         _thread.start_new_thread(_run, (conn, netns, transparent))
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
 
 
 def _run(conn: socket.socket, netns: str | None, transparent: bool) -> None:
@@ -80,8 +90,6 @@ def _hello(transparent: bool) -> bytes:
     as the command found it."""
     if not transparent:
         return b"Noff\n"
-    from . import _transparent
-
     why = _failure(_transparent.set_up_routing)
     if why:
         from ... import _log
@@ -129,13 +137,11 @@ def _serve(conn: socket.socket, transparent: bool) -> None:
 def _answer(conn: socket.socket, op: bytes, family: bytes, count: int, port: int) -> bool:
     if op in _TYPES and family in _FAMILIES and count:
         socks = _make_sockets(_FAMILIES[family], _TYPES[op], count)
-        socket.send_fds(conn, [b"s" * count], [s.fileno() for s in socks])
+        _send_fds(conn, b"s" * count, [s.fileno() for s in socks])
         for s in socks:
             s.close()
         return True
     if op in (b"R", b"r"):
-        from . import _transparent
-
         why = _failure(_transparent.udp_rule, "add" if op == b"R" else "del", port)
         conn.sendall(f"-{why}\n".encode() if why else b"+")
         return True
@@ -157,6 +163,23 @@ def _make_sockets(family: int, kind: int, count: int) -> list[socket.socket]:
     return socks
 
 
+def _send_fds(conn: socket.socket, data: bytes, fds: list[int]) -> None:
+    """socket.send_fds, on the C module's socket (and with struct, not array: array
+    loads collections, 2 ms of the first client's wait in the child)."""
+    conn.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                           struct.pack(f"{len(fds)}i", *fds))] if fds else [])
+
+
+def _recv_fds(conn: socket.socket, size: int, most: int) -> tuple[bytes, list[int], int]:
+    """socket.recv_fds, on the C module's socket: (data, fds, flags)."""
+    data, ancillary, flags, _ = conn.recvmsg(size, socket.CMSG_LEN(most * 4))
+    fds: list[int] = []
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(struct.unpack(f"{len(payload) // 4}i", payload[:len(payload) // 4 * 4]))
+    return data, fds, flags
+
+
 def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
     data = b""
     while len(data) < n:
@@ -167,7 +190,7 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
     return data
 
 
-# -- parent side (trio) -------------------------------------------------------------------
+# -- parent side (on the ports' loop, `_loop`; and for trio's tasks) -----------------------
 
 class FactoryGone(Exception):
     """The child's socket factory closed the connection: the child is gone."""
@@ -182,117 +205,268 @@ _GONE = (BrokenPipeError, ConnectionResetError)
 
 
 class Factory:
-    """The parent's connection to the factory. One request at a time; sockets come
-    from pools refilled a batch at a time."""
+    """The parent's connection to the factory, on the ports' loop. Requests go one at a
+    time, in order; sockets come from pools refilled a batch at a time. Answers come
+    through callbacks: `answer(result, error)`, exactly once each."""
 
-    def __init__(self, sock: socket.socket):
-        self._sock = sock  # the parent's end of the pair (see start())
+    def __init__(self, loop, sock: socket.socket):
+        self._loop, self._sock = loop, sock  # the parent's end of the pair (see start())
         self._pools: dict[tuple[bytes, bytes], list[int]] = {}
+        self._waiting: dict[tuple[bytes, bytes], list] = {}  # callbacks for a socket
+        self._requests: list = []  # _Request: the first one is sent, and being answered
+        self._after_hello: list | None = []  # None once the hello is answered
         self.transparent = False
+        self.gone = False
 
-    async def connect(self) -> None:
-        import trio
-
-        self._lock = trio.Lock()
-        # A plain socket (recv_fds wants one), non-blocking, driven by wait_readable.
+    def start(self) -> None:
+        """Say hello (the factory then sets up the routing for clients' addresses)."""
         self._sock.setblocking(False)
-        self._send(_REQUEST.pack(b"h", b"4", 0, 0))
-        hello = await self._line()
-        self.transparent = hello == "T"
+        self._loop.watch(self._sock.fileno(), _IN, self)
+        self._request(_Request(_REQUEST.pack(b"h", b"4", 0, 0), self._hello))
+
+    def after_hello(self, function) -> None:
+        """Call `function()` once `transparent` is known (at once if it is)."""
+        if self._after_hello is None:
+            function()
+        else:
+            self._after_hello.append(function)
+
+    def _hello(self, line, error) -> None:
+        from ... import _log
+
+        self.transparent = line == "T"
+        _log.debug(f"socket factory: connected (clients' addresses "
+                   f"{'seen' if self.transparent else 'not seen'} in the child)")
+        waiting, self._after_hello = self._after_hello, None
+        for function in waiting:
+            function()
+
+    def socket(self, family: int, kind: int, answer) -> None:
+        """A new, unbound socket of the child's netns (the C module's, blocking), or
+        OSError when none can be had now (out of fds, here or in the factory), or
+        FactoryGone."""
+        key = (b"s" if kind == socket.SOCK_STREAM else b"d",
+               b"4" if family == socket.AF_INET else b"6")
+        pool = self._pools.setdefault(key, [])
+        if pool:
+            answer(socket.socket(family, kind, 0, pool.pop()), None)
+            return
+        if self.gone:
+            answer(None, FactoryGone())
+            return
+        waiting = self._waiting.setdefault(key, [])
+        waiting.append(answer)
+        if len(waiting) == 1:  # else a refill is asked for already
+            self._request(_Request(_REQUEST.pack(*key, _BATCH, 0),
+                                   lambda fds, error: self._refilled(key, fds, error),
+                                   fds=_BATCH))
+
+    def _refilled(self, key, fds, error) -> None:
+        family = socket.AF_INET if key[1] == b"4" else socket.AF_INET6
+        kind = socket.SOCK_STREAM if key[0] == b"s" else socket.SOCK_DGRAM
+        pool, waiting = self._pools[key], self._waiting.pop(key, [])
+        if fds:
+            pool.extend(fds)
+        while waiting and pool:
+            waiting.pop(0)(socket.socket(family, kind, 0, pool.pop()), None)
+        if waiting and fds:  # more clients came than a batch serves: another batch
+            self._waiting[key] = waiting
+            self._request(_Request(_REQUEST.pack(*key, _BATCH, 0),
+                                   lambda fds, error: self._refilled(key, fds, error),
+                                   fds=_BATCH))
+            return
+        for answer in waiting:  # none came: these clients fail alone
+            answer(None, error or OSError(errno.EMFILE, "out of file descriptors"))
+
+    def udp_rule(self, add: bool, port: int, answer) -> None:
+        """Route the child's answers from UDP `port` back to transparent sockets:
+        answer(None, None), or an OSError with the factory's reason."""
+        def done(line, error):
+            if error is None and line != "+":
+                error = OSError(line[1:])
+            answer(None, error)
+        self._request(_Request(_REQUEST.pack(b"R" if add else b"r", b"4", 0, port), done,
+                               first_only=True))
 
     def close(self) -> None:
-        self._sock.close()
+        """On the loop's thread, at its end: whoever waits gets FactoryGone."""
+        if not self.gone:
+            self._loop.watch(self._sock.fileno(), 0, self)
+        self._fail_all()
         for pool in self._pools.values():
             for fd in pool:
                 os.close(fd)
         self._pools.clear()
 
-    async def socket(self, family: int, kind: int) -> socket.socket:
-        """A new, unbound socket of the child's netns (a stdlib socket, blocking).
-        OSError when none can be had now (out of fds, here or in the factory)."""
-        key = (b"s" if kind == socket.SOCK_STREAM else b"d",
-               b"4" if family == socket.AF_INET else b"6")
-        pool = self._pools.setdefault(key, [])
-        if not pool:
-            async with self._lock:
-                if not pool:
-                    await self._refill(key, pool)
-        return socket.socket(family, kind, fileno=pool.pop())
+    # -- the loop's side --
 
-    async def _refill(self, key: tuple[bytes, bytes], pool: list[int]) -> None:
-        import trio
+    def _request(self, request) -> None:
+        if self.gone:
+            request.answer(None, FactoryGone())
+            return
+        self._requests.append(request)
+        if len(self._requests) == 1:
+            self._send()
 
-        # Shielded: a request cancelled half-answered would leave its answer to be
-        # read as the next one's. The factory answers at once, or is gone (EOF).
-        with trio.CancelScope(shield=True):
-            self._send(_REQUEST.pack(*key, _BATCH, 0))
-            fds, truncated = await self._receive_fds(_BATCH)
-        pool.extend(fds)
-        if not fds:
-            raise OSError(errno.EMFILE, "out of file descriptors" if truncated else
-                          "the child's socket factory could not make sockets")
+    def _send(self) -> None:
+        """A request is 5 bytes, in a socket buffer that is empty between requests:
+        sent whole or not at all."""
+        try:
+            self._sock.send(self._requests[0].data)
+        except _GONE:
+            self._gone()
+
+    def ready(self, fd: int, events: int) -> None:
+        if not self._requests:  # nothing asked: only EOF may come, the factory's end
+            chunk = self._recv()
+            if not chunk:
+                self._gone()
+            return
+        request = self._requests[0]
+        if request.fds:
+            if not self._receive_fds(request):
+                return
+        elif not self._receive_line(request):
+            return
+        self._requests.pop(0)
+        if self._requests:
+            self._send()
+        request.done()
+
+    def failed(self, exc: Exception) -> None:  # a bug: the run cannot go on without us
+        raise exc
+
+    def _recv(self, size: int = 4096) -> bytes | None:
+        try:
+            return self._sock.recv(size)
+        except BlockingIOError:
+            return None
+        except _GONE:
+            return b""
+
+    def _receive_line(self, request) -> bool:
+        """b"+" (first_only) or up to a newline; True once it is all there."""
+        chunk = self._recv(1 if request.first_only and not request.data_in else 4096)
+        if chunk is None:
+            return False
+        if not chunk:
+            self._gone()
+            return False
+        request.data_in += chunk
+        data = request.data_in
+        if (request.first_only and data == b"+") or data.endswith(b"\n"):
+            request.result = data.decode(errors="replace").rstrip("\n")
+            return True
+        return False
+
+    def _receive_fds(self, request) -> bool:
+        """The answer to a request for `count` sockets: its `count` bytes, and the fds
+        that came with them (fewer if the factory could not make them all, or if the
+        kernel dropped those that did not fit here: MSG_CTRUNC). Waits only for the
+        bytes."""
+        try:
+            data, new, flags = _recv_fds(self._sock, request.fds - len(request.data_in),
+                                         request.fds)
+        except BlockingIOError:
+            return False
+        except _GONE:
+            data, new, flags = b"", [], 0
+        request.result.extend(new)
+        if not data:
+            self._gone()
+            return False
+        request.data_in += data
+        request.truncated |= bool(flags & socket.MSG_CTRUNC)
+        if len(request.data_in) < request.fds:
+            return False
+        if not request.result:
+            request.error = OSError(errno.EMFILE, "out of file descriptors" if request.truncated
+                                    else "the child's socket factory could not make sockets")
+        return True
+
+    def _gone(self) -> None:
+        """The factory closed its end: the child is gone (the supervisor sees it too)."""
+        if self.gone:
+            return
+        self.gone = True
+        self._loop.watch(self._sock.fileno(), 0, self)
+        self._fail_all()
+
+    def _fail_all(self) -> None:
+        self.gone = True
+        requests, self._requests = self._requests, []
+        for request in requests:
+            if request.fds:
+                for fd in request.result:
+                    os.close(fd)
+            request.result, request.error = None, FactoryGone()
+            request.done()
+        if self._after_hello:
+            self._hello("", None)
+
+
+class _Request:
+    __slots__ = ("data", "answer", "fds", "first_only", "data_in", "result", "error",
+                 "truncated")
+
+    def __init__(self, data: bytes, answer, fds: int = 0, first_only: bool = False):
+        self.data, self.answer, self.fds, self.first_only = data, answer, fds, first_only
+        self.data_in = b""
+        self.result = [] if fds else None
+        self.error = None
+        self.truncated = False
+
+    def done(self) -> None:
+        self.answer(self.result, self.error)
+
+
+class TrioFactory:
+    """The loop's Factory, for trio's tasks (UDP ports): each request runs on the
+    loop's thread, and the task waits for its answer."""
+
+    def __init__(self, loop, factory: Factory):
+        self._loop, self._factory = loop, factory
+
+    @property
+    def transparent(self) -> bool:
+        return self._factory.transparent
+
+    async def connect(self) -> None:
+        """Returns once the hello is answered (`transparent` is then known)."""
+        await self._call(lambda answer: self._factory.after_hello(lambda: answer(None, None)))
+
+    async def socket(self, family: int, kind: int):
+        """A stdlib socket (the C module's, as the factory gives it, made one)."""
+        import socket as stdlib
+
+        sock = await self._call(lambda answer: self._factory.socket(family, kind, answer))
+        return stdlib.socket(family, kind, 0, sock.detach())
 
     async def udp_rule(self, add: bool, port: int) -> None:
-        """Route the child's answers from UDP `port` back to transparent sockets.
-        Raises OSError with the factory's reason."""
+        await self._call(lambda answer: self._factory.udp_rule(add, port, answer))
+
+    async def _call(self, start):
         import trio
 
-        async with self._lock:
-            with trio.CancelScope(shield=True):  # as in _refill
-                self._send(_REQUEST.pack(b"R" if add else b"r", b"4", 0, port))
-                answer = await self._line(first_only=True)
-        if answer != "+":
-            raise OSError(answer[1:])
+        token, done, box = trio.lowlevel.current_trio_token(), trio.Event(), []
 
-    def _send(self, request: bytes) -> None:
-        """A request is 5 bytes, in a socket buffer that is empty between requests:
-        sent whole or not at all. The factory gone (EPIPE), it is FactoryGone."""
+        def answer(result, error):  # on the loop's thread
+            box.append((result, error))
+            try:
+                token.run_sync_soon(done.set)
+            except RuntimeError:  # trio's run has ended: nobody waits for it
+                if result is not None and hasattr(result, "close"):
+                    result.close()
+
         try:
-            self._sock.send(request)
-        except _GONE:
+            self._loop.call_soon_threadsafe(lambda: start(answer))
+        except RuntimeError:  # the loop has ended: the run is ending
             raise FactoryGone() from None
-
-    async def _line(self, first_only: bool = False) -> str:
-        """Read b"+" (first_only) or up to a newline."""
-        import trio
-
-        data = b""
-        while True:
-            await trio.lowlevel.wait_readable(self._sock)
-            try:
-                chunk = self._sock.recv(1 if first_only and not data else 4096)
-            except BlockingIOError:
-                continue
-            except _GONE:
-                chunk = b""  # as EOF
-            if not chunk:
-                raise FactoryGone()
-            data += chunk
-            if (first_only and data == b"+") or data.endswith(b"\n"):
-                return data.decode(errors="replace").rstrip("\n")
-
-    async def _receive_fds(self, count: int) -> tuple[list[int], bool]:
-        """The answer to a request for `count` sockets: its `count` bytes, and the fds
-        that came with them (fewer if the factory could not make them all), and
-        whether some were lost here: out of fds, the kernel drops those that do
-        not fit and says so (MSG_CTRUNC). Never waits for fds: only for the bytes."""
-        import trio
-
-        fds: list[int] = []
-        got, truncated = 0, False
-        while got < count:
-            await trio.lowlevel.wait_readable(self._sock)
-            try:
-                data, new, flags, _ = socket.recv_fds(self._sock, count - got, count)
-            except BlockingIOError:
-                continue
-            except _GONE:
-                data, new, flags = b"", [], 0  # as EOF
-            fds.extend(new)
-            if not data:
-                for fd in fds:
-                    os.close(fd)
-                raise FactoryGone()
-            got += len(data)
-            truncated |= bool(flags & socket.MSG_CTRUNC)
-        return fds, truncated
+        # Shielded: the answer comes at once (or FactoryGone); a socket it brings must
+        # not be lost with a cancelled task.
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        result, error = box[0]
+        if error is not None:
+            raise error
+        return result

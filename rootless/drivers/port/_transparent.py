@@ -15,7 +15,7 @@ back to lo, where the transparent socket receives them:
   up on UDP for this reason; the cost here is that the server's own outgoing UDP from
   that very port stays inside the namespace).
 """
-import socket
+import _socket as socket  # the constants: not socket.py, which loads enum
 
 MARK = TABLE = 0x524C  # "RL"
 _MARK_PRIORITY, _UDP_PRIORITY = 100, 101

@@ -56,6 +56,10 @@ class PortDriver:
     #: rootlesskit-docker-proxy then forwards to the child's address instead).
     disallow_loopback_child_ip = False
 
+    #: Set by the services: called with a message when the driver cannot go on (its
+    #: own loop failed): the run ends.
+    on_failure = None
+
     def __init__(self, config: Config):
         self.config = config
         self._ports: dict[int, tuple] = {}  # id -> (ports.PortStatus, closer)
@@ -98,7 +102,18 @@ class PortDriver:
         """Child side: start what the parent needs inside the namespaces (called on
         the parent's driver object, as the fork left it), once the command runs."""
 
-    # -- parent side, in the service thread (trio) --
+    # -- parent side, in the service thread --
+
+    def serve_light(self, ready: set[int]) -> list[int] | None:
+        """The first traffic came on `ready` (fds listen_early() returned), before trio
+        loaded: serve what can be served without it, and return the fds whose traffic
+        still needs trio. None (the default): load trio and serve() now."""
+        return None
+
+    def shutdown(self) -> None:
+        """At the end of the run, once trio's services have stopped: stop what
+        serve_light() started."""
+
 
     async def serve(self, state_dir: str, *, task_status) -> None:
         """Run the driver's tasks; call task_status.started() once add() may be called."""
@@ -110,11 +125,16 @@ class PortDriver:
             await trio.sleep_forever()
 
     def list(self) -> list:
-        return [status for status, _ in self._ports.values()]
+        return [self._ports[ident][0] for ident in sorted(self._ports)]
 
     async def add(self, spec):
+        spec = self._validated(spec)
+        return self._register(*await self._expose(spec))
+
+    def _validated(self, spec):
+        """`spec`, validated; a ports.PortError if this driver cannot publish it now."""
         from ...portspec import validate
-        from ...ports import PortConflict, PortRequestInvalid, PortStatus
+        from ...ports import PortConflict, PortRequestInvalid
 
         spec = validate(spec)
         if not self.protos:
@@ -130,10 +150,19 @@ class PortDriver:
                     and other.parentPort == spec.parentPort and spec.parentPort != 0):
                 raise PortConflict(f"{spec.proto} {spec.parentIP}:{spec.parentPort} is "
                                    f"already published (id {status.id})")
-        spec, closer = await self._expose(spec)
-        status = PortStatus(id=self._next_id, spec=spec)
-        self._ports[status.id] = (status, closer)
+        return spec
+
+    def _reserve_id(self) -> int:
+        ident = self._next_id
         self._next_id += 1
+        return ident
+
+    def _register(self, spec, closer, ident: int | None = None):
+        """Record a published port (under `ident`, if it was reserved)."""
+        from ...ports import PortStatus
+
+        status = PortStatus(id=self._reserve_id() if ident is None else ident, spec=spec)
+        self._ports[status.id] = (status, closer)
         return status
 
     async def remove(self, ident: int) -> None:

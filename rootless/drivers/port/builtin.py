@@ -1,17 +1,18 @@
-"""builtin: the parent listens on the host and forwards each connection (TCP) or
-client flow (UDP, `_udp`) into the child's netns, through sockets made there by the
+"""builtin: the parent listens on the host and forwards each connection (TCP, `_tcp`)
+or client flow (UDP, `_udp`) into the child's netns, through sockets made there by the
 child's socket factory; the child sees the client's address (`_transparent`) unless
 --source-ip-transparent=false.
+
+TCP ports run on the ports' own loop (`_engine`), not under trio: a run whose clients
+all come through -p TCP ports never loads trio (12 MiB, and 60-130 ms of the first
+client's wait). UDP ports are served under trio, which loads with their first client
+or the API's; the TCP ports the API adds go to the same loop as the -p ones.
 """
 import errno
-import os
-from functools import partial
 
 from ... import _log
-from ..._listen import backlog, spare_fd
+from ..._listen import backlog
 from ...errors import PortSpecError
-from . import _relay, _socket_factory, _transparent
-from ._udp import UdpPort
 from .base import FAMILY, PortDriver, bind_failure
 
 
@@ -28,6 +29,8 @@ class BuiltinPortDriver(PortDriver):
         self.initial = []
         self._early = []  # (_spec_key(spec), its socket), bound by listen_early()
         self._factory_link = self._factory_end = None
+        self.engine = None     # _engine.Engine: the ports' loop, from the first client on
+        self._deferred = []    # (id, spec): -p UDP ports, published once trio loads
         if not self.config.publish:
             return  # portspec (re, ipaddress: 1-2 ms) only when there are specs
         from ...portspec import parse, validate, written
@@ -43,14 +46,18 @@ class BuiltinPortDriver(PortDriver):
         """The socket factory's connection: a socket pair made before the fork, so that
         it is there before the command starts, and nothing later depends on a path in
         the state dir (logind or tmpfiles may remove the dir under a live run)."""
-        import socket
+        import _socket
 
-        self._factory_link, self._factory_end = socket.socketpair()
+        from . import _socket_factory  # noqa: F401 - the child's, loaded before the fork
+
+        self._factory_link, self._factory_end = _socket.socketpair()
 
     def forked(self, in_child: bool) -> None:
         (self._factory_link if in_child else self._factory_end).close()
 
     def start_child(self, config, state_dir: str, netns: str | None) -> None:
+        from . import _socket_factory
+
         _socket_factory.start(self._factory_end, netns, config.source_ip_transparent)
 
     def components(self) -> list:
@@ -101,27 +108,89 @@ class BuiltinPortDriver(PortDriver):
                 return sock
         return None
 
+    # -- serving --
+
+    def serve_light(self, ready: set[int]) -> list[int] | None:
+        """The first client came on the -p fds `ready`. TCP ones are served without
+        trio: start the engine and publish every -p (a UDP one keeps its id and waits
+        for trio, as its fd does). None: a UDP port's client came, trio must load."""
+        udp = {sock.fileno() for key, sock in self._early if _is_udp(key)}
+        if ready & udp:
+            return None
+        self._publish_initial()
+        return sorted(udp)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    def _publish_initial(self) -> None:
+        """Start the engine, publish the -p TCP ports on it, and give the -p UDP ones
+        their ids (in -p order, as rootlesskit numbers them), for serve() to publish."""
+        if self.engine is not None:
+            return
+        from ._engine import Engine
+
+        self.engine = Engine(self._factory_link, self._engine_failed)
+        self.engine.start()
+        for spec in self.initial:
+            if _is_udp(spec.proto):
+                self._deferred.append((self._reserve_id(), spec))
+            else:
+                self._register(*self._expose_tcp(self._validated(spec)))
+
+    def _engine_failed(self, message: str) -> None:
+        if self.on_failure is not None:
+            self.on_failure(message)
+
     async def serve(self, state_dir: str, *, task_status) -> None:
         import trio
 
-        self.factory = _socket_factory.Factory(self._factory_link)
+        from ._socket_factory import TrioFactory
+
+        self._publish_initial()
+        self.factory = TrioFactory(self.engine.loop, self.engine.factory)
         self._udp_rules: dict[int, int] = {}  # child port -> published UDP ports using it
         await self.factory.connect()
-        try:
-            async with trio.open_nursery() as nursery:
-                self.nursery = nursery
-                for spec in self.initial:
-                    await self.add(spec)
-                task_status.started()
-                await trio.sleep_forever()
-        finally:
-            self.factory.close()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            deferred, self._deferred = self._deferred, []
+            for ident, spec in deferred:
+                self._register(*await self._expose(spec), ident=ident)
+            task_status.started()
+            await trio.sleep_forever()
 
     async def _expose(self, spec):
-        import trio
+        if not _is_udp(spec.proto):
+            import trio  # binding, and the engine's answer, on a worker thread
+
+            return await trio.to_thread.run_sync(self._expose_tcp, spec)
+        return await self._expose_udp(spec)
+
+    def _expose_tcp(self, spec):
+        """Publish TCP `spec` on the engine (from a thread other than the engine's)."""
         from ...ports import PortsUnavailable
 
-        udp = spec.proto.startswith("udp")
+        sock = self._bound(spec)
+        if spec.parentPort == 0:
+            spec = spec.replace(parentPort=sock.getsockname()[1])
+        try:
+            port = self.engine.add_port(sock, spec)
+        except RuntimeError as exc:
+            raise PortsUnavailable(f"no port can be added: {exc}") from None
+        except OSError as exc:
+            raise PortsUnavailable(f"cannot serve the port for now ({exc.strerror}): try "
+                                   f"again later") from None
+        engine = self.engine
+
+        async def close():
+            import trio
+
+            await trio.to_thread.run_sync(engine.remove_port, port)
+        return spec, close
+
+    def _bound(self, spec):
+        """The host's socket for `spec`: the one listen_early() bound, or a new one."""
         sock = self._take_early(spec)
         if sock is None:
             try:
@@ -129,29 +198,37 @@ class BuiltinPortDriver(PortDriver):
             except OSError as exc:
                 raise bind_failure(exc, spec.proto, spec.parentIP or "0.0.0.0",
                                    spec.parentPort) from None
+        return sock
+
+    async def _expose_udp(self, spec):
+        import trio
+
+        from ...ports import PortsUnavailable
+        from ._socket_factory import FactoryGone
+        from ._udp import UdpPort
+
+        import socket
+
+        bound = self._bound(spec)
+        sock = socket.socket(bound.family, bound.type, bound.proto, bound.detach())
         if spec.parentPort == 0:
             spec = spec.replace(parentPort=sock.getsockname()[1])
-        if udp:
-            sock.setblocking(False)
-            try:
-                await self._add_udp_rule(spec.childPort)
-            except _socket_factory.FactoryGone:
-                sock.close()  # the run is ending: no port to add
-                raise PortsUnavailable("the socket factory is gone (the run is ending): "
-                                       "no port can be added") from None
-            serve = UdpPort(self.factory, sock, spec.childIP or "127.0.0.1", spec.childPort,
-                            self.factory.transparent).serve
-        else:
-            sock = trio.socket.from_stdlib_socket(sock)
-            serve = partial(self._accept_loop, sock, spec)
+        sock.setblocking(False)
+        try:
+            await self._add_udp_rule(spec.childPort)
+        except FactoryGone:
+            sock.close()  # the run is ending: no port to add
+            raise PortsUnavailable("the socket factory is gone (the run is ending): "
+                                   "no port can be added") from None
+        serve = UdpPort(self.factory, sock, spec.childIP or "127.0.0.1", spec.childPort,
+                        self.factory.transparent).serve
         scope, closed = trio.CancelScope(), trio.Event()
         self.nursery.start_soon(_until_closed, serve, sock, scope, closed)
 
         async def close():
             scope.cancel()
             await closed.wait()
-            if udp:
-                await self._remove_udp_rule(spec.childPort)
+            await self._remove_udp_rule(spec.childPort)
         return spec, close
 
     async def _add_udp_rule(self, child_port: int) -> None:
@@ -177,127 +254,10 @@ class BuiltinPortDriver(PortDriver):
             del self._udp_rules[child_port]
             try:
                 await self.factory.udp_rule(False, child_port)
-            except (OSError, _socket_factory.FactoryGone):
+            except OSError:
                 pass
-
-    async def _accept_loop(self, sock, spec) -> None:
-        import trio
-
-        spare_fd()  # taken now, while fds are plenty
-        async with trio.open_nursery() as conns:
-            while True:
-                try:
-                    client, peer = await sock.accept()
-                except OSError as exc:
-                    await _accept_failed(sock, spec.parentPort, exc)
-                    continue
-                conns.start_soon(self._forward, client, peer, spec)
-
-    async def _forward(self, client, peer, spec) -> None:
-        """One connection, contained: whatever it raises ends it alone, its sockets
-        closed, with one rate-limited line; the port and the run go on."""
-        import socket
-
-        child = (spec.childIP or "127.0.0.1", spec.childPort)
-        family = socket.AF_INET6 if ":" in child[0] else socket.AF_INET
-        with client:
-            try:
-                try:
-                    inner = await self.factory.socket(family, socket.SOCK_STREAM)
-                except _socket_factory.FactoryGone:
-                    return  # the child is gone: the client sees the connection close
-                except OSError as exc:  # out of fds, most likely: the next one may do
-                    _log.limited("port-socket", f"port {spec.parentPort}: a client's "
-                                                f"connection is closed: {exc.strerror}")
-                    return
-                with inner:
-                    if await self._connect(inner, family, child, peer, spec):
-                        await _relay.relay(client, inner)
-            except* Exception as failure:
-                _log.limited("port-connection", f"port {spec.parentPort}: a connection "
-                                                f"from {peer[0]} failed: {_first(failure)}")
-
-    async def _connect(self, inner, family, child, peer, spec) -> bool:
-        """Connect `inner` to the child's port, from the client's address when the
-        child may see it; False (logged) if it cannot be."""
-        import socket
-        import trio
-
-        ip = _transparent.client_address(peer, family) if self.factory.transparent else None
-        try:
-            if ip is not None:
-                _transparent.make_transparent(inner, family, ip)
-            # A plain non-blocking socket, driven by trio.lowlevel: trio's wrapper
-            # costs a tenth of a short connection's time.
-            inner.setblocking(False)
-            error = inner.connect_ex(child)
-            if error == errno.EINPROGRESS:
-                await trio.lowlevel.wait_writable(inner)
-                error = inner.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        except OSError as exc:
-            error = exc.errno
-        if error:  # nothing listens there: close the client at once
-            _log.debug(f"port {spec.parentPort}: connecting to {child[0]}:{child[1]} "
-                       f"in the child: {os.strerror(error)}")
-        return not error
-
-
-# accept(2)'s errors that belong to one client, gone already: the next one may do.
-_CLIENT_GONE = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ENETDOWN,
-                          errno.ENOPROTOOPT, errno.EHOSTDOWN, errno.ENONET,
-                          errno.EHOSTUNREACH, errno.EOPNOTSUPP, errno.ENETUNREACH,
-                          errno.ECONNRESET, errno.ETIMEDOUT})
-_PAUSE = 0.1  # s: accepting pauses this long when the process is out of fds or memory
-
-
-async def _accept_failed(listener, port: int, exc: OSError) -> None:
-    """accept() failed: if the client is gone, go on; if the process is out of fds,
-    close what waits in the backlog (the clients see their connections end rather
-    than wait for an fd that may not come) and pause, as for anything else (out of
-    memory: ENOBUFS, ENOMEM), so that the loop does not spin while connections end."""
-    import trio
-
-    if exc.errno in _CLIENT_GONE:
-        return
-    if exc.errno in (errno.EMFILE, errno.ENFILE):
-        _refuse_waiting(listener)
-        _log.limited("port-fds", f"port {port}: out of file descriptors ({exc.strerror}): "
-                                 f"new connections are closed until some end")
-    else:
-        _log.limited("port-accept", f"port {port}: cannot accept connections for now: "
-                                    f"{exc.strerror}")
-    await trio.sleep(_PAUSE)
-
-
-def _refuse_waiting(listener) -> None:
-    """Reset the connections waiting in `listener`'s backlog (there may be none:
-    accept() says EMFILE before it looks), through the fd held in reserve."""
-    import socket
-
-    spare = spare_fd()
-    if not spare.release():
-        return
-    waiting = None
-    try:
-        waiting = socket.socket(fileno=listener.fileno())  # trio's, borrowed: not closed
-        while True:
-            conn, _ = waiting.accept()  # OSError: none left (EAGAIN), or no fd after all
-            with conn:
-                _relay.reset_on_close(conn)
-    except OSError:
-        pass
-    finally:
-        if waiting is not None:
-            waiting.detach()
-        spare.restore()
-
-
-def _first(failure: BaseException) -> str:
-    """What an exception (or the first of a group) says, in a line."""
-    while isinstance(failure, BaseExceptionGroup):
-        failure = failure.exceptions[0]
-    return f"{type(failure).__name__}: {failure}"
-
+            except Exception as exc:  # FactoryGone: the run is ending
+                _log.debug(f"UDP port {child_port}: {exc}")
 
 async def _until_closed(serve, sock, scope, closed) -> None:
     """Run `serve` until `scope` is cancelled; then the socket is closed, and `closed`
@@ -310,9 +270,10 @@ async def _until_closed(serve, sock, scope, closed) -> None:
 
 
 def _bind(spec):
-    """The host's stdlib socket for `spec`, bound (and listening, for TCP); OSError if
+    """The host's socket for `spec` (the C module's: socket.py loads enum, 1 MiB that
+    a run with TCP ports need not load), bound (and listening, for TCP); OSError if
     it cannot be."""
-    import socket
+    import _socket as socket
 
     udp = spec.proto.startswith("udp")
     family, ip, port, v6only = _listen_address(spec)
@@ -334,7 +295,7 @@ def _bind(spec):
 def _listen_address(spec):
     """(family, address, port, v6only). tcp/udp on 0.0.0.0 listen dual-stack, as Go's
     net package does for rootlesskit; tcp4/tcp6 one family each."""
-    import socket
+    import _socket as socket
 
     ip, port = spec.parentIP or "0.0.0.0", spec.parentPort
     if ":" in ip:
@@ -342,6 +303,11 @@ def _listen_address(spec):
     if ip == "0.0.0.0" and not spec.proto.endswith("4"):
         return socket.AF_INET6, "::", port, False
     return socket.AF_INET, ip, port, True
+
+
+def _is_udp(key_or_proto: str) -> bool:
+    """A UDP spec's proto, or _spec_key of one."""
+    return key_or_proto.rsplit("/", 1)[-1].startswith("udp")
 
 
 def _spec_key(spec) -> str:

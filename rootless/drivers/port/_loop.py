@@ -1,0 +1,162 @@
+"""The ports' event loop: a thread of the parent that runs the builtin driver's TCP
+ports (accept, connect into the child, relay) and the socket factory's client on
+epoll(7), without trio.
+
+Why not trio: trio and what it imports weigh 12 MiB, and loading it was most of the
+first client's wait (60-130 ms: docs/memory.md). A published port needs readiness,
+timers and calls from other threads, no more. trio still serves the API and the UDP
+ports, and loads only when they are used; they reach this loop through
+call_soon_threadsafe.
+
+Level-triggered epoll: a handler does a bounded amount of work and returns; an fd
+that still has data is reported again in the next round, so one busy connection
+cannot starve the others. A handler that raises fails alone (its watcher's failed()
+ends what it serves); only a failure of the loop itself ends it, and the run with it.
+"""
+import os
+import select
+import time
+from collections import deque
+
+from ... import _log
+
+IN, OUT = select.EPOLLIN, select.EPOLLOUT
+_ROUND = 256  # events taken from the kernel at a time
+
+
+class Watcher:
+    """What an fd's readiness is reported to."""
+
+    def ready(self, fd: int, events: int) -> None:
+        raise NotImplementedError
+
+    def failed(self, exc: Exception) -> None:
+        """ready() raised: end what this watcher serves (it must not raise)."""
+
+
+class Loop:
+    def __init__(self):
+        self._epoll = select.epoll()
+        self._watched: dict[int, tuple[int, Watcher]] = {}
+        # [when, function or None]: a few at most (the idle pipes' sweep, a paused
+        # port's resumption), so a list, not a heap (heapq: 0.4 ms of the first client).
+        self._timers: list[list] = []
+        self._calls: deque = deque()   # from other threads (deque.append is atomic)
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._epoll.register(self._wake, IN)
+        self._running = True
+
+    # -- fds ----------------------------------------------------------------------------
+
+    def watch(self, fd: int, events: int, watcher: Watcher) -> None:
+        """Report `fd`'s readiness for `events` to `watcher`; 0 stops watching it (which
+        must happen before the fd is closed). OSError if epoll cannot take it (out of
+        memory, or of max_user_watches): the caller's unit of work fails alone."""
+        old = self._watched.get(fd)
+        if not events:
+            if old is not None:
+                del self._watched[fd]
+                self._epoll.unregister(fd)
+            return
+        if old is None:
+            self._epoll.register(fd, events)
+        elif old[0] != events:
+            self._epoll.modify(fd, events)
+        self._watched[fd] = (events, watcher)
+
+    # -- time and other threads ---------------------------------------------------------
+
+    def call_later(self, delay: float, function) -> list:
+        """Run `function` in `delay` s; returns a handle for cancel()."""
+        timer = [time.monotonic() + delay, function]
+        self._timers.append(timer)
+        return timer
+
+    @staticmethod
+    def cancel(timer: list) -> None:
+        timer[1] = None
+
+    def call_soon_threadsafe(self, function) -> None:
+        """Run `function` on the loop's thread (from any thread). RuntimeError if the
+        loop has ended."""
+        self._calls.append(function)
+        try:
+            os.eventfd_write(self._wake, 1)
+        except (OSError, ValueError):
+            raise RuntimeError("the ports' loop has ended") from None
+
+    def stop(self) -> None:
+        """From any thread: run() returns after the current round."""
+        try:
+            self.call_soon_threadsafe(self._stop)
+        except RuntimeError:
+            pass
+
+    def _stop(self) -> None:
+        self._running = False
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Until stop(). Raises only for a failure of the loop itself."""
+        while self._running:
+            for fd, events in self._epoll.poll(self._timeout(), _ROUND):
+                if fd == self._wake:
+                    self._run_calls()
+                    continue
+                entry = self._watched.get(fd)
+                if entry is not None:  # not unwatched by a handler earlier in the round
+                    _dispatch(entry[1], fd, events)
+            self._run_timers()
+
+    def run_pending(self) -> None:
+        """The calls other threads made that did not run (at the end: see close())."""
+        self._run_calls()
+
+    def close(self) -> None:
+        self._running = False
+        self._epoll.close()
+        # -1 first: another thread's call_soon_threadsafe must not write to the number
+        # once it is closed (and maybe reused by an fd of someone else).
+        wake, self._wake = self._wake, -1
+        os.close(wake)
+
+    def _timeout(self) -> float:
+        if self._calls:
+            return 0
+        if not self._timers:
+            return -1
+        return max(0.0, min(when for when, _ in self._timers) - time.monotonic())
+
+    def _run_calls(self) -> None:
+        try:
+            os.eventfd_read(self._wake)
+        except BlockingIOError:
+            pass
+        while self._calls:
+            _contained(self._calls.popleft())
+
+    def _run_timers(self) -> None:
+        if not self._timers:
+            return
+        now = time.monotonic()
+        due = [timer for timer in self._timers if timer[0] <= now]
+        if due:
+            self._timers = [timer for timer in self._timers if timer[0] > now]
+            for _, function in due:
+                if function is not None:
+                    _contained(function)
+
+
+def _dispatch(watcher: Watcher, fd: int, events: int) -> None:
+    try:
+        watcher.ready(fd, events)
+    except Exception as exc:  # this watcher's unit of work ends, nothing else
+        watcher.failed(exc)
+
+
+def _contained(function) -> None:
+    try:
+        function()
+    except Exception as exc:  # a bug in one call or timer: it alone is lost
+        _log.limited("ports-loop", f"ports: {type(exc).__name__}: {exc}")
