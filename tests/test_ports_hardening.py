@@ -367,6 +367,49 @@ def test_a_truncated_fd_batch_fails_one_connection_not_the_port(user, instance):
     assert inst.proc.poll() is None
 
 
+def test_out_of_fds_as_the_api_loads_does_not_end_the_run(user, rootless_run, state_dir,
+                                                          spawned, user_tmp):
+    """The API's first client comes while the parent has no fd to spare (its limit of
+    open files lowered, soft and hard, to the fds it holds): the API's code cannot load
+    (each import opens a file), nor trio. The run goes on, says so, and the client is
+    answered once fds are free again. Once, the services failed ("port/API services
+    failed: Too many open files") and the run ended."""
+    write_user_files(user, user_tmp, {"server.py": SERVER_PY})
+    port = free_port()
+    proc = user.popen([rootless_run, "--net=slirp4netns", "--port-driver=builtin",
+                       f"--state-dir={state_dir}", "-p", f"127.0.0.1:{port}:{ECHO}/tcp",
+                       "--", "python3", os.path.join(user_tmp, "server.py")])
+    spawned.append(proc)
+    until("the echo server", lambda: exchange(port, b"ping", timeout=1) == b"ping", 20)
+    held = []  # each holds two fds of the parent: freed as they close (trio and the
+    for _ in range(10):  # API's server take some 6, and a client one)
+        held.append(connect(port))
+        held[-1].sendall(b"ping")
+        assert recv_exactly(held[-1], 4) == b"ping"
+    # The limit is on fd numbers: the lowest free one leaves none to open.
+    used = {int(fd) for fd in os.listdir(f"/proc/{proc.pid}/fd")}
+    lowest_free = next(n for n in range(len(used) + 1) if n not in used)
+    r = user.run(["prlimit", f"--pid={proc.pid}", f"--nofile={lowest_free}:{lowest_free}"])
+    assert r.returncode == 0, r.stderr
+    client = socket.socket(socket.AF_UNIX)
+    client.settimeout(30)
+    client.connect(os.path.join(state_dir, "api.sock"))  # waits in the backlog
+    client.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    time.sleep(1.5)
+    assert proc.poll() is None, proc.stderr.read()
+    for s in held:
+        s.close()
+    answer = b""
+    while chunk := client.recv(65536):
+        answer += chunk
+    client.close()
+    assert answer.startswith(b"HTTP/1.1 200") and b'"apiVersion"' in answer, answer
+    assert proc.poll() is None
+    proc.terminate()
+    _, err = proc.communicate(timeout=30)
+    assert "cannot load for now (Too many open files)" in err, err
+
+
 # -- item 7: the user's pipe quota --------------------------------------------------------
 
 GROW_PIPE_PY = ("import fcntl, os; "

@@ -31,9 +31,11 @@ from .. import __version__, _log, _threads
 from .._listen import grow_fd_table, raise_fd_limit
 from .._process import FORWARDED_SIGNALS
 from ..drivers._component import Component
+from ..errors import CAPACITY_ERRNOS
 from ..api import API_VERSION
 
 _GRACE = 0.02  # seconds before the services load: see the module's docstring
+_RETRY = 0.5   # seconds between tries to load them when the process is out of fds
 
 
 class Services:
@@ -136,18 +138,50 @@ class Services:
                     return
                 if api in ready:
                     break
-                raise_fd_limit()  # serving takes fds: two a connection
-                wake = self.ports.serve_light(ready)  # the ports that need no trio
+                # the ports that need no trio (serving takes fds: two a connection)
+                loaded, wake = self._load(lambda: self.ports.serve_light(ready))
+                if not loaded:
+                    return
                 if wake is None:
                     break
-        raise_fd_limit()  # loading takes fds (imports, trio's own), and serving does
-        import trio
-
+        # Loading takes fds (imports, trio's own), and serving does.
+        loaded, trio = self._load(lambda: __import__("trio"))
+        if not loaded:
+            return
         with self._lock:
             if self._stopping:
                 return
             self._active = True
-        trio.run(self._main)
+        while True:
+            try:
+                return trio.run(self._main)
+            except OSError as exc:  # trio's own fds (epoll, its wake-up socket pair)
+                if self._running.is_set() or exc.errno not in CAPACITY_ERRNOS:
+                    raise
+                if not self._out_of_fds(exc):
+                    return
+
+    def _load(self, load) -> tuple[bool, object]:
+        """(True, what `load()` returns): `load` imports (each import opens its files)
+        and starts what needs fds. Out of them (the limit of open files lowered under
+        us, or every fd in use), it is tried again every _RETRY s, with one line, rather
+        than ending the run: the clients wait in the sockets' backlogs meanwhile.
+        (False, None) if stop() came first."""
+        while True:
+            raise_fd_limit()
+            try:
+                return True, load()
+            except OSError as exc:
+                if exc.errno not in CAPACITY_ERRNOS:
+                    raise
+                if not self._out_of_fds(exc):
+                    return False, None
+
+    def _out_of_fds(self, exc: OSError) -> bool:
+        """Say it (once in a while) and wait _RETRY s; False if stop() came meanwhile."""
+        _log.limited("services-fds", f"the port and API services cannot load for now "
+                                     f"({exc.strerror}): trying again; their clients wait")
+        return not self._woken(_RETRY)
 
     def _woken(self, timeout: float) -> bool:
         """Wait `timeout` seconds; True if stop() woke us first."""
@@ -175,10 +209,21 @@ class Services:
             # at a -p port's: 0.5 MiB and some milliseconds that a port's client would
             # pay for nothing (docs/memory.md).
             await trio.lowlevel.wait_readable(self._listener.fileno())
-            from ..api.router import Router
-            from ..api.server import serve
+            while True:  # as _load: out of fds, the API's clients wait, the run goes on
+                raise_fd_limit()
+                try:
+                    from ..api.router import Router
+                    from ..api.server import serve
 
-            self._api = _stdlib_socket(self._listener)
+                    self._api = _stdlib_socket(self._listener)
+                    break
+                except OSError as exc:
+                    if exc.errno not in CAPACITY_ERRNOS:
+                        raise
+                    _log.limited("services-fds", f"the API cannot load for now "
+                                                 f"({exc.strerror}): trying again; its "
+                                                 f"clients wait")
+                    await trio.sleep(_RETRY)
             await nursery.start(serve, self._api, Router(self.info, self.ports))
             _log.debug(f"API on {self.state.file('api.sock')}")
 

@@ -327,17 +327,8 @@ class _Direction:
             pipe = self.pipe = pipes.get()
             if pipe is None:
                 return self._buffered_chunk()
-        try:
-            n = os.splice(self.src, pipe.w, pipe.size, flags=_SPLICE)
-        except BlockingIOError:
-            self._wait_readable()
-            return False
-        except OSError as exc:
-            _debug("reading", exc)
-            self.relay.reset(self.sink)
-            return False
+        n = self._read(os.splice, self.src, pipe.w, pipe.size, None, None, _SPLICE)
         if not n:
-            self._eof()
             return False
         self.queued = n
         self.burst += n
@@ -349,6 +340,24 @@ class _Direction:
         if self.burst >= _BULK and _bulk.available() and self._to_thread():
             return False
         return True
+
+    def _read(self, read, *args) -> int:
+        """`read(*args)` from the source (a splice into the pipe, or a readv into the
+        buffer): the bytes read, or 0 when there is nothing more to do now: the source
+        is drained (the direction waits for it), at EOF (passed on) or failed (a reset:
+        the connection ends)."""
+        try:
+            n = read(*args)
+        except BlockingIOError:
+            self._wait_readable()
+            return 0
+        except OSError as exc:
+            _debug("reading", exc)
+            self.relay.reset(self.sink)
+            return 0
+        if not n:
+            self._eof()
+        return n
 
     def _write_out(self) -> bool:
         """Write the pipe's queued bytes; False if the sink is full (the direction then
@@ -372,17 +381,8 @@ class _Direction:
         through a buffer. The next chunk asks the pool again."""
         if self.buffer is None:
             self.buffer = bytearray(_BUFFER)
-        try:
-            n = os.readv(self.src, [self.buffer])
-        except BlockingIOError:
-            self._wait_readable()
-            return False
-        except OSError as exc:
-            _debug("reading", exc)
-            self.relay.reset(self.sink)
-            return False
+        n = self._read(os.readv, self.src, [self.buffer])
         if not n:
-            self._eof()
             return False
         self.pending = memoryview(self.buffer)[:n]
         return self._write_buffer() and n == len(self.buffer)

@@ -131,8 +131,9 @@ class BuiltinPortDriver(PortDriver):
             return
         from ._engine import Engine
 
-        self.engine = Engine(self._factory_link, self._engine_failed)
-        self.engine.start()
+        engine = Engine(self._factory_link, self._engine_failed)  # OSError: out of fds
+        engine.start()
+        self.engine = engine  # only now: a failure above is tried again whole
         for spec in self.initial:
             if _is_udp(spec.proto):
                 self._deferred.append((self._reserve_id(), spec))
