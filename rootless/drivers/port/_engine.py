@@ -33,9 +33,9 @@ class Engine:
 
     def add_port(self, listener, spec) -> TcpPort:
         """Serve `listener` (a bound, listening socket of the C module `_socket`, ours
-        from now on) for
-        `spec`; from any thread but the loop's. Raises what stopped it (OSError: epoll
-        could not take it; RuntimeError: the run is ending), the listener closed."""
+        from now on) for `spec`; from any thread but the loop's. Raises what stopped it
+        (OSError: epoll could not take it; RuntimeError: the run is ending), the
+        listener closed."""
         port = TcpPort(self, listener, spec)
         try:
             self._call(lambda: (port.start(), self._ports.add(port)))
