@@ -292,7 +292,7 @@ class _Direction:
         # Bytes moved since the source was last quiet for _QUIET s: past _BULK, the
         # direction is a bulk transfer and goes to a worker thread.
         self.burst = 0
-        self.waited_at = time.monotonic()
+        self.waited_at: float | None = time.monotonic()  # since it is drained; None: busy
         self.buffer: bytearray | None = None  # without a pipe: copied through this
         self.pending: memoryview | None = None  # ... and what of it the sink has yet to take
         self.copy = None       # _bulk.Copy, while a worker thread has the direction
@@ -300,25 +300,25 @@ class _Direction:
     def pump(self) -> None:
         """The source is readable: move at most two chunks (the loop reports it again if
         more is there: the other connections get their turn meanwhile)."""
-        if time.monotonic() - self.waited_at > _QUIET:
+        if self.waited_at is not None and time.monotonic() - self.waited_at > _QUIET:
             self.burst = 0
         for _ in range(2):
             if not self._chunk():
                 return
         self._release_pipe()
-        self.waited_at = time.monotonic()
+        self.waited_at = None  # it yielded, busy: the wait for its turn is not quiet
 
     def flush(self) -> None:
         """The sink is writable: write what waits for it, then wait for the source."""
         if self.pending is not None:
             if self._write_buffer():
-                self._wait_readable()
+                self._wait_readable(drained=False)
             return
         if not self._write_out():
             return
         if self.burst >= _BULK and _bulk.available() and self._to_thread():
             return
-        self._wait_readable()
+        self._wait_readable(drained=False)
 
     def _chunk(self) -> bool:
         """Move one chunk; True if a full one moved and the source may have more."""
@@ -404,11 +404,15 @@ class _Direction:
         self.state = _READING
         return True
 
-    def _wait_readable(self) -> None:
+    def _wait_readable(self, drained: bool = True) -> None:
+        """Wait for the source; `drained`: it had nothing more (EAGAIN, a short read),
+        so the wait counts towards _QUIET, which ends a burst. After the sink was full
+        it does not: a source that waited for its sink, or the loop for its turn, under
+        load, is not quiet (its bursts never reached _BULK, and no worker took them)."""
         self.state = _READING
         self._release_pipe()
         self.buffer = None  # 64 KiB a direction: returned while it waits
-        self.waited_at = time.monotonic()
+        self.waited_at = time.monotonic() if drained else None
 
     def _release_pipe(self) -> None:
         """Give the empty pipe back: others may use it while this direction waits."""
