@@ -36,7 +36,7 @@ left alone and only reported; whatever this one started is found by its sessions
 dockerds' user namespaces and its temp dirs in the environment, and killed at the end
 if a graceful stop left it behind:
 
-    cd /work/wt-api && /opt/rootless/venv/bin/python -m contrib.bench.docker_first_port \\
+    (from the checkout, as root) python3 -m contrib.bench.docker_first_port \\
         [--rounds 3] --ours main=/opt/rootless/venv/bin --ours branch=/opt/rootless/venv2/bin \\
         [--json FILE] [--user rlt-bench] [--keep-going]
 

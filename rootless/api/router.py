@@ -10,8 +10,6 @@ redirects some of those; a redirect would help no API client). HEAD is not serve
 The port operations are delegated to the port driver's parent side (add_now and
 remove_now, which block: the server calls the router from a worker thread); its
 errors (rootless.ports) are mapped here to HTTP statuses."""
-from urllib.parse import unquote
-
 import msgspec
 
 from ..errors import CAPACITY_ERRNOS, RootlessError
@@ -71,6 +69,26 @@ def route(target: str) -> tuple[str, str] | None:
     if head == PORTS and ident:
         return PORT, ident
     return None
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def unquote(text: str) -> str:
+    """urllib.parse.unquote's decoding (%XX as UTF-8, invalid sequences replaced),
+    without urllib.parse, which loads ipaddress: 0.5 MiB and 3 ms of the API's first
+    request."""
+    if "%" not in text:
+        return text
+    head, *pieces = text.split("%")
+    out = bytearray(head.encode())
+    for piece in pieces:
+        if len(piece) >= 2 and piece[0] in _HEX and piece[1] in _HEX:
+            out.append(int(piece[:2], 16))
+            out += piece[2:].encode()
+        else:
+            out += b"%" + piece.encode()
+    return out.decode("utf-8", "replace")
 
 
 def port_id(text: str) -> int:
