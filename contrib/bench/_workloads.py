@@ -187,16 +187,23 @@ def published(runner: Runner, supervisor: list[str], specs: list[str],
     argv = [*supervisor, *(f"--publish={s.format(P=port)}" for s in specs), "--", *command]
     proc = runner.start(argv)
     try:
-        deadline = time.monotonic() + 15
-        while not (listening(port) and _command_listening(proc.pid, command, command_port)):
-            if proc.poll() is not None:
-                raise Skip(f"exited ({proc.returncode}): {last_error(proc)}")
-            if time.monotonic() > deadline:
-                raise Skip("the published port or the command did not listen within 15 s")
-            time.sleep(0.02)
+        _wait_for(proc, lambda: listening(port) and _command_listening(proc.pid, command,
+                                                                        command_port),
+                  "the published port or the command")
         yield proc, port
     finally:
         runner.stop(proc)
+
+
+def _wait_for(proc, ready, what: str, seconds: float = 15.0) -> None:
+    """Until `ready()`; a Skip if the supervisor `proc` exits or `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if proc.poll() is not None:
+            raise Skip(f"exited ({proc.returncode}): {last_error(proc)}")
+        if time.monotonic() > deadline:
+            raise Skip(f"{what} did not listen within {seconds:.0f} s")
+        time.sleep(0.02)
 
 
 @contextmanager
@@ -212,13 +219,9 @@ def with_api(runner: Runner, supervisor: list[str], command: list[str], command_
     sock = f"{state}/api.sock"
     proc = runner.start([*supervisor, f"--state-dir={state}", "--", *command])
     try:
-        deadline = time.monotonic() + 15
-        while not (_answers(sock) and _command_listening(proc.pid, command, command_port)):
-            if proc.poll() is not None:
-                raise Skip(f"exited ({proc.returncode}): {last_error(proc)}")
-            if time.monotonic() > deadline:
-                raise Skip("the API or the command did not listen within 15 s")
-            time.sleep(0.02)
+        _wait_for(proc, lambda: _answers(sock) and _command_listening(proc.pid, command,
+                                                                       command_port),
+                  "the API or the command")
         yield proc, sock
     finally:
         runner.stop(proc)

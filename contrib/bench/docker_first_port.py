@@ -222,14 +222,22 @@ def http_ok(port: int) -> bool:
 
 
 def build_image_tar() -> tuple[str, str]:
-    """(dir, tar): a busybox rootfs, as tests/test_docker.py's image_tar fixture."""
+    """(dir, tar): a busybox rootfs for `docker import`."""
     outdir = tempfile.mkdtemp(prefix=PREFIX + "img-")
     os.chmod(outdir, 0o755)
-    root = os.path.join(outdir, "root")
     tar = os.path.join(outdir, "busybox.tar")
-    busybox = shutil.which("busybox")
-    if not busybox:
+    if not shutil.which("busybox"):
         raise Failed("busybox is not installed")
+    busybox_rootfs_tar(tar, PAGE)
+    return outdir, tar
+
+
+def busybox_rootfs_tar(tar: str, page: str) -> None:
+    """Write `tar`: the host's busybox, its libraries and its applets' links, and
+    /www/index.html holding `page` (tests/test_docker.py imports it: nothing is
+    pulled from the network)."""
+    root = tar + ".root"
+    busybox = shutil.which("busybox")
     os.makedirs(os.path.join(root, "bin"))
     shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
     libs = subprocess.run(["ldd", busybox], capture_output=True, text=True).stdout
@@ -241,11 +249,10 @@ def build_image_tar() -> tuple[str, str]:
                     os.path.join(root, "bin")], check=True)
     os.makedirs(os.path.join(root, "www"))
     with open(os.path.join(root, "www", "index.html"), "w") as f:
-        f.write(PAGE)
+        f.write(page)
     subprocess.run(["tar", "-C", root, "-cf", tar, "."], check=True)
     os.chmod(tar, 0o644)
     shutil.rmtree(root)
-    return outdir, tar
 
 
 def supervisor_pids(root: int) -> list[int]:
