@@ -19,10 +19,11 @@ def backlog(path: str = "/proc/sys/net/core/somaxconn") -> int:
 
 
 class SpareFd:
-    """One fd held in reserve for the accept loops (the API's and the ports'). Out of
-    fds, accept() cannot take a client, which would then wait in the backlog for as
-    long as the pressure lasts: the spare is given up for a moment to take the client
-    and answer or reset it (release), then taken back (restore)."""
+    """One fd held in reserve for an accept loop (the API's, the ports'). Out of fds,
+    accept() cannot take a client, which would then wait in the backlog for as long as
+    the pressure lasts: the spare is given up for a moment to take the client and
+    answer or reset it (release), then taken back (restore). One a thread: two threads
+    may not share one (one could take the fd the other just released)."""
 
     def __init__(self):
         self._fd: int | None = None
@@ -44,18 +45,6 @@ class SpareFd:
         os.close(self._fd)
         self._fd = None
         return True
-
-
-_spare: list[SpareFd] = []
-
-
-def spare_fd() -> SpareFd:
-    """The process's spare fd, taken at the first call (by the first accept loop).
-    One serves every loop: all run on trio's thread, and each gives it back before
-    it waits again."""
-    if not _spare:
-        _spare.append(SpareFd())
-    return _spare[0]
 
 
 def grow_fd_table(fd: int, size: int = 1024) -> None:

@@ -166,6 +166,18 @@ def rss_kib(pid: int) -> int:
         return int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
 
 
+def thread_names(pid: int) -> list[str]:
+    """The names of process `pid`'s threads (ours: "rootless ports", "rootless trio"...)."""
+    names = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:
+            pass  # the thread ended meanwhile
+    return names
+
+
 def answers(unix_socket: str) -> bool:
     """Whether something accepts connections on `unix_socket` (e.g. STATE/api.sock)."""
     with socket.socket(socket.AF_UNIX) as s:

@@ -17,6 +17,7 @@ import urllib.request
 import pytest
 
 from conftest import VENV_BIN
+from contrib.bench.docker_first_port import busybox_rootfs_tar
 from conftest import free_port
 from test_ports_hardening import netns  # noqa: F401
 from test_subid import _assert_free
@@ -39,25 +40,11 @@ PAGE = "hello from a rootless container\n"
 def image_tar():
     """A busybox rootfs (busybox, its libraries, a web page) as a tar for docker import."""
     root = tempfile.mkdtemp(prefix="rlt-bbroot-")
-    tar = root + ".tar"
-    busybox = shutil.which("busybox")
-    os.makedirs(os.path.join(root, "bin"))
-    shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
-    libs = subprocess.run(["ldd", busybox], capture_output=True, text=True).stdout
-    for lib in (w for w in libs.split() if w.startswith("/")):
-        dest = root + lib
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copy(lib, dest)
-    subprocess.run([os.path.join(root, "bin", "busybox"), "--install", os.path.join(root, "bin")],
-                   check=True)
-    os.makedirs(os.path.join(root, "www"))
-    with open(os.path.join(root, "www", "index.html"), "w") as f:
-        f.write(PAGE)
-    subprocess.run(["tar", "-C", root, "-cf", tar, "."], check=True)
-    os.chmod(tar, 0o644)
-    shutil.rmtree(root)
+    os.chmod(root, 0o755)
+    tar = os.path.join(root, "busybox.tar")
+    busybox_rootfs_tar(tar, PAGE)
     yield tar
-    os.unlink(tar)
+    shutil.rmtree(root)
 
 
 @pytest.fixture

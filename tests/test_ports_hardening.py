@@ -371,7 +371,7 @@ def test_out_of_fds_as_the_api_loads_does_not_end_the_run(user, rootless_run, st
                                                           spawned, user_tmp):
     """The API's first client comes while the parent has no fd to spare (its limit of
     open files lowered, soft and hard, to the fds it holds): the API's code cannot load
-    (each import opens a file), nor trio. The run goes on, says so, and the client is
+    (each import opens a file), nor its loop start. The run goes on, says so, and the client is
     answered once fds are free again. Once, the services failed ("port/API services
     failed: Too many open files") and the run ended."""
     write_user_files(user, user_tmp, {"server.py": SERVER_PY})
@@ -381,8 +381,8 @@ def test_out_of_fds_as_the_api_loads_does_not_end_the_run(user, rootless_run, st
                        "--", "python3", os.path.join(user_tmp, "server.py")])
     spawned.append(proc)
     until("the echo server", lambda: exchange(port, b"ping", timeout=1) == b"ping", 20)
-    held = []  # each holds two fds of the parent: freed as they close (trio and the
-    for _ in range(10):  # API's server take some 6, and a client one)
+    held = []  # each holds two fds of the parent: freed as they close (the API's loop
+    for _ in range(10):  # and server take 3, and a client one)
         held.append(connect(port))
         held[-1].sendall(b"ping")
         assert recv_exactly(held[-1], 4) == b"ping"

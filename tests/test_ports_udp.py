@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import free_port, rss_kib, wait_for_api, write_user_files
+from conftest import free_port, rss_kib, thread_names, wait_for_api, write_user_files
 from test_ports import until
 
 TCP_PEER = 9000   # tells each connection its peer "IP PORT\n" and closes
@@ -254,8 +254,9 @@ def test_ports_load_at_their_first_client(user, rootless_run, state_dir, spawned
     """A -p port listens from the start, but the parent loads the relays only when its
     first client comes, as for the API: the client that wakes it is served (its
     connection or datagram waited in the socket), and the load shows in the parent:
-    a UDP port's client loads trio (12 MiB); a TCP port's starts the ports' own loop,
-    a thread, and no trio. Nothing here touches api.sock, which would load trio too."""
+    a UDP port's client loads trio (12 MiB, in a thread of its own); a TCP port's
+    starts the ports' own loop, a thread, and no trio. Nothing here touches api.sock,
+    which would load the API."""
     write_user_files(user, user_tmp, {"server.py": SERVER_PY})
     port = free_port()
     inner = UDP_ECHO if proto == "udp" else TCP_PEER
@@ -273,7 +274,7 @@ def test_ports_load_at_their_first_client(user, rootless_run, state_dir, spawned
     assert proc.poll() is None, proc.stderr.read()
     time.sleep(0.3)  # well past the moment the services used to load
     idle = rss_kib(proc.pid)  # setpriv execs: the Popen's pid is rootless-run's parent
-    assert "rootless ports" not in _thread_names(proc.pid)
+    assert "rootless ports" not in thread_names(proc.pid)
     # Both file tables grown to 1024 while their process had one thread: grown later,
     # in a process of several, each growth waits for an RCU grace period (8-10 ms of
     # the first client's wait, when the socket factory's first batch crossed 64 fds).
@@ -289,8 +290,10 @@ def test_ports_load_at_their_first_client(user, rootless_run, state_dir, spawned
     loaded = rss_kib(proc.pid)
     if udp:
         assert loaded - idle > 5 * 1024, f"RSS {idle} KiB idle, {loaded} KiB after a client"
+        assert "rootless trio" in thread_names(proc.pid)
     else:
-        assert "rootless ports" in _thread_names(proc.pid)
+        assert "rootless ports" in thread_names(proc.pid)
+        assert "rootless trio" not in thread_names(proc.pid)
         assert loaded - idle < 4 * 1024, f"RSS {idle} KiB idle, {loaded} KiB: trio loaded?"
     assert "fwmark 0x524c" in child_rules(child_pid)
 
@@ -298,17 +301,6 @@ def test_ports_load_at_their_first_client(user, rootless_run, state_dir, spawned
 def _fd_table_size(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         return int(next(line for line in f if line.startswith("FDSize:")).split()[1])
-
-
-def _thread_names(pid: int) -> list[str]:
-    names = []
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/comm") as f:
-                names.append(f.read().strip())
-        except FileNotFoundError:
-            pass  # the thread ended meanwhile
-    return names
 
 
 def test_udp_over_ipv6_loopback(instance):

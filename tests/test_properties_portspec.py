@@ -109,13 +109,23 @@ def ctl_specs(text: str) -> list[PortSpec]:
 
 class _Bookkeeping(BuiltinPortDriver):
     """The builtin driver as the API reaches it (its checks and bookkeeping), but
-    for the bind: a real instance binds (tests/test_properties_api.py shows the
-    answers are the same, or a bind failure)."""
+    for the bind and the engine: a real instance binds (tests/test_properties_api.py
+    shows the answers are the same, or a bind failure)."""
 
-    async def _expose(self, spec):
+    def _publish_initial(self):
+        pass
+
+    def _expose_tcp(self, spec):
+        return spec, lambda: None
+
+    async def _expose(self, spec):  # UDP, under trio
         async def close():
             pass
         return spec, close
+
+    @staticmethod
+    def run_in_trio(function, *args):
+        return trio.run(function, *args)
 
 
 _CONFIG = cli.build_config("rootless-run", ["--net=none", "--", "true"])
@@ -124,7 +134,7 @@ _CONFIG = cli.build_config("rootless-run", ["--net=none", "--", "true"])
 def api_answer(body: bytes) -> tuple[int, bytes]:
     """POST /v1/ports with `body` to a fresh instance: (HTTP status, body)."""
     router = Router(info=None, ports=_Bookkeeping(_CONFIG))
-    return trio.run(router.handle, "POST", "/v1/ports", body)
+    return router.handle("POST", "/v1/ports", body)
 
 
 def body_of(spec: PortSpec) -> bytes:

@@ -187,16 +187,71 @@ def published(runner: Runner, supervisor: list[str], specs: list[str],
     argv = [*supervisor, *(f"--publish={s.format(P=port)}" for s in specs), "--", *command]
     proc = runner.start(argv)
     try:
-        deadline = time.monotonic() + 15
-        while not (listening(port) and _command_listening(proc.pid, command, command_port)):
-            if proc.poll() is not None:
-                raise Skip(f"exited ({proc.returncode}): {last_error(proc)}")
-            if time.monotonic() > deadline:
-                raise Skip("the published port or the command did not listen within 15 s")
-            time.sleep(0.02)
+        _wait_for(proc, lambda: listening(port) and _command_listening(proc.pid, command,
+                                                                        command_port),
+                  "the published port or the command")
         yield proc, port
     finally:
         runner.stop(proc)
+
+
+def _wait_for(proc, ready, what: str, seconds: float = 15.0) -> None:
+    """Until `ready()`; a Skip if the supervisor `proc` exits or `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        if proc.poll() is not None:
+            raise Skip(f"exited ({proc.returncode}): {last_error(proc)}")
+        if time.monotonic() > deadline:
+            raise Skip(f"{what} did not listen within {seconds:.0f} s")
+        time.sleep(0.02)
+
+
+@contextmanager
+def with_api(runner: Runner, supervisor: list[str], command: list[str], command_port: int):
+    """A supervisor (`supervisor` = binary and flags) with no -p, a state dir of the
+    user's and `command` listening on `command_port`; yields (process, the path of its
+    api.sock) once both listen. rootless Docker's shape: its ports come through the API."""
+    code, base = runner.run(["mktemp", "-d", "-p", runner.env["XDG_RUNTIME_DIR"],
+                             "rootless-bench-api-XXXXXX"], timeout=10)
+    if code != 0:
+        raise Skip(f"could not make a state dir as {runner.user}")
+    state = f"{base.strip()}/state"
+    sock = f"{state}/api.sock"
+    proc = runner.start([*supervisor, f"--state-dir={state}", "--", *command])
+    try:
+        _wait_for(proc, lambda: _answers(sock) and _command_listening(proc.pid, command,
+                                                                       command_port),
+                  "the API or the command")
+        yield proc, sock
+    finally:
+        runner.stop(proc)
+        runner.run(["rm", "-rf", base.strip()], timeout=30)
+
+
+def _answers(path: str) -> bool:
+    """Whether api.sock exists (a connection would be the API's first client)."""
+    try:
+        with open("/proc/net/unix") as f:
+            return any(line.rstrip().endswith(" " + path) for line in f)
+    except OSError:
+        return False
+
+
+def api_add_port(sock: str, parent_port: int, child_port: int) -> None:
+    """POST /v1/ports on the API at `sock` (as root here: any user's socket will do)."""
+    body = json.dumps({"proto": "tcp", "parentIP": "127.0.0.1", "parentPort": parent_port,
+                       "childPort": child_port}).encode()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(sock)
+        s.sendall(b"POST /v1/ports HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(body), body))
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    if not answer.startswith(b"HTTP/1.1 201"):
+        raise Skip(f"the API did not add the port: {answer[:200]!r}")
 
 
 def _command_listening(root: int, command: list[str], port: int) -> bool:

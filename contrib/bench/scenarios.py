@@ -203,6 +203,22 @@ def build(sides: Sides) -> list[Scenario]:
                     "pss_busy": busy["pss"], "rss_busy": busy["rss"]}
         return side
 
+    def api_port(binary):
+        def side():
+            supervisor = [binary, "--net=slirp4netns", "--port-driver=builtin"]
+            with w.with_api(r, supervisor, ECHO_COMMAND, w.ECHO_PORT) as (proc, sock):
+                time.sleep(0.5)  # settle: nothing but the idle API
+                port = w.free_port()
+                start = time.perf_counter()
+                w.api_add_port(sock, port, w.ECHO_PORT)  # the API's first client
+                added = time.perf_counter()
+                first_ms = w.connections(r, port, count=1)["seconds"] * 1000
+                time.sleep(0.5)
+                usage = w.supervisor_usage(proc.pid, ECHO_COMMAND)
+            return {"add_ms": (added - start) * 1000, "first_ms": first_ms,
+                    "pss": usage["pss"], "rss": usage["rss"]}
+        return side
+
     scenarios = [
         Scenario("startup-host", [Metric("ms", "startup: X --net=host true", "ms", False)],
                  sides.each(startup(["--net=host"])) | {"limit": bare(["-Urm"])},
@@ -271,6 +287,17 @@ def build(sides: Sides) -> list[Scenario]:
                   Metric("rss_busy", f"memory RSS after {s.connections} connections",
                          "MiB", False)],
                  sides.each(memory), min(s.rounds, 3), ("python3", "slirp4netns")),
+        # rootless Docker's way: no -p, every port added through the API
+        # (rootlesskit-docker-proxy) as `docker run -p` starts a container.
+        Scenario("api-port",
+                 [Metric("add_ms", "the API's first request: add a TCP port", "ms", False),
+                  Metric("first_ms", "  then the first client's answer through it", "ms",
+                         False),
+                  Metric("pss", "memory PSS after a port added through the API and a "
+                                "client", "MiB", False),
+                  Metric("rss", "memory RSS after a port added through the API and a "
+                                "client", "MiB", False)],
+                 sides.each(api_port), min(s.rounds, 3), ("python3", "slirp4netns")),
         Scenario("soak", soak_metrics(s.soak_seconds), sides.binaries(), 1,
                  ("python3", "slirp4netns"),
                  together=lambda chosen: _soak.run(r, chosen, sides.ctl(), s.soak_seconds)),

@@ -1,5 +1,5 @@
 """rootlesskit's REST API (1.1.1) on STATE/api.sock: models, a pure router, the h11
-server on trio, and a small sync client for rootless-ctl."""
+server on an epoll loop (rootless._loop), and a small sync client for rootless-ctl."""
 import os
 
 from .._listen import backlog
@@ -9,7 +9,7 @@ API_VERSION = "1.1.1"
 
 def listen(path: str):
     """The API's listening unix socket at `path` (only its owner may connect): bound
-    with the standard library, so that clients can queue before trio is loaded. With
+    before the command starts, so that clients can queue before the API loads. With
     _socket, the C module: it is bound on the way to the command, where socket.py
     (and its enum) would cost 5 ms."""
     import _socket as socket

@@ -1,274 +1,422 @@
-"""The API's HTTP/1.1 server on a unix socket: h11 driven over trio streams.
+"""The API's HTTP/1.1 server on a unix socket: h11 (sans-IO) driven by a loop of our
+own (`rootless._loop`), without trio: rootless Docker publishes every port through
+the API, and trio would be 12 MiB and 60-130 ms of its first `docker run -p`.
+
+The loop only moves bytes: each request, once whole, goes to one worker thread, which
+runs the router (a port's addition may take a while: binding, the ports' loop, or
+trio for a UDP port) and hands the answer back. Requests are served one at a time, in
+the order they came, as the port driver wants them anyway.
 
 Each connection is a unit of work of its own: whatever happens while serving it (a
 malformed or hostile request, a client that stalls or goes away, a bug in a handler)
 ends that connection only, with a 4xx (the client's fault) or a 500 (ours, logged in
 one rate-limited line) when an answer can still be sent. Out of fds, new connections
 are answered 503 and closed while the old ones go on. Only the listener failing ends
-the server: `serve` then raises ListenerFailed, and the run ends.
+the server: its owner is told (`on_failure`), and the run ends.
 
 The host part of the URL is ignored, as rootlesskit does."""
 import errno
-import logging
-import select
-import socket
+import os
+import time
+from select import EPOLLERR as ERR, EPOLLHUP as HUP
+from _queue import SimpleQueue
 from http import HTTPStatus
 
 import h11
-import trio
 
-from .. import _log
-from .._listen import SpareFd, spare_fd
-from ..errors import RootlessError
-from .router import CAPACITY_ERRNOS, Router, clip, error
+from .. import _log, _threads
+from .._listen import SpareFd
+from .._loop import IN, OUT, Watcher
+from .router import CAPACITY_ERRNOS, clip, error
 
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 * 1024
 _IDLE_TIMEOUT = 60.0     # seconds a connection may wait for the head of its next request
 _REQUEST_TIMEOUT = 60.0  # seconds a request may take to arrive whole, once begun
 _SEND_TIMEOUT = 60.0     # seconds an answer may wait for a client that does not read
+_SWEEP = 1.0             # seconds between looks at the connections' deadlines
 _BUSY_RETRY = 0.1        # seconds between accepts while out of fds, with no fd to spare
+_ACCEPTS = 16            # clients taken per round
+_MAX_QUEUED = 256        # requests waiting for the worker; more are answered 503
+_READ = 65536
 
 # accept() failing for one client only (it went away first): accept the next one.
 _CLIENT_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO})
-# The client went away or stalled: nobody to answer, nothing to log.
-_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError)
+_HEAD = b"HEAD "
 
 
-def _unavailable() -> bytes:
-    body = b'{"message":"out of file descriptors: try again later"}'
-    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+def _canned(status: int, message: bytes) -> bytes:
+    body = b'{"message":"%s"}' % message
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (status, HTTPStatus(status).phrase.encode(),
+                                               len(body), body))
 
 
-_UNAVAILABLE = _unavailable()
+_UNAVAILABLE = _canned(503, b"out of file descriptors: try again later")
 
 
-class _OneLine(logging.Handler):
-    """trio reports a few failures through the standard `logging` (an async
-    generator's error; serve_listeners' accept errors, unused here), with a
-    traceback, which logging's last resort would write to stderr: one rate-limited
-    line of ours instead, which never raises."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            text = record.getMessage()
-        except (TypeError, ValueError):  # a format that does not fit its arguments
-            text = str(record.msg)
-        first = text.splitlines()[0] if text else ""
-        _log.limited(record.name, f"{record.name}: {clip(first)}", level="error")
-
-
-logging.getLogger("trio").addHandler(_OneLine())
-logging.getLogger("trio").propagate = False
-
-
-class ListenerFailed(RootlessError):
+class ListenerFailed(Exception):
     """The API's listening socket failed: the run cannot go on without its API."""
 
 
-async def serve(sock: socket.socket, router: Router, *,
-                task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve on `sock`, a listening socket from `rootless.api.listen` (its owner closes
-    it). Returns only by cancellation; raises ListenerFailed if the listener fails
-    other than for want of resources."""
-    sock.setblocking(False)
-    spare = spare_fd()
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            conn = await _accept(sock, spare)
-            if conn is not None:
-                stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
-                nursery.start_soon(_connection, stream, router)
+class Server(Watcher):
+    """Serves `listener` (a listening unix socket; its owner closes it) on `loop`."""
 
+    def __init__(self, loop, listener, router, on_failure, prepare=None):
+        self.loop, self.listener, self.router = loop, listener, router
+        self._on_failure = on_failure  # a message: the run cannot go on
+        self._prepare = prepare        # run by the worker before its first request
+        self.connections: set[_Connection] = set()
+        self._spare = SpareFd()        # this loop's own: two threads may not share one
+        self._jobs = SimpleQueue()
+        self.queued = 0                # requests given to the worker and not answered
+        self._paused = None
+        self._sweeping = None
+        self._worker = _threads.Thread(self._work)
 
-async def _accept(sock: socket.socket, spare: SpareFd) -> socket.socket | None:
-    """The next client, or None if there was none to serve after all."""
-    await trio.lowlevel.wait_readable(sock)
-    try:
-        return sock.accept()[0]
-    except BlockingIOError:
-        # Readable but nothing to accept: a spurious wake-up, or a listener shut
-        # down, which would wake us for ever and never accept again.
-        if _hung_up(sock):
-            raise ListenerFailed(_failed(sock, "it was shut down")) from None
-    except OSError as exc:
-        if exc.errno in CAPACITY_ERRNOS:
-            await _refuse_one(sock, spare, exc)
-        elif exc.errno not in _CLIENT_ERRNOS:
-            raise ListenerFailed(_failed(sock, exc.strerror or str(exc))) from None
-    return None
+    def start(self) -> None:
+        self.listener.setblocking(False)
+        self.loop.watch(self.listener.fileno(), IN, self)
+        self._worker.start()
 
+    def close(self) -> None:
+        """On the loop's thread, once it has stopped: every connection closed."""
+        for connection in list(self.connections):
+            connection.close()
+        if self._paused is None:
+            self.loop.watch(self.listener.fileno(), 0, self)
+        self._jobs.put(None)
+        self._worker.join(5.0)
 
-def _hung_up(sock: socket.socket) -> bool:
-    poller = select.poll()
-    poller.register(sock, select.POLLIN)
-    return any(events & select.POLLHUP for _, events in poller.poll(0))
+    # -- accepting --
 
+    def ready(self, fd: int, events: int) -> None:
+        for _ in range(_ACCEPTS):
+            try:
+                fd, _ = self.listener._accept()
+            except BlockingIOError:
+                # Readable but nothing to accept: a spurious wake-up, or a listener
+                # shut down, which would wake us for ever and never accept again.
+                if events & (HUP | ERR):
+                    raise ListenerFailed(self._failed("it was shut down")) from None
+                return
+            except OSError as exc:
+                if exc.errno in _CLIENT_ERRNOS:
+                    continue
+                if exc.errno not in CAPACITY_ERRNOS:
+                    raise ListenerFailed(self._failed(exc.strerror or str(exc))) from None
+                self._refuse_one(exc)
+                return
+            connection = _Connection(self, fd)
+            self.connections.add(connection)
+            connection.start()
 
-def _failed(sock: socket.socket, why: str) -> str:
-    try:
-        where = sock.getsockname() or "api.sock"
-    except OSError:
-        where = "api.sock"
-    return f"the API listener on {where} failed: {why}"
+    def failed(self, exc: Exception) -> None:
+        message = str(exc) if isinstance(exc, ListenerFailed) else self._failed(
+            f"{type(exc).__name__}: {exc}")
+        self.loop.watch(self.listener.fileno(), 0, self)
+        self._paused = True  # never watched again
+        self._on_failure(message)
 
-
-async def _refuse_one(sock: socket.socket, spare: SpareFd, exc: OSError) -> None:
-    """accept() failed for want of resources: answer one waiting client 503 with the
-    spare fd, or, without one, wait a little before accepting again."""
-    out_of_fds = exc.errno in (errno.EMFILE, errno.ENFILE)
-    _log.limited("api-accept", f"API: cannot accept a connection ({exc.strerror}): new "
-                               f"clients {'get 503' if out_of_fds else 'wait'} until "
-                               f"resources are freed")
-    answered = False
-    if out_of_fds and spare.release():
+    def _failed(self, why: str) -> str:
         try:
-            conn, _ = sock.accept()  # non-blocking: BlockingIOError if it gave up
+            where = self.listener.getsockname() or "api.sock"
         except OSError:
-            pass
-        else:
-            with conn:
+            where = "api.sock"
+        return f"the API listener on {where} failed: {why}"
+
+    def _refuse_one(self, exc: OSError) -> None:
+        """accept() failed for want of resources: answer one waiting client 503 with the
+        spare fd, or, without one, stop accepting for a little while."""
+        out_of_fds = exc.errno in (errno.EMFILE, errno.ENFILE)
+        _log.limited("api-accept", f"API: cannot accept a connection ({exc.strerror}): new "
+                                   f"clients {'get 503' if out_of_fds else 'wait'} until "
+                                   f"resources are freed")
+        if out_of_fds and self._spare.release():
+            try:
+                fd, _ = self.listener._accept()
+            except OSError:
+                pass
+            else:
                 try:
-                    conn.send(_UNAVAILABLE)  # a fresh socket's buffer takes it whole
-                    answered = True
+                    os.write(fd, _UNAVAILABLE)  # a fresh socket's buffer takes it whole
                 except OSError:
                     pass
-        spare.restore()
-    await trio.sleep(0 if answered else _BUSY_RETRY)
+                os.close(fd)
+            self._spare.restore()
+            return  # the next client is tried in the next round
+        self.loop.watch(self.listener.fileno(), 0, self)
+        self._paused = self.loop.call_later(_BUSY_RETRY, self._resume)
 
+    def _resume(self) -> None:
+        self._paused = None
+        self.loop.watch(self.listener.fileno(), IN, self)
 
-async def _connection(stream: trio.SocketStream, router: Router) -> None:
-    """Serve one connection, whatever it sends; nothing raised here ends the server
-    (but cancellation)."""
-    http = _Http(stream)
-    async with stream:
+    # -- deadlines: one timer for all connections --
+
+    def watch_deadlines(self) -> None:
+        if self._sweeping is None:
+            self._sweeping = self.loop.call_later(_SWEEP, self._sweep)
+
+    def _sweep(self) -> None:
+        self._sweeping = None
+        now = time.monotonic()
+        waiting = False
+        for connection in list(self.connections):
+            if connection.deadline is not None:
+                if connection.deadline <= now:
+                    connection.close()  # gone, or too slow: nobody to answer
+                else:
+                    waiting = True
+        if waiting:
+            self.watch_deadlines()
+
+    # -- the worker --
+
+    def submit(self, connection, method: str, target: str, body: bytes) -> None:
+        if self.queued >= _MAX_QUEUED:
+            connection.answer(503, error(503, "too many requests waiting: try again "
+                                              "later")[1], close=True)
+            return
+        self.queued += 1
+        self._jobs.put((connection, method, target, body))
+
+    def _work(self) -> None:
+        _threads.name("rootless router")
         try:
-            while await _one_request(http, router):
-                http.next_cycle()
-        except _GONE:
-            pass
-        except h11.RemoteProtocolError as exc:  # e.g. 431 for a head beyond MAX_HEAD
-            http.refused()
-            await http.answer_if_possible(exc.error_status_hint, f"bad request: {exc}")
-        except _BadRequest as exc:
-            await http.answer_if_possible(exc.status, f"bad request: {exc}")
-        except Exception as exc:  # a bug: this connection ends, the server goes on
-            _log.limited("api-connection", f"API: a connection failed: {_what(exc)}",
+            self._serve_jobs()
+        except BaseException as exc:  # noqa: B902 - a bug here: no request would be answered
+            self._on_failure(f"the API's worker thread failed: {_what(exc)}")
+
+    def _serve_jobs(self) -> None:
+        if self._prepare is not None:
+            try:
+                self._prepare()
+            except Exception as exc:  # the requests are still answered, as they can be
+                _log.limited("api-request", f"API: {_what(exc)}", level="error")
+        while (job := self._jobs.get()) is not None:
+            connection, method, target, body = job
+            status, payload = self._handle(method, target, body)
+            try:
+                self.loop.call_soon_threadsafe(
+                    lambda c=connection, s=status, p=payload: self._answered(c, s, p))
+            except RuntimeError:
+                return  # the loop has ended: nobody to answer
+
+    def _handle(self, method: str, target: str, body: bytes) -> tuple[int, bytes]:
+        try:
+            return self.router.handle(method, target, body)
+        except Exception as exc:  # a bug in one handler: this request gets a 500
+            _log.limited("api-request", f"API: {method} {clip(target)} failed: {_what(exc)}",
                          level="error")
-            await http.answer_if_possible(500, f"internal error: {_what(exc)}")
+            return error(500, f"internal error: {_what(exc)}")
+
+    def _answered(self, connection, status: int, payload: bytes) -> None:
+        self.queued -= 1
+        if connection in self.connections:
+            connection.answer(status, payload)
 
 
-_HEAD = b"HEAD "
+class _Connection(Watcher):
+    """One client: its h11 state, the request being read, the answer being sent. It
+    reads the next request only once the last answer is sent (as a blocking server
+    would), so a client that sends and never reads holds one answer, not a queue."""
+
+    def __init__(self, server: Server, fd: int):
+        self.server, self.loop, self.fd = server, server.loop, fd
+        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.head = False    # the request is a HEAD: its answer has no body
+        self._lead = b""     # the request's first bytes: its method, if h11 refuses the head
+        self.request = None  # the h11.Request being read
+        self.body = bytearray()
+        self.busy = False    # the request is with the worker
+        self.out = b""       # what is still to send
+        self.closing = False  # close once `out` is sent
+        self.deadline = None
+        self._events = 0
+
+    def start(self) -> None:
+        os.set_blocking(self.fd, False)
+        self._expect(_IDLE_TIMEOUT)
+        self._watch()
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self.loop.watch(self.fd, 0, self)
+        os.close(self.fd)
+        self.fd = -1
+        self.server.connections.discard(self)
+
+    def _expect(self, seconds: float | None) -> None:
+        """The client has `seconds` for what comes next (None: no limit)."""
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        if seconds is not None:
+            self.server.watch_deadlines()
+
+    def _watch(self) -> None:
+        reading = not (self.busy or self.closing or self.out)
+        events = (IN if reading else 0) | (OUT if self.out else 0)
+        if events != self._events:
+            self.loop.watch(self.fd, events, self)
+            self._events = events
+
+    # -- the loop's reports --
+
+    def ready(self, fd: int, events: int) -> None:
+        if self.out:
+            self._flush()
+        elif events & IN:
+            self._receive()
+        elif events & (HUP | ERR):
+            self.close()  # gone, with nothing that could still be answered
+
+    def failed(self, exc: Exception) -> None:
+        """A bug while serving this connection: it ends, the server goes on."""
+        _log.limited("api-connection", f"API: a connection failed: {_what(exc)}",
+                     level="error")
+        try:
+            self._last_answer(500, f"internal error: {_what(exc)}")
+        except Exception:  # noqa: BLE001 - nothing more to try
+            pass
+        if self.fd >= 0 and not self.out:
+            self.close()
+
+    # -- reading --
+
+    def _receive(self) -> None:
+        try:
+            data = os.read(self.fd, _READ)
+        except BlockingIOError:
+            return
+        except OSError:
+            self.close()  # the client went away
+            return
+        if len(self._lead) < len(_HEAD):
+            self._lead += data[:len(_HEAD) - len(self._lead)]
+        self.http.receive_data(data)  # b"": the client closed its side
+        self._advance()
+
+    def _advance(self) -> None:
+        """Take h11's events until it needs more data, or a request is whole."""
+        while not (self.busy or self.closing or self.out) and self.fd >= 0:
+            try:
+                event = self.http.next_event()
+                if event is h11.NEED_DATA:
+                    break
+                self._take(event)
+            except h11.RemoteProtocolError as exc:  # e.g. 431 for a head beyond MAX_HEAD
+                self.head = self._lead == _HEAD  # see _last_answer
+                self._last_answer(exc.error_status_hint, f"bad request: {exc}")
+            except _BadRequest as exc:
+                self._last_answer(exc.status, f"bad request: {exc}")
+        if self.fd >= 0:
+            self._watch()
+
+    def _take(self, event) -> None:
+        if isinstance(event, h11.Request):
+            self.request, self.head = event, event.method == b"HEAD"
+            self._expect(_REQUEST_TIMEOUT)
+            _check_length(event)
+            if self.http.they_are_waiting_for_100_continue:
+                self._send(self.http.send(h11.InformationalResponse(
+                    status_code=100, headers=[], reason=b"Continue")))
+        elif isinstance(event, h11.Data):
+            self.body += event.data
+            if len(self.body) > MAX_BODY:
+                raise _BadRequest(f"body larger than {MAX_BODY} bytes", 413)
+        elif isinstance(event, h11.EndOfMessage):
+            self.busy = True
+            self._expect(None)  # the worker's time is not the client's
+            request, body, self.body = self.request, bytes(self.body), bytearray()
+            self.server.submit(self, request.method.decode("ascii", "replace"),
+                               request.target.decode("ascii", "replace"), body)
+        elif isinstance(event, h11.ConnectionClosed):
+            self.close()
+        else:
+            raise _BadRequest(f"unexpected {type(event).__name__}")
+
+    # -- answering --
+
+    def answer(self, status: int, payload: bytes, close: bool = False) -> None:
+        """The answer to the request the worker had (on the loop's thread)."""
+        if self.fd >= 0:
+            self.busy = False
+            self._respond(status, payload, close)
+
+    def _respond(self, status: int, payload: bytes, close: bool) -> None:
+        headers = [("Content-Type", "application/json"),
+                   ("Content-Length", str(len(payload)))]
+        if close:
+            headers.append(("Connection", "close"))
+            self.closing = True
+        data = self.http.send(h11.Response(status_code=status, headers=headers,
+                                           reason=HTTPStatus(status).phrase.encode()))
+        if payload and not self.head:  # an answer to HEAD has headers only
+            data += self.http.send(h11.Data(data=payload))
+        data += self.http.send(h11.EndOfMessage())
+        self._send(data)
+
+    def _last_answer(self, status: int, message: str) -> None:
+        """The last answer on this connection, if it is not too late for one; it
+        closes once that is sent."""
+        self.closing = True
+        if self.http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            status, payload = error(status, clip(message, 300))
+            if self.head and self.http.their_state is h11.ERROR:
+                # h11 refused the HEAD before it knew its method: it would frame the
+                # answer by its Content-Length, and want the body a HEAD answer cannot have
+                payload = b""
+            try:
+                self._respond(status, payload, close=True)
+                return
+            except h11.LocalProtocolError:
+                pass
+        if not self.out:
+            self.close()  # an answer was already begun: closing is all that is left
+
+    def _send(self, data: bytes) -> None:
+        sending = bool(self.out)
+        self.out += data
+        self._flush()
+        if self.out and not sending and self.fd >= 0:
+            self._expect(_SEND_TIMEOUT)
+
+    def _flush(self) -> None:
+        try:
+            sent = os.write(self.fd, self.out)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self.close()  # the client went away: nobody to answer
+            return
+        self.out = self.out[sent:]
+        if self.out:
+            self._watch()
+        elif self.closing:
+            self.close()
+        elif self.http.our_state in (h11.DONE, h11.MUST_CLOSE):
+            self._next_cycle()
+        else:  # "100 Continue" sent: the body comes next (maybe read already)
+            self._expect(_REQUEST_TIMEOUT)
+            self._advance()
+
+    def _next_cycle(self) -> None:
+        """The answer is sent: the next request, or the end (h11 knows which)."""
+        if self.http.our_state is not h11.DONE or self.http.their_state is not h11.DONE:
+            self.close()  # HTTP/1.0, or "Connection: close"
+            return
+        self.http.start_next_cycle()
+        self.request, self.head = None, False
+        self._lead = self.http.trailing_data[0][:len(_HEAD)]  # a pipelined request's
+        self._expect(_IDLE_TIMEOUT)
+        self._advance()
 
 
 class _BadRequest(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
-
-
-class _Http:
-    """One connection's h11 state and the method of its current request."""
-
-    def __init__(self, stream: trio.SocketStream):
-        self.stream = stream
-        self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
-        self.head = False
-        self._lead = b""  # the request's first bytes: its method, if h11 refuses the head
-
-    def next_cycle(self) -> None:
-        self.conn.start_next_cycle()
-        self.head = False
-        self._lead = self.conn.trailing_data[0][:len(_HEAD)]  # a pipelined request's
-
-    def refused(self) -> None:
-        """h11 refused the request (so no Request told its method): an answer to a
-        HEAD must still have no body, or the client reads it as another answer."""
-        self.head = self._lead == _HEAD
-
-    async def next_event(self):
-        while True:
-            event = self.conn.next_event()
-            if event is not h11.NEED_DATA:
-                return event
-            data = await self.stream.receive_some(65536)
-            if len(self._lead) < len(_HEAD):
-                self._lead += data[:len(_HEAD) - len(self._lead)]
-            self.conn.receive_data(data)
-
-    async def send(self, status: int, payload: bytes, close: bool = False) -> None:
-        headers = [("Content-Type", "application/json"),
-                   ("Content-Length", str(len(payload)))]
-        if close:
-            headers.append(("Connection", "close"))
-        data = self.conn.send(h11.Response(status_code=status, headers=headers,
-                                           reason=HTTPStatus(status).phrase.encode()))
-        if payload and not self.head:  # an answer to HEAD has headers only
-            data += self.conn.send(h11.Data(data=payload))
-        data += self.conn.send(h11.EndOfMessage())
-        with trio.fail_after(_SEND_TIMEOUT):
-            await self.stream.send_all(data)
-
-    async def answer_if_possible(self, status: int, message: str) -> None:
-        """The last answer on this connection, if it is not too late for one."""
-        if self.conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
-            return  # an answer was already begun: closing is all that is left
-        status, payload = error(status, clip(message, 300))
-        if self.head and self.conn.their_state is h11.ERROR:
-            # h11 refused the HEAD before it knew its method: it would frame the answer
-            # by its Content-Length, and want the body that a HEAD answer cannot have
-            payload = b""
-        try:
-            await self.send(status, payload, close=True)
-        except (*_GONE, h11.LocalProtocolError):
-            pass
-
-
-async def _one_request(http: _Http, router: Router) -> bool:
-    """Serve one request; False when the connection is done."""
-    conn = http.conn
-    with trio.move_on_after(_IDLE_TIMEOUT) as idle:
-        first = await http.next_event()
-    if idle.cancelled_caught or isinstance(first, h11.ConnectionClosed):
-        return False
-    with trio.fail_after(_REQUEST_TIMEOUT):
-        request, body = await _read_request(http, first)
-    if request is None:
-        return False
-    method = request.method.decode("ascii", "replace")
-    target = request.target.decode("ascii", "replace")
-    try:
-        status, payload = await router.handle(method, target, body)
-    except Exception as exc:  # a bug in one handler: this request gets a 500
-        _log.limited("api-request", f"API: {method} {clip(target)} failed: {_what(exc)}",
-                     level="error")
-        status, payload = error(500, f"internal error: {_what(exc)}")
-    await http.send(status, payload)
-    return conn.our_state is h11.DONE and conn.their_state is h11.DONE
-
-
-async def _read_request(http: _Http, event) -> tuple[h11.Request | None, bytes]:
-    """The request that begins with `event`, and its body."""
-    if not isinstance(event, h11.Request):
-        raise _BadRequest(f"unexpected {type(event).__name__}")
-    http.head = event.method == b"HEAD"
-    _check_length(event)
-    if http.conn.they_are_waiting_for_100_continue:
-        await http.stream.send_all(http.conn.send(h11.InformationalResponse(
-            status_code=100, headers=[], reason=b"Continue")))
-    body = bytearray()
-    while True:
-        part = await http.next_event()
-        if isinstance(part, h11.Data):
-            body += part.data
-            if len(body) > MAX_BODY:
-                raise _BadRequest(f"body larger than {MAX_BODY} bytes", 413)
-        elif isinstance(part, h11.EndOfMessage):
-            return event, bytes(body)
-        else:
-            return None, b""  # the client closed in mid-body
 
 
 def _check_length(request: h11.Request) -> None:

@@ -1,23 +1,26 @@
 """The parent's services while the command runs: the REST API on STATE/api.sock and
-the port driver, under trio, in a thread of their own.
+the port driver, in threads of their own.
 
 The main thread keeps the supervision (signal handlers run only there, and the
 signals they forward are delivered only there: see start) and does not wait for
-this thread to start: trio's import (60 ms) stays off the path to the command. It
-also stays off the exit of a short command: the thread lets the first moments pass
-before it does anything, so a command that is done by then never competes with it
-for the GIL.
-
-Nor does the thread load trio while nobody needs it. The API socket and the port
+the services' thread to start. Nor does the thread load anything at once: it lets the
+first moments pass, so a short command that is done by then never competes with it
+for the GIL, and then waits for the first client. The API socket and the port
 driver's -p ports are bound before the command starts (parent.Listeners, with the
-standard library), and the thread waits for the first client of any of them before it
-loads anything: clients wait in the sockets' backlogs meanwhile. The first client of a
-port the driver serves without trio (the builtin driver's TCP ports: serve_light)
-starts the driver's own loop, and trio waits on; the API's first client, or a UDP
-port's, loads trio. Loading trio, h11 and the port driver takes 60-100 ms of a CPU:
-taken just as the command started, that stalled a command busy on every CPU (iperf3
-through slirp4netns lost 0.25-0.75 s of traffic). trio weighs 12 MiB: an instance
-whose clients only come through TCP ports never loads it (docs/memory.md).
+C module _socket), and clients wait in the sockets' backlogs meanwhile.
+
+- The first client of a port the driver serves without trio (the builtin driver's
+  TCP ports: serve_light) starts the driver's own loop (drivers/port/_engine.py).
+- The API's first client loads the API (h11, msgspec, the router: api/server.py) and
+  this thread then runs it, on a loop of its own (rootless._loop), not trio.
+- trio loads, in a thread of its own, only for what needs it: a UDP port's first
+  client or an API request that adds one, a port driver that serves under trio
+  (slirp4netns', implicit: `needs_trio`), or serve() that must run at once.
+
+Loading takes a CPU for a moment: taken just as the command started, that stalled a
+command busy on every CPU (iperf3 through slirp4netns lost 0.25-0.75 s of traffic).
+trio weighs 12 MiB and 60-130 ms: an instance whose clients only come through TCP
+ports and the API never loads it (docs/memory.md).
 """
 import os
 # Loaded with this module, before the thread starts: raise_fd_limit needs it as the
@@ -36,34 +39,36 @@ from ..api import API_VERSION
 
 _GRACE = 0.02  # seconds before the services load: see the module's docstring
 _RETRY = 0.5   # seconds between tries to load them when the process is out of fds
+_TRIO_WAIT = 30.0  # seconds an API request waits for trio's services to start
 
 
 class Services:
     def __init__(self, config, state, child_pid: int, network_info, ports, listeners):
         self.config, self.state, self.child_pid = config, state, child_pid
         self.network_info, self.ports = network_info, ports
-        # Bound by the parent, which closes them after stop() unless taken over here:
-        # the API's listening socket, and the fds of the -p ports whose first client
-        # loads the services (None: the port driver's serve() must run at once).
+        # Bound by the parent, which closes them after stop(): the API's listening
+        # socket, and the fds of the -p ports whose first client loads the services
+        # (None: the port driver's serve() must run at once).
         self._listener, self._early = listeners.api, listeners.early
-        self._api = None  # the listener as trio serves it (socket.socket), ours to close
         # The services' failure, in words: the supervisor polls it, prints it and ends
         # the run. It is not printed here: when the run is ending anyway (the command
         # exited, a helper died), the failure is only a consequence, not news.
         self.failed_r, self._failed_w = os.pipe()
-        # stop() writes here: it wakes the thread wherever it waits before trio runs.
+        # stop() writes here: it wakes every thread of ours wherever it waits.
         self._wake_r, self._wake_w = os.pipe()
         self._lock = _threads.Lock()
         self._stopping = False
-        self._active = False
-        self._running = _threads.Event()
         # Set once the port driver and the API listen (or the services gave up):
         # what --notify=ready waits for before READY=1.
         self.started = _threads.Event()
-        self._token = None
-        self._scope = None
         self._thread = _threads.Thread(self._run)
+        # trio's services, once something needs them: their thread, set once they
+        # run (or failed to), and how to reach them.
+        self._trio = None
+        self._trio_ready = _threads.Event()
+        self._token = self._scope = None
         ports.on_failure = self._fail
+        ports.run_in_trio = self.run_in_trio
 
     def _fail(self, message: str) -> None:
         """The services cannot go on (from any of their threads): the supervisor ends
@@ -72,13 +77,13 @@ class Services:
             os.write(self._failed_w, message.encode()[:4000] or b"?")
 
     def start(self) -> None:
-        # The thread (and trio's worker threads, which inherit its mask) never takes
+        # The threads (and trio's worker threads, which inherit their mask) never take
         # a signal that is the command's: the kernel gives a process' signal to any
         # thread that does not block it, and only the main thread runs the handlers
         # that forward it. Taken here, systemd's SIGTERM waited unforwarded while the
         # main thread slept on in poll(), until TimeoutStopSec. A thread gets the mask
         # of the one that starts it: blocked around start(), not in the thread, where
-        # a signal could come before it is.
+        # a signal could come before it is (the threads it starts inherit it).
         grow_fd_table(self._wake_r)  # while the parent has one thread: see there
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
         try:
@@ -89,17 +94,17 @@ class Services:
     def stop(self, timeout: float = 5.0) -> None:
         with self._lock:
             self._stopping = True
-            active = self._active
-        os.write(self._wake_w, b"x")
-        if active:
-            import trio
+            trio_thread = self._trio
+        os.write(self._wake_w, b"x")  # never read: every waiter sees it
+        if trio_thread is not None:
+            if self._trio_ready.wait(timeout) and self._token is not None:
+                import trio
 
-            if self._running.wait(timeout):
                 try:
                     trio.from_thread.run_sync(self._scope.cancel, trio_token=self._token)
                 except trio.RunFinishedError:
                     pass
-        # Also when it never loaded trio: it may hold the API socket in the state dir.
+            trio_thread.join(timeout)
         self._thread.join(timeout)
         self.ports.shutdown()  # the port driver's own loop, if it started one
         for fd in (self.failed_r, self._failed_w, self._wake_r, self._wake_w):
@@ -113,53 +118,90 @@ class Services:
     def _failure(self) -> str:
         return os.read(self.failed_r, 4096).decode(errors="replace")
 
+    # -- the services' thread --
+
     def _run(self) -> None:
+        _threads.name("rootless api")
         try:
             self._serve()
         except BaseException as exc:  # noqa: B902 - reported, then the run ends
             self._fail(_describe(exc))
         finally:
             self.started.set()  # whatever happened, nobody waits for it any longer
-            if self._api is not None:
-                self._api.close()
 
     def _serve(self) -> None:
         if self._woken(_GRACE):
             return
         wake = self._early
-        if wake is not None:
+        if wake is None:
+            self._start_trio()  # it sets `started` once the driver serves
+            wake = []
+        else:
             _log.debug(f"API on {self.state.file('api.sock')}; the services load at its "
                        f"first connection{' or the first client of a -p port' if wake else ''}")
             self.started.set()
-            api = self._listener.fileno()
-            while True:
-                ready = self._wait(None, also=[api, *wake])
-                if ready is None:
-                    return
-                if api in ready:
-                    break
-                # the ports that need no trio (serving takes fds: two a connection)
-                loaded, wake = self._load(lambda: self.ports.serve_light(ready))
-                if not loaded:
-                    return
-                if wake is None:
-                    break
-        # Loading takes fds (imports, trio's own), and serving does.
-        loaded, trio = self._load(lambda: __import__("trio"))
-        if not loaded:
-            return
-        with self._lock:
-            if self._stopping:
-                return
-            self._active = True
+        api = self._listener.fileno()
         while True:
+            ready = self._wait(None, also=[api, *wake])
+            if ready is None:
+                return
+            if api in ready:
+                break
+            wake = self._serve_early(ready)
+            if wake is None:
+                return
+        if self.ports.needs_trio:
+            self._start_trio()
+        loaded, api_loop = self._load(lambda: self._load_api(wake))
+        if loaded:
+            api_loop()
+
+    def _serve_early(self, ready: set[int]) -> list[int] | None:
+        """The first client came on the -p fds `ready`: serve what needs no trio, start
+        trio for the rest; the -p fds still to wait for (None: stop() came)."""
+        # the ports that need no trio (serving takes fds: two a connection)
+        loaded, wake = self._load(lambda: self.ports.serve_light(ready))
+        if not loaded:
+            return None
+        if wake is None:  # a UDP port's client: trio serves every -p port from now on
+            self._start_trio()
+            return []
+        return wake
+
+    def _load_api(self, wake: list[int]):
+        """Load the API and make its loop (the -p fds `wake` still watched there);
+        returns what runs it. OSError if fds ran out (tried again whole)."""
+        from .._loop import IN, Loop
+        from ..api.router import Router
+        from ..api.server import Server
+
+        loop = Loop("API")
+        try:
+            server = Server(loop, self._listener, Router(self.info, self.ports), self._fail,
+                            self._prepare_api)
+            early = _Early(self, loop, wake)
+            loop.watch(self._wake_r, IN, _Stop(loop))
+            for fd in wake:
+                loop.watch(fd, IN, early)
+            server.start()  # last: it starts the worker thread
+        except BaseException:
+            loop.close()
+            raise
+        _log.debug(f"API on {self.state.file('api.sock')}")
+
+        def run():
             try:
-                return trio.run(self._main)
-            except OSError as exc:  # trio's own fds (epoll, its wake-up socket pair)
-                if self._running.is_set() or exc.errno not in CAPACITY_ERRNOS:
-                    raise
-                if not self._out_of_fds(exc):
-                    return
+                loop.run()
+            finally:
+                server.close()
+                loop.close()
+        return run
+
+    def _prepare_api(self) -> None:
+        """In the API's worker, before its first request."""
+        if self.ports.needs_trio:
+            self._await_trio()
+        self.ports.prepare_api()
 
     def _load(self, load) -> tuple[bool, object]:
         """(True, what `load()` returns): `load` imports (each import opens its files)
@@ -196,36 +238,71 @@ class Services:
         ready = {fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)}
         return None if self._wake_r in ready else ready
 
+    # -- trio's thread --
+
+    def run_in_trio(self, function, *args):
+        """For the port driver, from the API's thread: `function(*args)` under trio,
+        which starts if it has not; ports.PortsUnavailable if it cannot run."""
+        from ..ports import PortsUnavailable
+
+        self._start_trio()
+        if not self._await_trio():
+            raise PortsUnavailable("the port services are still loading (out of file "
+                                   "descriptors?): try again later")
+        if self._token is None:
+            raise PortsUnavailable("the port services are not running (the run is "
+                                   "ending, or they failed): no port can be changed")
+        import trio
+
+        try:
+            return trio.from_thread.run(function, *args, trio_token=self._token)
+        except trio.RunFinishedError:
+            raise PortsUnavailable("the run is ending: no port can be changed") from None
+
+    def _await_trio(self) -> bool:
+        return self._trio_ready.wait(_TRIO_WAIT)
+
+    def _start_trio(self) -> None:
+        """trio's services, in a thread of their own (once; not once stopping)."""
+        with self._lock:
+            if self._trio is not None or self._stopping:
+                if self._trio is None:
+                    self._trio_ready.set()  # nobody waits for what will not come
+                return
+            self._trio = _threads.Thread(self._run_trio)
+        self._trio.start()
+
+    def _run_trio(self) -> None:
+        _threads.name("rootless trio")
+        try:
+            loaded, trio = self._load(lambda: __import__("trio"))
+            if not loaded:
+                return
+            _quiet_trio_logging()
+            while True:
+                try:
+                    return trio.run(self._main)
+                except OSError as exc:  # trio's own fds (epoll, its wake-up socket pair)
+                    if self._token is not None or exc.errno not in CAPACITY_ERRNOS:
+                        raise
+                    if not self._out_of_fds(exc):
+                        return
+        except BaseException as exc:  # noqa: B902 - reported, then the run ends
+            self._fail(_describe(exc))
+        finally:
+            self._trio_ready.set()
+            self.started.set()
+
     async def _main(self) -> None:
         import trio
 
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
-            self._token = trio.lowlevel.current_trio_token()
-            self._running.set()
             await nursery.start(self.ports.serve, self.state.path)
+            self._token = trio.lowlevel.current_trio_token()  # only now: add() may run
+            self._trio_ready.set()
             self.started.set()  # the API listens already (parent.Listeners)
-            # The API (h11, its routes and models) loads at its own first client, not
-            # at a -p port's: 0.5 MiB and some milliseconds that a port's client would
-            # pay for nothing (docs/memory.md).
-            await trio.lowlevel.wait_readable(self._listener.fileno())
-            while True:  # as _load: out of fds, the API's clients wait, the run goes on
-                raise_fd_limit()
-                try:
-                    from ..api.router import Router
-                    from ..api.server import serve
-
-                    self._api = _stdlib_socket(self._listener)
-                    break
-                except OSError as exc:
-                    if exc.errno not in CAPACITY_ERRNOS:
-                        raise
-                    _log.limited("services-fds", f"the API cannot load for now "
-                                                 f"({exc.strerror}): trying again; its "
-                                                 f"clients wait")
-                    await trio.sleep(_RETRY)
-            await nursery.start(serve, self._api, Router(self.info, self.ports))
-            _log.debug(f"API on {self.state.file('api.sock')}")
+            _log.debug("trio's port services started")
 
     def info(self):
         from ..api.models import Info, NetworkDriverInfo, PortDriverInfo
@@ -249,15 +326,55 @@ class Services:
                     childPID=self.child_pid, networkDriver=net, portDriver=port)
 
 
-def _stdlib_socket(sock):
-    """socket.socket (what the server wants) for a listener bound with _socket, the C
-    module (socket.py and its enum stay off the path to the command): the same fd,
-    detached from `sock`."""
-    import socket
+class _Stop:
+    """On the API's loop: stop() wrote to the services' wake-up pipe."""
 
-    if isinstance(sock, socket.socket):
-        return sock
-    return socket.socket(sock.family, sock.type, sock.proto, sock.detach())
+    def __init__(self, loop):
+        self.loop = loop
+
+    def ready(self, fd: int, events: int) -> None:
+        self.loop.watch(fd, 0, self)
+        self.loop.stop()
+
+    def failed(self, exc: Exception) -> None:
+        self.loop.stop()
+
+
+class _Early:
+    """On the API's loop: the -p fds whose first client has not come yet."""
+
+    def __init__(self, services: Services, loop, fds: list[int]):
+        self.services, self.loop, self.fds = services, loop, list(fds)
+
+    def ready(self, fd: int, events: int) -> None:
+        for each in self.fds:
+            self.loop.watch(each, 0, self)
+        self.fds = self.services._serve_early({fd}) or []
+        for each in self.fds:
+            self.loop.watch(each, select.EPOLLIN, self)
+
+    def failed(self, exc: Exception) -> None:
+        self.services._fail(_describe(exc))
+
+
+def _quiet_trio_logging() -> None:
+    """trio reports a few failures through the standard `logging` (an async
+    generator's error), with a traceback, which logging's last resort would write to
+    stderr: one rate-limited line of ours instead, which never raises."""
+    import logging
+
+    class OneLine(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            try:
+                text = record.getMessage()
+            except (TypeError, ValueError):  # a format that does not fit its arguments
+                text = str(record.msg)
+            first = text.splitlines()[0][:100] if text else ""
+            _log.limited(record.name, f"{record.name}: {first}", level="error")
+
+    logger = logging.getLogger("trio")
+    logger.addHandler(OneLine())
+    logger.propagate = False
 
 
 def _describe(exc: BaseException) -> str:

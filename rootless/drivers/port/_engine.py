@@ -4,7 +4,7 @@ client of a -p TCP port, or when trio's services start, whichever comes first; o
 threads (the services', trio's) add and remove ports through it."""
 from ... import _log, _threads
 from . import _relay
-from ._loop import Loop
+from ..._loop import Loop
 from ._socket_factory import Factory
 from ._tcp import TcpPort
 

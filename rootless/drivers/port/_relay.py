@@ -36,7 +36,7 @@ import _socket
 
 from ... import _log
 from . import _bulk
-from ._loop import IN as _IN, OUT as _OUT
+from ..._loop import IN as _IN, OUT as _OUT
 
 _SPLICE = _bulk.SPLICE_FLAGS
 _PIPE_MAX = 1 << 20     # the size a new pipe asks for at most

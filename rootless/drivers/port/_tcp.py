@@ -13,7 +13,7 @@ import _socket  # not socket.py: it loads enum (1 MiB), which the ports need not
 from ... import _log
 from ..._listen import SpareFd
 from . import _relay, _transparent
-from ._loop import IN, OUT, Watcher
+from ..._loop import IN, OUT, Watcher
 from ._socket_factory import FactoryGone
 
 _ACCEPTS = 16  # clients taken per round: a burst does not keep the loop from the others

@@ -2,9 +2,12 @@
 
 Parent side: the bookkeeping every driver shares (ids, conflicts, the list the API
 returns) lives here; a driver implements `_expose(spec)` (start forwarding, return a
-closer) and may run tasks in `serve()`. It runs in the parent's service thread, under
-trio. Child side: `start_child()`, in the child's namespaces before the command.
-Drivers never import trio at module level: the child imports them too.
+closer) and may run tasks in `serve()`, under trio, in a thread of the parent's
+services. The API calls add_now() and remove_now() from a thread of its own: by
+default they run add() and remove() under trio (`run_in_trio`, which loads it); a
+driver that can do without (the builtin one, for TCP) overrides them. Child side:
+`start_child()`, in the child's namespaces before the command. Drivers never import
+trio at module level: the child imports them too.
 """
 import errno
 
@@ -59,11 +62,23 @@ class PortDriver:
     #: Set by the services: called with a message when the driver cannot go on (its
     #: own loop failed): the run ends.
     on_failure = None
+    #: Set by the services: run_in_trio(async_function, *args) runs it under trio (in
+    #: the services' trio thread, started if need be) and returns what it returns;
+    #: ports.PortsUnavailable if trio cannot run it.
+    run_in_trio = None
+    #: The API's answers need serve() to have run (it lists the -p ports, or talks to a
+    #: helper): trio loads with the API. False for a driver whose list and add_now()
+    #: need no trio.
+    needs_trio = True
 
     def __init__(self, config: Config):
+        from ... import _threads
+
         self.config = config
         self._ports: dict[int, tuple] = {}  # id -> (ports.PortStatus, closer)
         self._next_id = 1
+        # The API's thread and trio's may both register ports (an id each, once).
+        self._ids = _threads.Lock()
 
     def preflight(self) -> None:
         """Check the driver can work with this network driver and these specs."""
@@ -125,7 +140,20 @@ class PortDriver:
             await trio.sleep_forever()
 
     def list(self) -> list:
-        return [self._ports[ident][0] for ident in sorted(self._ports)]
+        ports = dict(self._ports)  # another thread may add or remove meanwhile
+        return [ports[ident][0] for ident in sorted(ports)]
+
+    def prepare_api(self) -> None:
+        """In the API's thread, before its first request (and after serve() started, if
+        the driver needs_trio): make what its answers need."""
+
+    def add_now(self, spec):
+        """add(), from a thread other than trio's (the API's): blocks until done."""
+        return self.run_in_trio(self.add, spec)
+
+    def remove_now(self, ident: int) -> None:
+        """remove(), from a thread other than trio's (the API's)."""
+        self.run_in_trio(self.remove, ident)
 
     async def add(self, spec):
         spec = self._validated(spec)
@@ -153,8 +181,9 @@ class PortDriver:
         return spec
 
     def _reserve_id(self) -> int:
-        ident = self._next_id
-        self._next_id += 1
+        with self._ids:
+            ident = self._next_id
+            self._next_id += 1
         return ident
 
     def _register(self, spec, closer, ident: int | None = None):

@@ -4,9 +4,9 @@ child's socket factory; the child sees the client's address (`_transparent`) unl
 --source-ip-transparent=false.
 
 TCP ports run on the ports' own loop (`_engine`), not under trio: a run whose clients
-all come through -p TCP ports never loads trio (12 MiB, and 60-130 ms of the first
-client's wait). UDP ports are served under trio, which loads with their first client
-or the API's; the TCP ports the API adds go to the same loop as the -p ones.
+all come through TCP ports, -p ones or the API's (rootless Docker's), never loads trio
+(12 MiB, and 60-130 ms of the first client's wait). UDP ports are served under trio,
+which loads with the first client of a -p one, or when the API adds one.
 """
 import errno
 
@@ -19,6 +19,7 @@ from .base import FAMILY, PortDriver, bind_failure
 class BuiltinPortDriver(PortDriver):
     name = "builtin"
     protos = ("tcp", "tcp4", "tcp6", "udp", "udp4", "udp6")
+    needs_trio = False  # the API's TCP ports go to the engine; its UDP ones to trio
 
     def preflight(self) -> None:
         from ...errors import UsageError
@@ -31,6 +32,9 @@ class BuiltinPortDriver(PortDriver):
         self._factory_link = self._factory_end = None
         self.engine = None     # _engine.Engine: the ports' loop, from the first client on
         self._deferred = []    # (id, spec): -p UDP ports, published once trio loads
+        from ... import _threads
+
+        self._starting = _threads.Lock()  # see _publish_initial
         if not self.config.publish:
             return  # portspec (re, ipaddress: 1-2 ms) only when there are specs
         from ...portspec import parse, validate, written
@@ -126,7 +130,15 @@ class BuiltinPortDriver(PortDriver):
 
     def _publish_initial(self) -> None:
         """Start the engine, publish the -p TCP ports on it, and give the -p UDP ones
-        their ids (in -p order, as rootlesskit numbers them), for serve() to publish."""
+        their ids (in -p order, as rootlesskit numbers them), for serve() to publish.
+        From any of the services' threads (the first -p client's, the API's, trio's):
+        once."""
+        if self.engine is not None:
+            return
+        with self._starting:
+            self._start_engine()
+
+    def _start_engine(self) -> None:
         if self.engine is not None:
             return
         from ._engine import Engine
@@ -139,6 +151,31 @@ class BuiltinPortDriver(PortDriver):
                 self._deferred.append((self._reserve_id(), spec))
             else:
                 self._register(*self._expose_tcp(self._validated(spec)))
+
+    def prepare_api(self) -> None:
+        """The -p ports are listed (and removable) from the API's first request on,
+        their first client or not (OSError, out of fds: add_now tries again)."""
+        if self.initial:
+            self._publish_initial()
+
+    def add_now(self, spec):
+        """The API's: a TCP port goes to the engine from this thread; a UDP one to trio."""
+        self._publish_initial()  # first: a -p port is known as such (its id, conflicts)
+        spec = self._validated(spec)
+        if _is_udp(spec.proto):
+            return super().add_now(spec)
+        return self._register(*self._expose_tcp(spec))
+
+    def remove_now(self, ident: int) -> None:
+        from ...ports import PortNotFound
+
+        entry = self._ports.get(ident)
+        if entry is None:
+            raise PortNotFound(f"unknown port id {ident}")
+        if _is_udp(entry[0].spec.proto):
+            return super().remove_now(ident)  # served under trio
+        if self._ports.pop(ident, None) is not None:
+            entry[1]()  # returns once the port is closed: a client then finds it so
 
     def _engine_failed(self, message: str) -> None:
         if self.on_failure is not None:
@@ -183,12 +220,7 @@ class BuiltinPortDriver(PortDriver):
             raise PortsUnavailable(f"cannot serve the port for now ({exc.strerror}): try "
                                    f"again later") from None
         engine = self.engine
-
-        async def close():
-            import trio
-
-            await trio.to_thread.run_sync(engine.remove_port, port)
-        return spec, close
+        return spec, lambda: engine.remove_port(port)  # blocks: see remove_now
 
     def _bound(self, spec):
         """The host's socket for `spec`: the one listen_early() bound, or a new one."""

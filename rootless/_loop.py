@@ -1,24 +1,26 @@
-"""The ports' event loop: a thread of the parent that runs the builtin driver's TCP
-ports (accept, connect into the child, relay) and the socket factory's client on
-epoll(7), without trio.
+"""An event loop on epoll(7), without trio, for a thread of the parent: the builtin
+driver's TCP ports (accept, connect into the child, relay) and the socket factory's
+client run on one (`drivers/port/_engine.py`), the REST API on another (`api/server.py`).
 
 Why not trio: trio and what it imports weigh 12 MiB, and loading it was most of the
-first client's wait (60-130 ms: docs/memory.md). A published port needs readiness,
-timers and calls from other threads, no more. trio still serves the API and the UDP
-ports, and loads only when they are used; they reach this loop through
-call_soon_threadsafe.
+first client's wait (60-130 ms: docs/memory.md). A published port or the API needs
+readiness, timers and calls from other threads, no more. trio still serves the UDP
+ports and the port drivers that talk to a helper (slirp4netns'), and loads only when
+they are used; they reach a loop through call_soon_threadsafe.
 
 Level-triggered epoll: a handler does a bounded amount of work and returns; an fd
 that still has data is reported again in the next round, so one busy connection
 cannot starve the others. A handler that raises fails alone (its watcher's failed()
 ends what it serves); only a failure of the loop itself ends it, and the run with it.
+Timers are a list, not a heap (heapq: 0.4 ms of a port's first client): a loop keeps
+a few at most (a server with many deadlines sweeps them with one timer of its own).
 """
 import os
 import select
 import time
 from collections import deque
 
-from ... import _log
+from . import _log, _threads
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
 _ROUND = 256  # events taken from the kernel at a time
@@ -35,14 +37,15 @@ class Watcher:
 
 
 class Loop:
-    def __init__(self):
+    def __init__(self, name: str = "ports"):
+        self.name = name  # what it serves, in its log lines
         self._epoll = select.epoll()
         self._watched: dict[int, tuple[int, Watcher]] = {}
-        # [when, function or None]: a few at most (the idle pipes' sweep, a paused
-        # port's resumption), so a list, not a heap (heapq: 0.4 ms of the first client).
+        # [when, function or None]: a few at most (see the module's docstring)
         self._timers: list[list] = []
         self._calls: deque = deque()   # from other threads (deque.append is atomic)
         self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._closing = _threads.Lock()
         self._epoll.register(self._wake, IN)
         self._running = True
 
@@ -79,11 +82,11 @@ class Loop:
     def call_soon_threadsafe(self, function) -> None:
         """Run `function` on the loop's thread (from any thread). RuntimeError if the
         loop has ended."""
-        self._calls.append(function)
-        try:
+        with self._closing:  # see close()
+            if self._wake < 0:
+                raise RuntimeError("the loop has ended")
+            self._calls.append(function)
             os.eventfd_write(self._wake, 1)
-        except (OSError, ValueError):
-            raise RuntimeError("the ports' loop has ended") from None
 
     def stop(self) -> None:
         """From any thread: run() returns after the current round."""
@@ -116,10 +119,11 @@ class Loop:
     def close(self) -> None:
         self._running = False
         self._epoll.close()
-        # -1 first: another thread's call_soon_threadsafe must not write to the number
-        # once it is closed (and maybe reused by an fd of someone else).
-        wake, self._wake = self._wake, -1
-        os.close(wake)
+        # Under the lock: another thread's call_soon_threadsafe must not write to the
+        # number once it is closed (and maybe reused by an fd of someone else).
+        with self._closing:
+            wake, self._wake = self._wake, -1
+            os.close(wake)
 
     def _timeout(self) -> float:
         if self._calls:
@@ -134,7 +138,7 @@ class Loop:
         except BlockingIOError:
             pass
         while self._calls:
-            _contained(self._calls.popleft())
+            _contained(self._calls.popleft(), self.name)
 
     def _run_timers(self) -> None:
         if not self._timers:
@@ -145,7 +149,7 @@ class Loop:
             self._timers = [timer for timer in self._timers if timer[0] > now]
             for _, function in due:
                 if function is not None:
-                    _contained(function)
+                    _contained(function, self.name)
 
 
 def _dispatch(watcher: Watcher, fd: int, events: int) -> None:
@@ -155,8 +159,8 @@ def _dispatch(watcher: Watcher, fd: int, events: int) -> None:
         watcher.failed(exc)
 
 
-def _contained(function) -> None:
+def _contained(function, name: str) -> None:
     try:
         function()
     except Exception as exc:  # a bug in one call or timer: it alone is lost
-        _log.limited("ports-loop", f"ports: {type(exc).__name__}: {exc}")
+        _log.limited(f"{name}-loop", f"{name}: {type(exc).__name__}: {exc}")
