@@ -275,11 +275,12 @@ class _Connection(Watcher):
         """A bug while serving this connection: it ends, the server goes on."""
         _log.limited("api-connection", f"API: a connection failed: {_what(exc)}",
                      level="error")
+        if self.closing:  # it failed again on its way out: no second answer
+            self.close()
+            return
         try:
             self._last_answer(500, f"internal error: {_what(exc)}")
         except Exception:  # noqa: BLE001 - nothing more to try
-            pass
-        if self.fd >= 0 and not self.out:
             self.close()
 
     # -- reading --
