@@ -322,7 +322,10 @@ def test_no_listener_refuses_promptly_under_load(server, many_fds):
     finally:
         for s in clients:
             s.close()
-    until("fds of rootless-run back", lambda: fd_count(inst.pid) <= baseline + 2, timeout=3)
+    # up to a batch of the socket factory's more in its pool (the first was smaller)
+    slack = _socket_factory._BATCH + 2
+    until("fds of rootless-run back", lambda: fd_count(inst.pid) <= baseline + slack,
+          timeout=3)
     echo_once(echo)  # the port driver is unharmed
 
 

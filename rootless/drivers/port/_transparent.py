@@ -17,6 +17,11 @@ back to lo, where the transparent socket receives them:
 """
 import _socket as socket  # the constants: not socket.py, which loads enum
 
+# Loaded with this module, before the fork (rootless.linux is already): the socket
+# factory's first request sets up the routing, and an import then was 1-1.5 ms of the
+# first client's wait.
+from ...linux import netlink
+
 MARK = TABLE = 0x524C  # "RL"
 _MARK_PRIORITY, _UDP_PRIORITY = 100, 101
 IP_TRANSPARENT = 19
@@ -28,8 +33,6 @@ IP_BIND_ADDRESS_NO_PORT = 24
 
 def set_up_routing() -> None:
     """Raises OSError when it cannot."""
-    from ...linux import netlink
-
     with open("/proc/sys/net/ipv4/tcp_fwmark_accept", "w") as f:
         f.write("1")
     netlink.add_local_table(TABLE)
@@ -37,8 +40,6 @@ def set_up_routing() -> None:
 
 
 def udp_rule(command: str, port: int) -> None:
-    from ...linux import netlink
-
     netlink.rule(command, TABLE, _UDP_PRIORITY, ip_proto=socket.IPPROTO_UDP, sport=port)
 
 
