@@ -1,7 +1,8 @@
 """The builtin driver's engine: the ports' loop (`_loop`) on a thread of the parent,
 with the socket factory's client and the published TCP ports. It starts at the first
-client of a -p TCP port, or when trio's services start, whichever comes first; other
-threads (the services', trio's) add and remove ports through it."""
+client of a -p TCP port, the API's first request (its -p ports listed, or a port
+added) or trio's services' start, whichever comes first; other threads (the API's
+worker, trio's) add and remove ports through it."""
 from ... import _log, _threads
 from . import _relay
 from ..._loop import Loop
