@@ -21,9 +21,9 @@ CLOSE = b"Connection: close\r\n"
 def start(user, rootless_run, state_dir, spawned):
     """start(program=rootless_run): an instance that sleeps; returns (proc, api.sock),
     once the socket exists (no client has connected yet: the services are not loaded)."""
-    def start(program=rootless_run):
+    def start(program=rootless_run, env=None):
         proc = user.popen([program, "--net=slirp4netns", "--port-driver=builtin",
-                           f"--state-dir={state_dir}", "--", "sleep", "600"])
+                           f"--state-dir={state_dir}", "--", "sleep", "600"], env=env)
         spawned.append(proc)
         sock = os.path.join(state_dir, "api.sock")
         deadline = time.monotonic() + 20
@@ -323,6 +323,35 @@ def test_a_burst_of_1000_half_sent_requests(start):
             s.close()
     time.sleep(0.5)
     assert served(sock) and proc.poll() is None
+
+
+def test_silent_clients_are_closed(start):
+    """A client that connects and says nothing, or stops in the middle of a request's
+    head, holds an fd of the parent: it is closed once ROOTLESS_API_TIMEOUT (60 s by
+    default; 1 s here) passes, while a client that keeps asking is served all along."""
+    proc, sock = start(env={"ROOTLESS_API_TIMEOUT": "1"})
+    assert served(sock)  # the API has loaded
+    silent, half = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    busy = socket.socket(socket.AF_UNIX)
+    try:
+        for s in (silent, half, busy):
+            s.settimeout(10)
+            s.connect(sock)
+        half.sendall(b"GET /v1/info HTTP/1.1\r\nHost: x\r\n")
+        start_time = time.monotonic()
+        keep_alive = b"GET /v1/info HTTP/1.1\r\nHost: x\r\n\r\n"
+        while time.monotonic() - start_time < 3:  # three times the timeout
+            busy.sendall(keep_alive)
+            assert busy.recv(65536).startswith(b"HTTP/1.1 200 ")
+            time.sleep(0.4)
+        for s in (silent, half):  # EOF: closed by the server, with nothing sent
+            assert s.recv(65536) == b""
+        busy.sendall(keep_alive)
+        assert busy.recv(65536).startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in (silent, half, busy):
+            s.close()
+    assert proc.poll() is None
 
 
 def lowest_free_fd(pid: int) -> int:

@@ -24,17 +24,18 @@ from http import HTTPStatus
 
 import h11
 
-from .. import _log, _threads
+from .. import _log, _threads, _tunables
 from .._listen import SpareFd
 from .._loop import IN, OUT, Watcher
 from .router import CAPACITY_ERRNOS, clip, error
 
 MAX_BODY = 1 << 20
 MAX_HEAD = 64 * 1024
-_IDLE_TIMEOUT = 60.0     # seconds a connection may wait for the head of its next request
-_REQUEST_TIMEOUT = 60.0  # seconds a request may take to arrive whole, once begun
-_SEND_TIMEOUT = 60.0     # seconds an answer may wait for a client that does not read
-_SWEEP = 1.0             # seconds between looks at the connections' deadlines
+# Seconds a client may be silent (ROOTLESS_API_TIMEOUT overrides all three): waiting
+# for the head of its next request, while a request arrives, and not reading an answer.
+_TIMEOUT = _tunables.seconds("ROOTLESS_API_TIMEOUT", 60.0)
+_IDLE_TIMEOUT = _REQUEST_TIMEOUT = _SEND_TIMEOUT = _TIMEOUT
+_SWEEP = min(1.0, _TIMEOUT / 4)  # seconds between looks at the connections' deadlines
 _BUSY_RETRY = 0.1        # seconds between accepts while out of fds, with no fd to spare
 _ACCEPTS = 16            # clients taken per round
 _MAX_QUEUED = 256        # requests waiting for the worker; more are answered 503

@@ -7,11 +7,10 @@ to the client's address. What the child answers on it goes back to that client
 from the host socket. A flow ends after a while without traffic either way.
 """
 import errno
-import os
 import socket
 from collections import OrderedDict
 
-from ... import _log
+from ... import _log, _tunables
 from . import _transparent
 from ._socket_factory import FactoryGone
 
@@ -19,17 +18,7 @@ from ._socket_factory import FactoryGone
 def _idle_timeout(default: float = 60.0) -> float:
     """Seconds without a datagram, either way, before a flow ends (conntrack's UDP
     stream timeout, roughly); ROOTLESS_UDP_FLOW_TIMEOUT overrides it."""
-    text = os.environ.get("ROOTLESS_UDP_FLOW_TIMEOUT")
-    if not text:
-        return default
-    try:
-        if float(text) > 0:
-            return float(text)
-    except ValueError:
-        pass
-    _log.warning(f"ROOTLESS_UDP_FLOW_TIMEOUT={text!r} is not a positive number of seconds: "
-                 f"using {default:g}")
-    return default
+    return _tunables.seconds("ROOTLESS_UDP_FLOW_TIMEOUT", default)
 
 
 MAX_FLOWS = 4096     # per port: beyond it, a new client's flow ends the least recently
