@@ -220,6 +220,16 @@ def _kill_all(u: User) -> list:
     return left
 
 
+@pytest.fixture(scope="session", autouse=True)
+def registry_pruned():
+    """Instances the tests killed (SIGKILL: no chance to unregister) leave their
+    entries in the test users' registries ($XDG_RUNTIME_DIR/rootless/.registry):
+    `rootless-ctl ps`, which prunes the stale ones, runs once at the end."""
+    yield
+    for name in (TEST_USER, NOSUB_USER):
+        User(name).run([os.path.join(VENV_BIN, "rootless-ctl"), "ps"])
+
+
 @pytest.fixture(autouse=True)
 def nothing_left_behind(request):
     """Each test must leave no process of the test users running."""
