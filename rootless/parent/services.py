@@ -62,11 +62,14 @@ class Services:
         # what --notify=ready waits for before READY=1.
         self.started = _threads.Event()
         self._thread = _threads.Thread(self._run)
-        # trio's services, once something needs them: their thread, set once they
-        # run (or failed to), and how to reach them.
+        # trio's services, once something needs them: their thread; set once trio runs
+        # (its token known, so stop() can cancel it, serve() still starting), and once
+        # the port driver serves (add() may run), or either will not happen.
         self._trio = None
+        self._trio_running = _threads.Event()
         self._trio_ready = _threads.Event()
         self._token = self._scope = None
+        self._serving = False
         ports.on_failure = self._fail
         ports.run_in_trio = self.run_in_trio
 
@@ -97,7 +100,7 @@ class Services:
             trio_thread = self._trio
         os.write(self._wake_w, b"x")  # never read: every waiter sees it
         if trio_thread is not None:
-            if self._trio_ready.wait(timeout) and self._token is not None:
+            if self._trio_running.wait(timeout) and self._token is not None:
                 import trio
 
                 try:
@@ -249,7 +252,7 @@ class Services:
         if not self._await_trio():
             raise PortsUnavailable("the port services are still loading (out of file "
                                    "descriptors?): try again later")
-        if self._token is None:
+        if not self._serving:
             raise PortsUnavailable("the port services are not running (the run is "
                                    "ending, or they failed): no port can be changed")
         import trio
@@ -266,8 +269,9 @@ class Services:
         """trio's services, in a thread of their own (once; not once stopping)."""
         with self._lock:
             if self._trio is not None or self._stopping:
-                if self._trio is None:
-                    self._trio_ready.set()  # nobody waits for what will not come
+                if self._trio is None:  # nobody waits for what will not come
+                    self._trio_running.set()
+                    self._trio_ready.set()
                 return
             self._trio = _threads.Thread(self._run_trio)
         self._trio.start()
@@ -283,13 +287,14 @@ class Services:
                 try:
                     return trio.run(self._main)
                 except OSError as exc:  # trio's own fds (epoll, its wake-up socket pair)
-                    if self._token is not None or exc.errno not in CAPACITY_ERRNOS:
+                    if self._trio_running.is_set() or exc.errno not in CAPACITY_ERRNOS:
                         raise
                     if not self._out_of_fds(exc):
                         return
         except BaseException as exc:  # noqa: B902 - reported, then the run ends
             self._fail(_describe(exc))
         finally:
+            self._trio_running.set()
             self._trio_ready.set()
             self.started.set()
 
@@ -298,8 +303,10 @@ class Services:
 
         async with trio.open_nursery() as nursery:
             self._scope = nursery.cancel_scope
+            self._token = trio.lowlevel.current_trio_token()
+            self._trio_running.set()  # stop() may cancel serve() as it starts
             await nursery.start(self.ports.serve, self.state.path)
-            self._token = trio.lowlevel.current_trio_token()  # only now: add() may run
+            self._serving = True  # only now: add() may run
             self._trio_ready.set()
             self.started.set()  # the API listens already (parent.Listeners)
             _log.debug("trio's port services started")
