@@ -194,11 +194,17 @@ class PortDriver:
         self._ports[status.id] = (status, closer)
         return status
 
-    async def remove(self, ident: int) -> None:
+    def _known(self, ident: int) -> tuple:
+        """The (ports.PortStatus, closer) of port `ident`; PortNotFound if none has it."""
         from ...ports import PortNotFound
 
-        if ident not in self._ports:
+        entry = self._ports.get(ident)
+        if entry is None:
             raise PortNotFound(f"unknown port id {ident}")
+        return entry
+
+    async def remove(self, ident: int) -> None:
+        self._known(ident)
         _, closer = self._ports.pop(ident)
         await closer()  # returns once the port is closed: a client then finds it so
 

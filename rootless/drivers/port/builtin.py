@@ -167,11 +167,7 @@ class BuiltinPortDriver(PortDriver):
         return self._register(*self._expose_tcp(spec))
 
     def remove_now(self, ident: int) -> None:
-        from ...ports import PortNotFound
-
-        entry = self._ports.get(ident)
-        if entry is None:
-            raise PortNotFound(f"unknown port id {ident}")
+        entry = self._known(ident)
         if _is_udp(entry[0].spec.proto):
             return super().remove_now(ident)  # served under trio
         if self._ports.pop(ident, None) is not None:
@@ -199,10 +195,8 @@ class BuiltinPortDriver(PortDriver):
             await trio.sleep_forever()
 
     async def _expose(self, spec):
-        if not _is_udp(spec.proto):
-            import trio  # binding, and the engine's answer, on a worker thread
-
-            return await trio.to_thread.run_sync(self._expose_tcp, spec)
+        """Under trio only UDP specs come here: add_now() publishes the TCP ones on the
+        engine from the API's thread (their closers block: see remove_now)."""
         return await self._expose_udp(spec)
 
     def _expose_tcp(self, spec):
