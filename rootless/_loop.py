@@ -25,6 +25,7 @@ from _collections import deque
 from . import _log, _threads
 
 IN, OUT = select.EPOLLIN, select.EPOLLOUT
+HUP, ERR = select.EPOLLHUP, select.EPOLLERR  # reported whether asked for or not
 _ROUND = 256  # events taken from the kernel at a time
 
 

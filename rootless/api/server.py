@@ -18,7 +18,6 @@ The host part of the URL is ignored, as rootlesskit does."""
 import errno
 import os
 import time
-from select import EPOLLERR as ERR, EPOLLHUP as HUP
 from _queue import SimpleQueue
 from http import HTTPStatus
 
@@ -26,7 +25,7 @@ import h11
 
 from .. import _log, _threads, _tunables
 from .._listen import SpareFd
-from .._loop import IN, OUT, Watcher
+from .._loop import ERR, HUP, IN, OUT, Watcher
 from .router import CAPACITY_ERRNOS, clip, error
 
 MAX_BODY = 1 << 20

@@ -354,11 +354,13 @@ class _Early:
         self.services, self.loop, self.fds = services, loop, list(fds)
 
     def ready(self, fd: int, events: int) -> None:
+        from .._loop import IN  # loaded with the API already
+
         for each in self.fds:
             self.loop.watch(each, 0, self)
         self.fds = self.services._serve_early({fd}) or []
         for each in self.fds:
-            self.loop.watch(each, select.EPOLLIN, self)
+            self.loop.watch(each, IN, self)
 
     def failed(self, exc: Exception) -> None:
         self.services._fail(_describe(exc))
