@@ -139,7 +139,7 @@ class BuiltinPortDriver(PortDriver):
         engine.start()
         self.engine = engine  # only now: a failure above is tried again whole
         for spec in self.initial:
-            self._register(*self._expose(self._validated(spec)))
+            self._register(*self._publish(self._validated(spec)))
 
     def prepare_api(self) -> None:
         """The -p ports are listed (and removable) from the API's first request on,
@@ -150,7 +150,7 @@ class BuiltinPortDriver(PortDriver):
     def add_now(self, spec):
         """The API's: the port goes to the engine from this thread."""
         self._publish_initial()  # first: a -p port is known as such (its id, conflicts)
-        return self._register(*self._expose(self._validated(spec)))
+        return self._register(*self._publish(self._validated(spec)))
 
     def remove_now(self, ident: int) -> None:
         entry = self._known(ident)
@@ -161,7 +161,7 @@ class BuiltinPortDriver(PortDriver):
         if self.on_failure is not None:
             self.on_failure(message)
 
-    def _expose(self, spec):
+    def _publish(self, spec):
         """Publish `spec` on the engine (from a thread other than the engine's):
         (the spec as bound, a closer that returns once the port is closed)."""
         from ...ports import PortsUnavailable
