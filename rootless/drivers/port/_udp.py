@@ -159,6 +159,9 @@ class UdpPort(Watcher):
         self._now = True
         try:
             self.engine.factory.socket(self.family, _socket.SOCK_DGRAM, self._got)
+        except BaseException:
+            self._pending = None  # an answer that comes all the same finds none waiting
+            raise
         finally:
             self._now = False
         if self._pending is None:
@@ -167,16 +170,18 @@ class UdpPort(Watcher):
         return _WAITING
 
     def _got(self, sock, error) -> None:
-        """The factory's answer (at once, from _open, or later from the loop)."""
-        key, destination, n, start = self._pending
-        self._pending = None
-        if self._closed is not None:  # closed while waiting
+        """The factory's answer (at once, from _open, or later from the loop, where
+        nothing may be raised to the factory's client: a failure here is this client's
+        datagrams lost, not the port's)."""
+        pending, self._pending = self._pending, None
+        if pending is None or self._closed is not None:  # nobody waits for it any more
             if sock is not None:
                 sock.close()
             return
+        key, destination, n, start = pending
         try:
             flow = self._flow(key, destination, sock, error)
-        except Exception as exc:  # a bug: this client's datagrams are lost, not the port
+        except Exception as exc:
             self.failed(exc)
             flow = None
         if self._now:
