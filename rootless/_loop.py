@@ -1,12 +1,13 @@
 """An event loop on epoll(7), without trio, for a thread of the parent: the builtin
-driver's TCP ports (accept, connect into the child, relay) and the socket factory's
-client run on one (`drivers/port/_engine.py`), the REST API on another (`api/server.py`).
+driver's ports (TCP: accept, connect into the child, relay; UDP: flows) and the socket
+factory's client run on one (`drivers/port/_engine.py`), the REST API on another
+(`api/server.py`).
 
 Why not trio: trio and what it imports weigh 12 MiB, and loading it was most of the
 first client's wait (60-130 ms: docs/memory.md). A published port or the API needs
-readiness, timers and calls from other threads, no more. trio still serves the UDP
-ports and the port drivers that talk to a helper (slirp4netns'), and loads only when
-they are used; they reach a loop through call_soon_threadsafe.
+readiness, timers and calls from other threads, no more. trio still serves the port
+drivers that talk to a helper (slirp4netns', pasta's), and loads only when they are
+used.
 
 Level-triggered epoll: a handler does a bounded amount of work and returns; an fd
 that still has data is reported again in the next round, so one busy connection

@@ -47,7 +47,10 @@ def test_every_scenario_gives_figures(user, rootless_run, tmp_path):
     expected = ["startup: X --net=host true", "builtin port: short connections/s",
                 "memory PSS, idle, 1 port", "memory PSS after the first connection",
                 "first client's answer through a published port",
-                "memory RSS after 200 connections"]
+                "memory RSS after 200 connections",
+                # memory-udp: a tenth as many UDP clients, a flow each
+                "first UDP client's answer through a published port",
+                "memory PSS after the first UDP client", "memory PSS after 20 UDP clients"]
     if not lxc_lab.missing():
         expected.append("startup: X --net=lxc-user-nic true")
         if have["iperf3"]:

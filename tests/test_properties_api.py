@@ -67,7 +67,11 @@ class Instance:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=20)
         finally:
-            left = self.user.processes()
+            # As conftest's fixture waits: the helper rootless-run SIGKILLs without
+            # waiting (slirp4netns) may take a moment to finish dying.
+            deadline = time.monotonic() + 3
+            while (left := self.user.processes()) and time.monotonic() < deadline:
+                time.sleep(0.05)
             for pid, _, _ in left:
                 os.kill(pid, signal.SIGKILL)
             self.proc.stderr.close()

@@ -16,7 +16,6 @@ import subprocess
 
 import msgspec
 import pytest
-import trio
 from hypothesis import example, given, strategies as st
 
 from conftest import RUN, examples, sample
@@ -115,17 +114,8 @@ class _Bookkeeping(BuiltinPortDriver):
     def _publish_initial(self):
         pass
 
-    def _expose_tcp(self, spec):
+    def _publish(self, spec):
         return spec, lambda: None
-
-    async def _expose(self, spec):  # UDP, under trio
-        async def close():
-            pass
-        return spec, close
-
-    @staticmethod
-    def run_in_trio(function, *args):
-        return trio.run(function, *args)
 
 
 _CONFIG = cli.build_config("rootless-run", ["--net=none", "--", "true"])

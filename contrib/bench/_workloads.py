@@ -45,6 +45,30 @@ while (not count or done < count) and time.perf_counter() < deadline:
 print(json.dumps({"done": done, "seconds": time.perf_counter() - start}))
 """
 
+# A UDP echo server, and its client: COUNT clients one after another, each from a
+# socket (a source port) of its own, so each is a new flow for the supervisor; prints
+# {"done": N, "seconds": S}. Run as `python3 -c UDP_CLIENT PORT COUNT`.
+UDP_ECHO_SERVER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+while True:
+    data, client = s.recvfrom(65535)
+    s.sendto(data, client)
+"""
+UDP_CLIENT = """
+import json, socket, sys, time
+port, count = int(sys.argv[1]), int(sys.argv[2])
+start = time.perf_counter()
+for done in range(count):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        s.sendto(b"ping", ("127.0.0.1", port))
+        if s.recv(100) != b"ping":
+            sys.exit(f"client {done + 1}: a wrong answer")
+print(json.dumps({"done": count, "seconds": time.perf_counter() - start}))
+"""
+
 ECHO_PORT = 5202
 IPERF_PORT = 5201
 
@@ -134,17 +158,18 @@ def echo_server(runner: Runner):
         runner.stop(proc)
 
 
-def listening(port: int, pid: str = "self") -> bool:
-    """Whether a TCP socket listens on `port` in the network namespace of `pid`.
-    Read from /proc rather than by connecting: a probe connection would be taken by
-    iperf3 for a test and make the real one fail."""
-    for table in ("tcp", "tcp6"):
+def listening(port: int, pid: str = "self", udp: bool = False) -> bool:
+    """Whether a TCP socket listens (a UDP one is bound: `udp`) on `port` in the network
+    namespace of `pid`. Read from /proc rather than by connecting: a probe connection
+    would be taken by iperf3 for a test and make the real one fail."""
+    tables, wanted = (("udp", "udp6"), "07") if udp else (("tcp", "tcp6"), "0A")
+    for table in tables:
         try:
             with open(f"/proc/{pid}/net/{table}") as f:
                 next(f)
                 for line in f:
                     local, state = line.split()[1], line.split()[3]
-                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    if state == wanted and int(local.rsplit(":", 1)[1], 16) == port:
                         return True
         except (OSError, StopIteration):
             pass
@@ -177,22 +202,33 @@ def connections(runner: Runner, port: int, seconds: float = 0, count: int = 0) -
 
 @contextmanager
 def published(runner: Runner, supervisor: list[str], specs: list[str],
-              command: list[str], command_port: int):
+              command: list[str], command_port: int, udp: bool = False):
     """A supervisor (`supervisor` = binary and flags) publishing `specs` (with `{P}`
     for a free host port) and running `command`, which listens on `command_port`;
     yields (process, host port) once the supervisor listens on the host and the
     command in its namespace. A supervisor that exits first is a Skip quoting its
-    error (e.g. a protocol our builtin driver does not support yet)."""
+    error (e.g. a protocol our builtin driver does not support yet). `udp`: the
+    specs and the command's port are UDP."""
     port = free_port()
     argv = [*supervisor, *(f"--publish={s.format(P=port)}" for s in specs), "--", *command]
     proc = runner.start(argv)
     try:
-        _wait_for(proc, lambda: listening(port) and _command_listening(proc.pid, command,
-                                                                        command_port),
-                  "the published port or the command")
+        _wait_for(proc, lambda: listening(port, udp=udp) and _command_listening(
+                      proc.pid, command, command_port, udp), "the published port or the command")
         yield proc, port
     finally:
         runner.stop(proc)
+
+
+def udp_clients(runner: Runner, port: int, count: int) -> dict:
+    """`count` UDP clients of 127.0.0.1:port, one after another, each from a port of its
+    own: {"done": count, "seconds": S}."""
+    code, out = runner.run(["python3", "-c", UDP_CLIENT, str(port), str(count)],
+                           timeout=count / 50 + 60)
+    result = _json(out)
+    if code != 0 or not result:
+        raise Skip(f"the UDP client failed (exit {code}): {out.strip()[-200:]}")
+    return result
 
 
 def _wait_for(proc, ready, what: str, seconds: float = 15.0) -> None:
@@ -254,8 +290,8 @@ def api_add_port(sock: str, parent_port: int, child_port: int) -> None:
         raise Skip(f"the API did not add the port: {answer[:200]!r}")
 
 
-def _command_listening(root: int, command: list[str], port: int) -> bool:
-    return any(listening(port, str(pid)) for pid in tree(root) if cmdline(pid) == command)
+def _command_listening(root: int, command: list[str], port: int, udp: bool = False) -> bool:
+    return any(listening(port, str(pid), udp) for pid in tree(root) if cmdline(pid) == command)
 
 
 def supervisor_usage(root: int, command: list[str]) -> dict:

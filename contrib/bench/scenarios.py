@@ -25,6 +25,7 @@ RAW_PASTA = ["pasta", "--config-net", "--ns-ifname", "tap0", "--mtu", "65520",
              "--dns-forward", "10.0.2.3", "--ipv4-only", "--quiet",
              "-t", "none", "-u", "none", "-T", "none", "-U", "none", "--"]
 ECHO_COMMAND = ["python3", "-c", w.ECHO_SERVER, str(w.ECHO_PORT)]
+UDP_ECHO_COMMAND = ["python3", "-c", w.UDP_ECHO_SERVER, str(w.ECHO_PORT)]
 IPERF_COMMAND = ["iperf3", "-s", "-p", str(w.IPERF_PORT)]
 GATEWAY = "10.0.2.2"  # the host's 127.0.0.1, seen from the namespace
 
@@ -62,6 +63,12 @@ class Settings:
     seconds: int
     connections: int
     soak_seconds: int
+
+    @property
+    def udp_clients(self) -> int:
+        """UDP clients before memory-udp's last figure: a tenth of the connections
+        (each is a flow, its socket kept for a minute)."""
+        return max(2, self.connections // 10)
 
 
 class Sides:
@@ -203,6 +210,23 @@ def build(sides: Sides) -> list[Scenario]:
                     "pss_busy": busy["pss"], "rss_busy": busy["rss"]}
         return side
 
+    def memory_udp(binary):
+        def side():
+            supervisor = [binary, "--net=slirp4netns", "--port-driver=builtin"]
+            spec = ["127.0.0.1:{P}:%d/udp" % w.ECHO_PORT]
+            with w.published(r, supervisor, spec, UDP_ECHO_COMMAND, w.ECHO_PORT,
+                             udp=True) as (proc, port):
+                time.sleep(0.5)  # settle: nothing but the idle port
+                first_ms = w.udp_clients(r, port, 1)["seconds"] * 1000
+                time.sleep(0.5)
+                first = w.supervisor_usage(proc.pid, UDP_ECHO_COMMAND)
+                w.udp_clients(r, port, s.udp_clients - 1)
+                time.sleep(0.5)
+                busy = w.supervisor_usage(proc.pid, UDP_ECHO_COMMAND)
+            return {"first_ms": first_ms, "pss_first": first["pss"], "rss_first": first["rss"],
+                    "pss_busy": busy["pss"], "rss_busy": busy["rss"]}
+        return side
+
     def api_port(binary):
         def side():
             supervisor = [binary, "--net=slirp4netns", "--port-driver=builtin"]
@@ -287,6 +311,17 @@ def build(sides: Sides) -> list[Scenario]:
                   Metric("rss_busy", f"memory RSS after {s.connections} connections",
                          "MiB", False)],
                  sides.each(memory), min(s.rounds, 3), ("python3", "slirp4netns")),
+        # A -p UDP port: each client (address and port) is a flow of its own.
+        Scenario("memory-udp",
+                 [Metric("first_ms", "first UDP client's answer through a published port",
+                         "ms", False),
+                  Metric("pss_first", "memory PSS after the first UDP client", "MiB", False),
+                  Metric("rss_first", "memory RSS after the first UDP client", "MiB", False),
+                  Metric("pss_busy", f"memory PSS after {s.udp_clients} UDP clients", "MiB",
+                         False),
+                  Metric("rss_busy", f"memory RSS after {s.udp_clients} UDP clients", "MiB",
+                         False)],
+                 sides.each(memory_udp), min(s.rounds, 3), ("python3", "slirp4netns")),
         # rootless Docker's way: no -p, every port added through the API
         # (rootlesskit-docker-proxy) as `docker run -p` starts a container.
         Scenario("api-port",

@@ -4,8 +4,8 @@ the API, and trio would be 12 MiB and 60-130 ms of its first `docker run -p`.
 
 The loop only moves bytes: each request, once whole, goes to one worker thread, which
 runs the router (a port's addition may take a while: binding, the ports' loop, or
-trio for a UDP port) and hands the answer back. Requests are served one at a time, in
-the order they came, as the port driver wants them anyway.
+trio for a driver that serves under it) and hands the answer back. Requests are
+served one at a time, in the order they came, as the port driver wants them anyway.
 
 Each connection is a unit of work of its own: whatever happens while serving it (a
 malformed or hostile request, a client that stalls or goes away, a bug in a handler)

@@ -10,17 +10,18 @@ driver's -p ports are bound before the command starts (parent.Listeners, with th
 C module _socket), and clients wait in the sockets' backlogs meanwhile.
 
 - The first client of a port the driver serves without trio (the builtin driver's
-  TCP ports: serve_light) starts the driver's own loop (drivers/port/_engine.py).
+  ports, TCP and UDP: serve_light) starts the driver's own loop
+  (drivers/port/_engine.py).
 - The API's first client loads the API (h11, msgspec, the router: api/server.py) and
   this thread then runs it, on a loop of its own (rootless._loop), not trio.
-- trio loads, in a thread of its own, only for what needs it: a UDP port's first
-  client or an API request that adds one, a port driver that serves under trio
-  (slirp4netns', implicit: `needs_trio`), or serve() that must run at once.
+- trio loads, in a thread of its own, only for a port driver that serves under it
+  (slirp4netns', implicit: `needs_trio`, or serve() that must run at once).
 
 Loading takes a CPU for a moment: taken just as the command started, that stalled a
 command busy on every CPU (iperf3 through slirp4netns lost 0.25-0.75 s of traffic).
-trio weighs 12 MiB and 60-130 ms: an instance whose clients only come through TCP
-ports and the API never loads it (docs/memory.md).
+trio weighs 12 MiB and 60-130 ms: an instance whose ports the builtin driver serves
+never loads it, whether they are published with -p or through the API
+(docs/memory.md).
 """
 import os
 # Loaded with this module, before the thread starts: raise_fd_limit needs it as the
@@ -166,7 +167,7 @@ class Services:
         loaded, wake = self._load(lambda: self.ports.serve_light(ready))
         if not loaded:
             return None
-        if wake is None:  # a UDP port's client: trio serves every -p port from now on
+        if wake is None:  # the driver serves under trio, every -p port from now on
             self._start_trio()
             return []
         return wake

@@ -193,7 +193,7 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes | None:
     return data
 
 
-# -- parent side (on the ports' loop, `_loop`; and for trio's tasks) -----------------------
+# -- parent side (on the ports' loop, `_loop`) ------------------------------------------
 
 class FactoryGone(Exception):
     """The child's socket factory closed the connection: the child is gone."""
@@ -424,55 +424,3 @@ class _Request:
 
     def done(self) -> None:
         self.answer(self.result, self.error)
-
-
-class TrioFactory:
-    """The loop's Factory, for trio's tasks (UDP ports): each request runs on the
-    loop's thread, and the task waits for its answer."""
-
-    def __init__(self, loop, factory: Factory):
-        self._loop, self._factory = loop, factory
-
-    @property
-    def transparent(self) -> bool:
-        return self._factory.transparent
-
-    async def connect(self) -> None:
-        """Returns once the hello is answered (`transparent` is then known)."""
-        await self._call(lambda answer: self._factory.after_hello(lambda: answer(None, None)))
-
-    async def socket(self, family: int, kind: int):
-        """A stdlib socket (the C module's, as the factory gives it, made one)."""
-        import socket as stdlib
-
-        sock = await self._call(lambda answer: self._factory.socket(family, kind, answer))
-        return stdlib.socket(family, kind, 0, sock.detach())
-
-    async def udp_rule(self, add: bool, port: int) -> None:
-        await self._call(lambda answer: self._factory.udp_rule(add, port, answer))
-
-    async def _call(self, start):
-        import trio
-
-        token, done, box = trio.lowlevel.current_trio_token(), trio.Event(), []
-
-        def answer(result, error):  # on the loop's thread
-            box.append((result, error))
-            try:
-                token.run_sync_soon(done.set)
-            except RuntimeError:  # trio's run has ended: nobody waits for it
-                if result is not None and hasattr(result, "close"):
-                    result.close()
-
-        try:
-            self._loop.call_soon_threadsafe(lambda: start(answer))
-        except RuntimeError:  # the loop has ended: the run is ending
-            raise FactoryGone() from None
-        # Shielded: the answer comes at once (or FactoryGone); a socket it brings must
-        # not be lost with a cancelled task.
-        with trio.CancelScope(shield=True):
-            await done.wait()
-        result, error = box[0]
-        if error is not None:
-            raise error
-        return result

@@ -1,16 +1,26 @@
-"""UDP through a builtin port: one flow per client address.
+"""A published UDP port of the builtin driver, on the ports' loop (`_loop`, as the
+TCP ports: trio is not loaded for it): one flow per client address.
 
 The parent's socket on the host receives each client's datagrams; the first one of
 a client opens a flow: a UDP socket of the child's netns (from the factory),
 connected to the child port, and, when the child may see clients' addresses, bound
 to the client's address. What the child answers on it goes back to that client
-from the host socket. A flow ends after a while without traffic either way.
+from the host socket. A flow ends after a while without traffic either way: the
+flows are kept least recently active first, and one timer a port, set for the first
+one's end, sweeps them.
+
+Each flow is contained: whatever fails in it ends it alone, with one rate-limited
+line; a failure while opening one drops that client's datagrams of the moment, and
+the port goes on.
 """
 import errno
-import socket
-from collections import OrderedDict
+import time
+import _socket  # not socket.py: it loads enum (1 MiB), which the ports need not
+# The C type itself: the collections package loads keyword, operator and reprlib.
+from _collections import OrderedDict
 
 from ... import _log, _tunables
+from ..._loop import IN, Watcher
 from . import _transparent
 from ._socket_factory import FactoryGone
 
@@ -24,62 +34,65 @@ def _idle_timeout(default: float = 60.0) -> float:
 MAX_FLOWS = 4096     # per port: beyond it, a new client's flow ends the least recently
                      # used one (spoofed or 127/8 sources must not lock clients out)
 _MAX_DATAGRAM = 65535
-_BURST = 64  # datagrams read at most between two checkpoints
+_BURST = 64  # datagrams read at most per round of the loop, each way
 # What a connected UDP socket reports for an earlier ICMP error: the next
 # datagram may well get through (the server may just be starting).
 _TRANSIENT = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH)
+_WAITING = object()  # _open(): the factory answers later
 
 
-class UdpPort:
-    """`host_sock`: a bound, non-blocking stdlib socket. Datagrams from clients are
-    read and passed on in batches (recvmmsg/sendmmsg): one system call each way moves
-    up to _BURST datagrams, and a burst costs one trio checkpoint."""
+class UdpPort(Watcher):
+    """`host_sock`: a bound socket of the C module `_socket`, ours from start() on.
+    Datagrams from clients are read and passed on in batches (recvmmsg/sendmmsg): one
+    system call each way moves up to _BURST datagrams."""
 
-    def __init__(self, factory, host_sock, child_ip: str, child_port: int, transparent: bool):
-        self.factory, self.host_sock = factory, host_sock
-        self.child = (child_ip, child_port)
+    def __init__(self, engine, host_sock, spec):
+        self.engine, self.loop, self.host_sock, self.spec = (engine, engine.loop, host_sock,
+                                                              spec)
+        self.child = (spec.childIP or "127.0.0.1", spec.childPort)
         self.port = host_sock.getsockname()[1]  # the published port, for the log
-        self.family = socket.AF_INET6 if ":" in child_ip else socket.AF_INET
-        self.transparent = transparent
+        self.family = _socket.AF_INET6 if ":" in self.child[0] else _socket.AF_INET
         self.idle = _idle_timeout()
-        # By the client's sockaddr, the least recently used first.
+        # By the client's sockaddr, the least recently active first.
         self.flows: OrderedDict[bytes, "_Flow"] = OrderedDict()
+        self._batch = None
+        self._pending = None  # (key, destination, n, start): a flow waits for its socket
+        self._now, self._opened = False, None  # see _open
+        self._sweep = None    # the timer for the first flow's end
+        self._closed = None   # the callback that waits for the port to be closed
 
-    async def serve(self) -> None:
-        import trio
+    def start(self, done) -> None:
+        """On the loop: route the child's answers (a rule in the child, per child port),
+        then serve; done(None, error) once serving, or with why it cannot."""
         from ...linux._mmsg import Datagrams
 
-        host, flows = self.host_sock, self.flows
-        batch = Datagrams(_BURST, _MAX_DATAGRAM + 1, host.family, self._ask_destinations())
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            while True:
-                await trio.lowlevel.wait_readable(host)
+        self._batch = Datagrams(_BURST, _MAX_DATAGRAM + 1, self.host_sock.family,
+                                self._ask_destinations())
+        self.host_sock.setblocking(False)
+
+        def ruled(error):
+            if error is None:
                 try:
-                    n = batch.recv(host.fileno())
-                except BlockingIOError:
-                    continue
-                except OSError as exc:  # an ICMP error of an earlier answer
-                    _log.debug(f"UDP {self.child}: {exc.strerror}")
-                    continue
-                try:
-                    # Runs of datagrams from one client go on in one call.
-                    start, client = 0, batch.sender(0)
-                    for i in range(1, n + 1):
-                        sender = batch.sender(i) if i < n else None
-                        if sender != client:
-                            flow = flows.get(client)
-                            if flow is None:
-                                flow = await self._new_flow(client, batch.destination(start))
-                            else:
-                                flows.move_to_end(client)
-                            if flow is not None:
-                                flow.last = trio.current_time()
-                                flow.send(batch, start, i)
-                            start, client = i, sender
-                except Exception as exc:  # a bug: these datagrams are lost, not the port
-                    _log.limited("udp-port", f"UDP port {self.port}: datagrams dropped: "
-                                             f"{type(exc).__name__}: {exc}")
+                    self.loop.watch(self.host_sock.fileno(), IN, self)
+                except OSError as exc:
+                    error = exc
+            done(None, error)
+        self.engine.udp_rules.add(self.child[1], ruled)
+
+    def close(self, closed) -> None:
+        """Stop serving and end every flow; `closed()` once the port is closed (its
+        socket, its flows and the child's rule for its answers)."""
+        if self._closed is not None:
+            return
+        self._closed = closed
+        self.loop.watch(self.host_sock.fileno(), 0, self)
+        self.host_sock.close()
+        if self._sweep is not None:
+            self.loop.cancel(self._sweep)
+            self._sweep = None
+        for flow in list(self.flows.values()):
+            self._end(flow)
+        self.engine.udp_rules.remove(self.child[1], lambda error: closed())
 
     def _ask_destinations(self) -> bool:
         """On a wildcard address, have the socket tell each datagram's destination, so
@@ -92,116 +105,173 @@ class UdpPort:
         if host.getsockname()[0] not in ("0.0.0.0", "::"):
             return False
         level = PKTINFO[host.family][0]
-        option = socket.IPV6_RECVPKTINFO if host.family == socket.AF_INET6 else IP_PKTINFO
+        option = _socket.IPV6_RECVPKTINFO if host.family == _socket.AF_INET6 else IP_PKTINFO
         host.setsockopt(level, option, 1)
         return True
 
-    async def _new_flow(self, sockaddr: bytes, destination: bytes | None):
+    # -- clients' datagrams --
+
+    def ready(self, fd: int, events: int) -> None:
+        try:
+            n = self._batch.recv(fd)
+        except BlockingIOError:
+            return
+        except OSError as exc:  # an ICMP error of an earlier answer
+            _log.debug(f"UDP {self.child}: {exc.strerror}")
+            return
+        self._pass_on(n, 0)
+
+    def failed(self, exc: Exception) -> None:
+        """A bug while passing datagrams on: those are lost, not the port."""
+        _log.limited("udp-port", f"UDP port {self.port}: datagrams dropped: "
+                                 f"{type(exc).__name__}: {exc}")
+
+    def _pass_on(self, n: int, start: int, opened=_WAITING) -> None:
+        """Pass datagrams start..n-1 of the batch on, a run of one client's at a time.
+        `opened`: the flow just opened for the run at `start` (None: none could be)."""
+        batch, flows, now = self._batch, self.flows, time.monotonic()
+        while start < n:
+            client = batch.sender(start)
+            end = start + 1
+            while end < n and batch.sender(end) == client:
+                end += 1
+            if opened is not _WAITING:
+                flow, opened = opened, _WAITING
+            else:
+                flow = flows.get(client)
+                if flow is None:
+                    flow = self._open(client, batch.destination(start), n, start)
+                    if flow is _WAITING:
+                        return  # _got() goes on from here
+                else:
+                    flows.move_to_end(client)
+            if flow is not None:
+                flow.last = now
+                flow.send(batch, start, end)
+            start = end
+        self._arm_sweep()
+
+    def _open(self, key: bytes, destination: bytes | None, n: int, start: int):
+        """A new flow for `key`, None if none can be had now, or _WAITING: the factory
+        has no socket at hand, and reading stops until it answers (the batch holds the
+        datagrams still to pass on)."""
+        self._pending = (key, destination, n, start)
+        self._now = True
+        try:
+            self.engine.factory.socket(self.family, _socket.SOCK_DGRAM, self._got)
+        except BaseException:
+            self._pending = None  # an answer that comes all the same finds none waiting
+            raise
+        finally:
+            self._now = False
+        if self._pending is None:
+            return self._opened
+        self.loop.watch(self.host_sock.fileno(), 0, self)
+        return _WAITING
+
+    def _got(self, sock, error) -> None:
+        """The factory's answer (at once, from _open, or later from the loop, where
+        nothing may be raised to the factory's client: a failure here is this client's
+        datagrams lost, not the port's)."""
+        pending, self._pending = self._pending, None
+        if pending is None or self._closed is not None:  # nobody waits for it any more
+            if sock is not None:
+                sock.close()
+            return
+        key, destination, n, start = pending
+        try:
+            flow = self._flow(key, destination, sock, error)
+        except Exception as exc:
+            self.failed(exc)
+            flow = None
+        if self._now:
+            self._opened = flow
+            return
+        try:
+            self.loop.watch(self.host_sock.fileno(), IN, self)
+            self._pass_on(n, start, opened=flow)
+        except Exception as exc:
+            self.failed(exc)
+
+    def _flow(self, key: bytes, destination: bytes | None, sock, error):
+        if sock is None:
+            if not isinstance(error, FactoryGone):  # out of fds, most likely: the
+                # client's next datagram may do
+                _log.limited("udp-socket", f"UDP port {self.port}: a client's datagrams "
+                                           f"are dropped: {_why(error)}")
+            return None
         from ...linux._mmsg import address
 
-        client = address(sockaddr)
-        flow = await self._open(client)
-        if flow is None:
-            return None
         try:
-            if len(self.flows) >= MAX_FLOWS:
-                self._evict()
-            flow.key = sockaddr
-            flow.source = _source(self.host_sock.family, destination)
-            self.nursery.start_soon(self._answers, flow)  # from now on, it closes the socket
-        except BaseException:
-            flow.sock.close()
-            raise
-        self.flows[sockaddr] = flow
-        return flow
-
-    def _evict(self) -> None:
-        """End the least recently used flow (its task closes its socket)."""
-        _, flow = self.flows.popitem(last=False)
-        flow.scope.cancel()
-        _log.limited("udp-evict", f"UDP port {self.port}: {MAX_FLOWS} clients: the least "
-                                  f"recently active ones make room for new ones",
-                     level="info")
-
-    async def _open(self, client: tuple):
-        try:
-            sock = await self.factory.socket(self.family, socket.SOCK_DGRAM)
-        except FactoryGone:
-            return None  # the child is gone
-        except OSError as exc:  # out of fds, most likely: the next datagram may do
-            _log.limited("udp-socket", f"UDP port {self.port}: a client's datagrams are "
-                                       f"dropped: {exc.strerror}")
-            return None
-        try:
-            ip = _transparent.client_address(client, self.family) if self.transparent else None
+            client = address(key)
+            ip = (_transparent.client_address(client, self.family)
+                  if self.engine.factory.transparent else None)
             if ip is not None:
                 _transparent.make_transparent(sock, self.family, ip)
             sock.setblocking(False)
             sock.connect(self.child)
         except OSError as exc:
             sock.close()
-            _log.debug(f"UDP {self.child}: flow for {client[:2]}: {exc.strerror}")
+            _log.debug(f"UDP {self.child}: flow for {key!r}: {exc.strerror}")
             return None
-        return _Flow(client, sock)
-
-    async def _answers(self, flow: "_Flow") -> None:
-        """The flow's task: passes the child's answers on, until the flow is idle or
-        evicted. Contained: whatever it raises ends this flow alone."""
-        host, flows = self.host_sock, self.flows
+        except BaseException:
+            sock.close()
+            raise
+        flow = _Flow(client, sock)
+        flow.port, flow.key, flow.source = self, key, _source(self.host_sock.family,
+                                                             destination)
         try:
-            with flow.scope:
-                await self._pass_answers(flow, host, flows)
-        except Exception as exc:
-            _log.limited("udp-flow", f"UDP port {self.port}: the flow of {flow.client[0]} "
-                                     f"failed: {type(exc).__name__}: {exc}")
-        finally:
-            if flows.get(flow.key) is flow:
-                del flows[flow.key]
+            self.loop.watch(sock.fileno(), IN, flow)
+        except BaseException:
+            sock.close()
+            raise
+        if len(self.flows) >= MAX_FLOWS:
+            self._evict()
+        self.flows[key] = flow
+        return flow
+
+    def _evict(self) -> None:
+        self._end(next(iter(self.flows.values())))
+        _log.limited("udp-evict", f"UDP port {self.port}: {MAX_FLOWS} clients: the least "
+                                  f"recently active ones make room for new ones",
+                     level="info")
+
+    # -- flows' ends --
+
+    def _end(self, flow: "_Flow") -> None:
+        if self.flows.get(flow.key) is flow:
+            del self.flows[flow.key]
+        if flow.open:
+            flow.open = False
+            self.loop.watch(flow.sock.fileno(), 0, flow)
             flow.sock.close()
 
-    async def _pass_answers(self, flow: "_Flow", host, flows) -> None:
-        import trio
+    def _arm_sweep(self) -> None:
+        if self._sweep is None and self.flows and self._closed is None:
+            first = next(iter(self.flows.values()))
+            self._sweep = self.loop.call_later(
+                max(0.0, first.last + self.idle - time.monotonic()), self._swept)
 
-        sock = flow.sock
-        while True:
-            with trio.move_on_at(flow.last + self.idle) as waited:
-                await trio.lowlevel.wait_readable(sock)
-            if waited.cancelled_caught:
-                if trio.current_time() >= flow.last + self.idle:
-                    return
-                continue
-            flow.last = trio.current_time()
-            if flows.get(flow.key) is flow:  # not evicted meanwhile
-                flows.move_to_end(flow.key)
-            for _ in range(_BURST):
-                try:
-                    data = sock.recv(_MAX_DATAGRAM)
-                except BlockingIOError:
-                    break
-                except OSError as exc:
-                    if exc.errno in _TRANSIENT:
-                        continue
-                    _log.debug(f"UDP flow of {flow.client[:2]}: {exc.strerror}")
-                    return
-                try:
-                    if flow.source:
-                        host.sendmsg([data], flow.source, 0, flow.client)
-                    else:
-                        host.sendto(data, flow.client)
-                except OSError as exc:  # a full buffer drops it, as a network would
-                    if exc.errno != errno.EAGAIN:
-                        _log.debug(f"UDP answer to {flow.client[:2]}: {exc.strerror}")
+    def _swept(self) -> None:
+        """The first flow's end is due: end the flows idle since `idle` seconds."""
+        self._sweep = None
+        now = time.monotonic()
+        while self.flows:
+            flow = next(iter(self.flows.values()))
+            if flow.last + self.idle > now:
+                break
+            self._end(flow)
+        self._arm_sweep()
 
 
-class _Flow:
+class _Flow(Watcher):
     def __init__(self, client: tuple, sock):
-        import trio
-
         self.client, self.sock = client, sock
+        self.port: UdpPort = None
         self.key = b""
         self.source = []  # ancillary data for sendmsg: answers from where the client sent
-        self.last = trio.current_time()
-        self.scope = trio.CancelScope()  # cancelled: the flow is evicted
+        self.last = time.monotonic()
+        self.open = True
 
     def send(self, batch, start: int, end: int) -> None:
         """Pass on datagrams start..end-1 of `batch`; those the child's socket does not
@@ -217,6 +287,43 @@ class _Flow:
                     _log.debug(f"UDP to the child from {self.client[:2]}: {exc.strerror}")
                 start += 1  # the one that failed
 
+    def ready(self, fd: int, events: int) -> None:
+        """The child's answers: back to the client, from the host's socket."""
+        port = self.port
+        self.last = time.monotonic()
+        if port.flows.get(self.key) is self:
+            port.flows.move_to_end(self.key)
+        host = port.host_sock
+        for _ in range(_BURST):
+            try:
+                data = self.sock.recv(_MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _TRANSIENT:
+                    continue
+                _log.debug(f"UDP flow of {self.client[:2]}: {exc.strerror}")
+                port._end(self)
+                return
+            try:
+                if self.source:
+                    host.sendmsg([data], self.source, 0, self.client)
+                else:
+                    host.sendto(data, self.client)
+            except OSError as exc:  # a full buffer drops it, as a network would
+                if exc.errno != errno.EAGAIN:
+                    _log.debug(f"UDP answer to {self.client[:2]}: {exc.strerror}")
+
+    def failed(self, exc: Exception) -> None:
+        """A bug in this flow: it ends alone."""
+        _log.limited("udp-flow", f"UDP port {self.port.port}: the flow of {self.client[0]} "
+                                 f"failed: {type(exc).__name__}: {exc}")
+        self.port._end(self)
+
+
+def _why(error) -> str:
+    return getattr(error, "strerror", None) or str(error) or type(error).__name__
+
 
 def _source(family: int, destination: bytes | None) -> list:
     """sendmsg's ancillary data that sends from `destination` (a PKTINFO)."""
@@ -225,7 +332,7 @@ def _source(family: int, destination: bytes | None) -> list:
     from ...linux._mmsg import PKTINFO
 
     level, kind, _, _ = PKTINFO[family]
-    if family == socket.AF_INET6:  # in6_pktinfo: address, interface (any)
+    if family == _socket.AF_INET6:  # in6_pktinfo: address, interface (any)
         return [(level, kind, destination + bytes(4))]
     # in_pktinfo: interface (any), the source to use, (the destination: ignored)
     return [(level, kind, bytes(4) + destination + bytes(4))]

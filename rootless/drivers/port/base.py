@@ -5,7 +5,7 @@ returns) lives here; a driver implements `_expose(spec)` (start forwarding, retu
 closer) and may run tasks in `serve()`, under trio, in a thread of the parent's
 services. The API calls add_now() and remove_now() from a thread of its own: by
 default they run add() and remove() under trio (`run_in_trio`, which loads it); a
-driver that can do without (the builtin one, for TCP) overrides them. Child side:
+driver that can do without (the builtin one) overrides them. Child side:
 `start_child()`, in the child's namespaces before the command. Drivers never import
 trio at module level: the child imports them too.
 """

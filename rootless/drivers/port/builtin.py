@@ -3,14 +3,12 @@ or client flow (UDP, `_udp`) into the child's netns, through sockets made there 
 child's socket factory; the child sees the client's address (`_transparent`) unless
 --source-ip-transparent=false.
 
-TCP ports run on the ports' own loop (`_engine`), not under trio: a run whose clients
-all come through TCP ports, -p ones or the API's (rootless Docker's), never loads trio
-(12 MiB, and 60-130 ms of the first client's wait). UDP ports are served under trio,
-which loads with the first client of a -p one, or when the API adds one.
+The ports run on a loop of their own (`_engine`), not under trio (12 MiB, and 60-130
+ms of the first client's wait): it starts with the first client of a -p port, or the
+API's first request, whichever comes first.
 """
 import errno
 
-from ... import _log
 from ..._listen import backlog
 from ...errors import PortSpecError
 from .base import FAMILY, PortDriver, bind_failure
@@ -19,7 +17,7 @@ from .base import FAMILY, PortDriver, bind_failure
 class BuiltinPortDriver(PortDriver):
     name = "builtin"
     protos = ("tcp", "tcp4", "tcp6", "udp", "udp4", "udp6")
-    needs_trio = False  # the API's TCP ports go to the engine; its UDP ones to trio
+    needs_trio = False  # every port, -p or the API's, goes to the engine
 
     def preflight(self) -> None:
         from ...errors import UsageError
@@ -31,7 +29,6 @@ class BuiltinPortDriver(PortDriver):
         self._early = []  # (_spec_key(spec), its socket), bound by listen_early()
         self._factory_link = self._factory_end = None
         self.engine = None     # _engine.Engine: the ports' loop, from the first client on
-        self._deferred = []    # (id, spec): -p UDP ports, published once trio loads
         from ... import _threads
 
         self._starting = _threads.Lock()  # see _publish_initial
@@ -114,25 +111,20 @@ class BuiltinPortDriver(PortDriver):
 
     # -- serving --
 
-    def serve_light(self, ready: set[int]) -> list[int] | None:
-        """The first client came on the -p fds `ready`. TCP ones are served without
-        trio: start the engine and publish every -p (a UDP one keeps its id and waits
-        for trio, as its fd does). None: a UDP port's client came, trio must load."""
-        udp = {sock.fileno() for key, sock in self._early if _is_udp(key)}
-        if ready & udp:
-            return None
+    def serve_light(self, ready: set[int]) -> list[int]:
+        """The first client came on one of the -p fds: start the engine and publish
+        every -p on it."""
         self._publish_initial()
-        return sorted(udp)
+        return []
 
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.stop()
 
     def _publish_initial(self) -> None:
-        """Start the engine, publish the -p TCP ports on it, and give the -p UDP ones
-        their ids (in -p order, as rootlesskit numbers them), for serve() to publish.
-        From any of the services' threads (the first -p client's, the API's, trio's):
-        once."""
+        """Start the engine and publish the -p ports on it, in -p order (their ids, as
+        rootlesskit numbers them). From the services' thread (a -p port's first client)
+        or the API's worker: once."""
         if self.engine is not None:
             return
         with self._starting:
@@ -147,10 +139,7 @@ class BuiltinPortDriver(PortDriver):
         engine.start()
         self.engine = engine  # only now: a failure above is tried again whole
         for spec in self.initial:
-            if _is_udp(spec.proto):
-                self._deferred.append((self._reserve_id(), spec))
-            else:
-                self._register(*self._expose_tcp(self._validated(spec)))
+            self._register(*self._publish(self._validated(spec)))
 
     def prepare_api(self) -> None:
         """The -p ports are listed (and removable) from the API's first request on,
@@ -159,17 +148,12 @@ class BuiltinPortDriver(PortDriver):
             self._publish_initial()
 
     def add_now(self, spec):
-        """The API's: a TCP port goes to the engine from this thread; a UDP one to trio."""
+        """The API's: the port goes to the engine from this thread."""
         self._publish_initial()  # first: a -p port is known as such (its id, conflicts)
-        spec = self._validated(spec)
-        if _is_udp(spec.proto):
-            return super().add_now(spec)
-        return self._register(*self._expose_tcp(spec))
+        return self._register(*self._publish(self._validated(spec)))
 
     def remove_now(self, ident: int) -> None:
         entry = self._known(ident)
-        if _is_udp(entry[0].spec.proto):
-            return super().remove_now(ident)  # served under trio
         if self._ports.pop(ident, None) is not None:
             entry[1]()  # returns once the port is closed: a client then finds it so
 
@@ -177,42 +161,27 @@ class BuiltinPortDriver(PortDriver):
         if self.on_failure is not None:
             self.on_failure(message)
 
-    async def serve(self, state_dir: str, *, task_status) -> None:
-        import trio
-
-        from ._socket_factory import TrioFactory
-
-        self._publish_initial()
-        self.factory = TrioFactory(self.engine.loop, self.engine.factory)
-        self._udp_rules: dict[int, int] = {}  # child port -> published UDP ports using it
-        await self.factory.connect()
-        async with trio.open_nursery() as nursery:
-            self.nursery = nursery
-            deferred, self._deferred = self._deferred, []
-            for ident, spec in deferred:
-                self._register(*await self._expose(spec), ident=ident)
-            task_status.started()
-            await trio.sleep_forever()
-
-    async def _expose(self, spec):
-        """Under trio only UDP specs come here: add_now() publishes the TCP ones on the
-        engine from the API's thread (their closers block: see remove_now)."""
-        return await self._expose_udp(spec)
-
-    def _expose_tcp(self, spec):
-        """Publish TCP `spec` on the engine (from a thread other than the engine's)."""
+    def _publish(self, spec):
+        """Publish `spec` on the engine (from a thread other than the engine's):
+        (the spec as bound, a closer that returns once the port is closed)."""
         from ...ports import PortsUnavailable
 
         sock = self._bound(spec)
         if spec.parentPort == 0:
             spec = spec.replace(parentPort=sock.getsockname()[1])
         try:
-            port = self.engine.add_port(sock, spec)
+            if _is_udp(spec.proto):
+                port = self.engine.add_udp_port(sock, spec)
+            else:
+                port = self.engine.add_port(sock, spec)
         except RuntimeError as exc:
             raise PortsUnavailable(f"no port can be added: {exc}") from None
         except OSError as exc:
             raise PortsUnavailable(f"cannot serve the port for now ({exc.strerror}): try "
                                    f"again later") from None
+        except Exception as exc:  # FactoryGone
+            raise PortsUnavailable(f"no port can be added: {exc} (the run is ending)"
+                                   ) from None
         engine = self.engine
         return spec, lambda: engine.remove_port(port)  # blocks: see remove_now
 
@@ -226,74 +195,6 @@ class BuiltinPortDriver(PortDriver):
                 raise bind_failure(exc, spec.proto, spec.parentIP or "0.0.0.0",
                                    spec.parentPort) from None
         return sock
-
-    async def _expose_udp(self, spec):
-        import trio
-
-        from ...ports import PortsUnavailable
-        from ._socket_factory import FactoryGone
-        from ._udp import UdpPort
-
-        import socket
-
-        bound = self._bound(spec)
-        sock = socket.socket(bound.family, bound.type, bound.proto, bound.detach())
-        if spec.parentPort == 0:
-            spec = spec.replace(parentPort=sock.getsockname()[1])
-        sock.setblocking(False)
-        try:
-            await self._add_udp_rule(spec.childPort)
-        except FactoryGone:
-            sock.close()  # the run is ending: no port to add
-            raise PortsUnavailable("the socket factory is gone (the run is ending): "
-                                   "no port can be added") from None
-        serve = UdpPort(self.factory, sock, spec.childIP or "127.0.0.1", spec.childPort,
-                        self.factory.transparent).serve
-        scope, closed = trio.CancelScope(), trio.Event()
-        self.nursery.start_soon(_until_closed, serve, sock, scope, closed)
-
-        async def close():
-            scope.cancel()
-            await closed.wait()
-            await self._remove_udp_rule(spec.childPort)
-        return spec, close
-
-    async def _add_udp_rule(self, child_port: int) -> None:
-        """Answers from the child's UDP port reach transparent sockets (`_transparent`)."""
-        if not self.factory.transparent:
-            return
-        users = self._udp_rules.get(child_port, 0)
-        if not users:
-            try:
-                await self.factory.udp_rule(True, child_port)
-            except OSError as exc:
-                # The flows still work if not transparent: say so, but don't refuse.
-                _log.warning(f"UDP port {child_port} of the child: cannot route answers to "
-                             f"clients' addresses ({exc}); its clients will not be seen")
-                return
-        self._udp_rules[child_port] = users + 1
-
-    async def _remove_udp_rule(self, child_port: int) -> None:
-        users = self._udp_rules.get(child_port, 0)
-        if users > 1:
-            self._udp_rules[child_port] = users - 1
-        elif users == 1:
-            del self._udp_rules[child_port]
-            try:
-                await self.factory.udp_rule(False, child_port)
-            except OSError:
-                pass
-            except Exception as exc:  # FactoryGone: the run is ending
-                _log.debug(f"UDP port {child_port}: {exc}")
-
-async def _until_closed(serve, sock, scope, closed) -> None:
-    """Run `serve` until `scope` is cancelled; then the socket is closed, and `closed`
-    tells the remover it is."""
-    try:
-        with scope, sock:
-            await serve()
-    finally:
-        closed.set()
 
 
 def _bind(spec):
