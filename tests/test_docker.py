@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import VENV_BIN
 from contrib.bench.docker_first_port import busybox_rootfs_tar
-from conftest import free_port
+from conftest import free_port, thread_names
 from test_ports_hardening import netns  # noqa: F401
 from test_subid import _assert_free
 from test_systemd import NotifyListener
@@ -38,11 +39,12 @@ PAGE = "hello from a rootless container\n"
 
 @pytest.fixture(scope="module")
 def image_tar():
-    """A busybox rootfs (busybox, its libraries, a web page) as a tar for docker import."""
+    """A busybox rootfs (busybox, its libraries, a web page; socat and its libraries,
+    for a UDP server) as a tar for docker import."""
     root = tempfile.mkdtemp(prefix="rlt-bbroot-")
     os.chmod(root, 0o755)
     tar = os.path.join(root, "busybox.tar")
-    busybox_rootfs_tar(tar, PAGE)
+    busybox_rootfs_tar(tar, PAGE, tuple(filter(None, [shutil.which("socat")])))
     yield tar
     shutil.rmtree(root)
 
@@ -190,6 +192,49 @@ def test_rootless_run_dockerd(user, docker_home, spawned, image_tar, state_dir, 
     assert r.stdout.split() == ["web"]  # the same data, a fresh supervisor
     code, err = again.stop()
     assert code == 0, err[-3000:]
+
+
+def test_udp_port_through_dockers_proxy(user, docker_home, spawned, image_tar, state_dir):
+    """`docker run -p 127.0.0.1:P:5353/udp`: dockerd's rootlesskit-docker-proxy adds the
+    UDP port through our API, and datagrams from the host reach the container and
+    come back. The supervisor loads no trio for it (12 MiB: a UDP port did, until its
+    flows moved to the ports' loop)."""
+    if not shutil.which("socat"):
+        pytest.skip("socat is not installed (contrib/setup.sh installs it): the image "
+                    "has no UDP server without it")
+    d = start(user, docker_home, spawned,
+              ["rootless-run", f"--state-dir={state_dir}", "--", "dockerd"])
+    d.wait_ready()
+    r = d.user.run(["sh", "-c", f"{DOCKER} import - rlt-busybox < {image_tar}"], env=d.env)
+    assert r.returncode == 0, r.stderr
+    port = free_port(kind=socket.SOCK_DGRAM)
+    r = d.docker("run", "-d", "--name", "echo", "--stop-timeout", "1",
+                 "-p", f"127.0.0.1:{port}:5353/udp", "rlt-busybox",
+                 "socat", "UDP4-RECVFROM:5353,fork", "PIPE")
+    assert r.returncode == 0, r.stderr
+
+    def echo() -> bytes | None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(1)
+            s.sendto(b"ping", ("127.0.0.1", port))
+            try:
+                return s.recv(100)
+            except TimeoutError:
+                return None
+    deadline = time.monotonic() + 20
+    while (answer := echo()) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert answer == b"ping", d.output()[-3000:]
+    ports = user.run([f"{VENV_BIN}/rootless-ctl", "--socket", f"{state_dir}/api.sock",
+                      "list-ports", "--json"])
+    specs = [json.loads(line)["spec"] for line in ports.stdout.splitlines()]
+    assert [(s["proto"], s["parentIP"], s["parentPort"]) for s in specs] == [
+        ("udp4", "127.0.0.1", port)], specs  # the proxy asks for udp4 on an IPv4 address
+    names = thread_names(d.proc.pid)  # setpriv execs: the Popen's pid is the parent's
+    assert "rootless ports" in names and "rootless trio" not in names, names
+    code, err = d.stop()
+    assert code == 0, err[-3000:]
+    assert [l for l in err.splitlines() if l.startswith("rootless-run")] == []
 
 
 def test_port_published_on_ipv6_too(user, docker_home, spawned, image_tar, state_dir, netns):

@@ -232,19 +232,21 @@ def build_image_tar() -> tuple[str, str]:
     return outdir, tar
 
 
-def busybox_rootfs_tar(tar: str, page: str) -> None:
+def busybox_rootfs_tar(tar: str, page: str, extra: tuple[str, ...] = ()) -> None:
     """Write `tar`: the host's busybox, its libraries and its applets' links, and
     /www/index.html holding `page` (tests/test_docker.py imports it: nothing is
-    pulled from the network)."""
+    pulled from the network); `extra`: more of the host's programs, in /bin with
+    their libraries (socat: busybox has no UDP server)."""
     root = tar + ".root"
-    busybox = shutil.which("busybox")
     os.makedirs(os.path.join(root, "bin"))
-    shutil.copy(busybox, os.path.join(root, "bin", "busybox"))
-    libs = subprocess.run(["ldd", busybox], capture_output=True, text=True).stdout
-    for lib in (w for w in libs.split() if w.startswith("/")):
-        dest = root + lib
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copy(lib, dest)
+    for program in (shutil.which("busybox"), *extra):
+        shutil.copy(program, os.path.join(root, "bin", os.path.basename(program)))
+        libs = subprocess.run(["ldd", program], capture_output=True, text=True).stdout
+        for lib in (w for w in libs.split() if w.startswith("/")):
+            dest = root + lib
+            if not os.path.exists(dest):
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copy(lib, dest)
     subprocess.run([os.path.join(root, "bin", "busybox"), "--install",
                     os.path.join(root, "bin")], check=True)
     os.makedirs(os.path.join(root, "www"))
