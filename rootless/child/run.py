@@ -27,6 +27,10 @@ _PARENT_TIMEOUT = 60.0
 # How long a command dead of a signal waits for the parent's word on the set-up's signals
 # (written as soon as the command starts; this only bounds a wedged parent).
 _SET_UP_WORD_TIMEOUT = 2.0
+# How long a command dead of a signal we were sent too waits for the parent's word on
+# it: sent to the whole process group or cgroup (`kill -TERM -PGID`, systemd's stop of
+# a unit), the parent was sent it as well, and says so within milliseconds.
+_GROUP_WORD_TIMEOUT = 0.25
 
 # Without --pidns, the parent's death reaches us as this catchable signal rather than
 # SIGKILL: we must live long enough to kill the command's whole tree.
@@ -155,14 +159,17 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
         _kill_all_on_parent_death(parent_pid)
     pid = _start_command(config, env, mask, activation)
     # The signals held since the fork (or sent as the command started) go to it now.
-    forward_signals(pid)
+    received: set[int] = set()
+    forward_signals(pid, received.add)
     signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     # After the command's fork (a thread, for the builtin driver), before the parent
     # can ask for anything: its services start once it hears ChildCommandStarted.
     ports.start_child(config, state_dir, netns if config.detach_netns else None)
     channel.send("ChildCommandStarted")
     status = wait_for_status(pid, reap_all=config.reap or not config.pidns)
-    expected = _signals_sent_to_the_run(channel, os.WIFSIGNALED(status))
+    died_of = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+    expected = _signals_sent_to_the_run(channel, bool(died_of),
+                                        died_of if died_of in received else 0)
     # Ours closes before anything the command leaves dies, and before our exit hangs
     # up the socket factory's connection: the parent then knows that the run ends, and
     # not by a failure.
@@ -178,17 +185,25 @@ def _run(config: Config, state_dir: str, channel: Channel, parent_pid: int, port
     return exit_code(status)
 
 
-def _signals_sent_to_the_run(channel: Channel, signaled: bool) -> set[int]:
+def _signals_sent_to_the_run(channel: Channel, signaled: bool, also_got: int = 0
+                             ) -> set[int]:
     """What the parent told us while the command ran (parent.Child.forward_noted): the
     signals the run was sent, one byte each; all of them when it closed its end, as
     it does when it stops the command itself. When the command died of a signal, the
     parent's word on the set-up's signals (up to END_OF_SET_UP) is waited for: one the
     run was sent during the set-up reached the command as it started, maybe before
-    the parent could say so."""
+    the parent could say so. `also_got`: the signal the command died of, when we were
+    sent it too (and forwarded it): the parent's word on it is waited for a moment."""
     sent: set[int] = set()
-    deadline = time.monotonic() + _SET_UP_WORD_TIMEOUT
+    start = time.monotonic()
+    deadline, group_deadline = start + _SET_UP_WORD_TIMEOUT, start + _GROUP_WORD_TIMEOUT
     while True:
-        wait = max(0.0, deadline - time.monotonic()) if signaled else 0.0
+        if signaled:
+            wait = max(0.0, deadline - time.monotonic())
+        elif also_got and also_got not in sent:
+            wait = max(0.0, group_deadline - time.monotonic())
+        else:
+            wait = 0.0
         if not readable(channel.rfd, wait):
             return sent - {END_OF_SET_UP}
         data = os.read(channel.rfd, 64)
