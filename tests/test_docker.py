@@ -20,7 +20,9 @@ import pytest
 from conftest import VENV_BIN
 from contrib.bench.docker_first_port import busybox_rootfs_tar
 from conftest import free_port, thread_names
+from test_ports import until
 from test_ports_hardening import netns  # noqa: F401
+from test_ports_udp import udp_ask
 from test_subid import _assert_free
 from test_systemd import NotifyListener
 
@@ -212,19 +214,10 @@ def test_udp_port_through_dockers_proxy(user, docker_home, spawned, image_tar, s
                  "-p", f"127.0.0.1:{port}:5353/udp", "rlt-busybox",
                  "socat", "UDP4-RECVFROM:5353,fork", "PIPE")
     assert r.returncode == 0, r.stderr
-
-    def echo() -> bytes | None:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.settimeout(1)
-            s.sendto(b"ping", ("127.0.0.1", port))
-            try:
-                return s.recv(100)
-            except TimeoutError:
-                return None
-    deadline = time.monotonic() + 20
-    while (answer := echo()) is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert answer == b"ping", d.output()[-3000:]
+    try:
+        until("the UDP echo", lambda: udp_ask(port, b"ping", timeout=1) == b"ping", 20)
+    except AssertionError:
+        pytest.fail(f"no UDP echo through docker's proxy: {d.output()[-3000:]}")
     ports = user.run([f"{VENV_BIN}/rootless-ctl", "--socket", f"{state_dir}/api.sock",
                       "list-ports", "--json"])
     specs = [json.loads(line)["spec"] for line in ports.stdout.splitlines()]
