@@ -130,10 +130,12 @@ class UdpPort(Watcher):
         """Pass datagrams start..n-1 of the batch on, a run of one client's at a time.
         `opened`: the flow just opened for the run at `start` (None: none could be)."""
         batch, flows, now = self._batch, self.flows, time.monotonic()
+        client = batch.sender(start) if start < n else None
         while start < n:
-            client = batch.sender(start)
-            end = start + 1
-            while end < n and batch.sender(end) == client:
+            # The run of `client`'s datagrams; each sender is read once (the one that
+            # ends the run is the next run's client).
+            end, sender = start + 1, None
+            while end < n and (sender := batch.sender(end)) == client:
                 end += 1
             if opened is not _WAITING:
                 flow, opened = opened, _WAITING
@@ -148,7 +150,7 @@ class UdpPort(Watcher):
             if flow is not None:
                 flow.last = now
                 flow.send(batch, start, end)
-            start = end
+            start, client = end, sender
         self._arm_sweep()
 
     def _open(self, key: bytes, destination: bytes | None, n: int, start: int):
@@ -195,10 +197,10 @@ class UdpPort(Watcher):
 
     def _flow(self, key: bytes, destination: bytes | None, sock, error):
         if sock is None:
-            if not isinstance(error, FactoryGone):  # out of fds, most likely: the
-                # client's next datagram may do
+            if not isinstance(error, FactoryGone):  # an OSError, out of fds most likely:
+                # the client's next datagram may do
                 _log.limited("udp-socket", f"UDP port {self.port}: a client's datagrams "
-                                           f"are dropped: {_why(error)}")
+                                           f"are dropped: {error.strerror or error}")
             return None
         from ...linux._mmsg import address
 
@@ -319,10 +321,6 @@ class _Flow(Watcher):
         _log.limited("udp-flow", f"UDP port {self.port.port}: the flow of {self.client[0]} "
                                  f"failed: {type(exc).__name__}: {exc}")
         self.port._end(self)
-
-
-def _why(error) -> str:
-    return getattr(error, "strerror", None) or str(error) or type(error).__name__
 
 
 def _source(family: int, destination: bytes | None) -> list:
