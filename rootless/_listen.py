@@ -36,6 +36,12 @@ class SpareFd:
             except OSError:
                 pass  # out of fds already: tried again at the next release
 
+    def close(self) -> None:
+        """Give the spare up for good."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def release(self) -> bool:
         """Free the spare fd; False if there was none to free (restore() is then tried,
         for next time: fds may have been freed meanwhile)."""

@@ -48,9 +48,17 @@ class Loop:
         # [when, function or None]: a few at most (see the module's docstring)
         self._timers: list[list] = []
         self._calls: deque = deque()   # from other threads (deque.append is atomic)
-        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        wake = -1
+        try:  # out of fds or memory, the caller tries again: nothing is left open
+            wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._epoll.register(wake, IN)
+        except BaseException:
+            if wake >= 0:
+                os.close(wake)
+            self._epoll.close()
+            raise
+        self._wake = wake
         self._closing = _threads.Lock()
-        self._epoll.register(self._wake, IN)
         self._running = True
 
     # -- fds ----------------------------------------------------------------------------

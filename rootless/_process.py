@@ -69,6 +69,17 @@ def close_fds_except(*keep: int) -> None:
     os.closerange(low, _MAX_FD)
 
 
+def fork(what: str) -> int:
+    """os.fork(), or errors.OutOfProcesses naming `what` when the user's limit of
+    processes is what refused it."""
+    try:
+        return os.fork()
+    except OSError as exc:
+        from .errors import OutOfProcesses
+
+        raise OutOfProcesses.check(exc, what) or exc from None
+
+
 def forward_signals(pid: int, note=None) -> None:
     """Pass our FORWARDED_SIGNALS on to `pid`; `note(signum)` first, if given."""
     def forward(signum, _frame):

@@ -42,18 +42,20 @@ class Event:
 
 
 class Thread:
-    """A daemon thread that can be joined."""
-    __slots__ = ("_target", "_args", "_done")
+    """A daemon thread that can be joined; `what` it is, for the error if it cannot
+    start."""
+    __slots__ = ("_target", "_args", "_done", "what")
 
-    def __init__(self, target, args: tuple = ()):
-        self._target, self._args = target, args
+    def __init__(self, target, args: tuple = (), what: str = "a thread"):
+        self._target, self._args, self.what = target, args, what
         self._done = _thread.allocate_lock()
 
     def start(self) -> None:
-        """RuntimeError if no thread can be started (the process is out of them)."""
+        """errors.OutOfProcesses if no thread can be started now (the user's limit of
+        processes, which counts threads, is reached; or memory for its stack ran out)."""
         self._done.acquire()
         try:
-            _thread.start_new_thread(self._run, ())
+            start(self._run, (), self.what)
         except BaseException:
             self._done.release()
             raise
@@ -70,6 +72,17 @@ class Thread:
             self._done.release()
             return True
         return False
+
+
+def start(function, args: tuple, what: str) -> None:
+    """_thread.start_new_thread, whose failure says only "can't start new thread"
+    (RuntimeError, whatever the cause): errors.OutOfProcesses naming `what`."""
+    try:
+        _thread.start_new_thread(function, args)
+    except RuntimeError:
+        from .errors import OutOfProcesses
+
+        raise OutOfProcesses(what) from None
 
 
 def name(text: str) -> None:

@@ -101,3 +101,29 @@ class OutOfFds(RootlessError):
             return cls(f"the system is out of file descriptors ({exc.strerror}): close some, "
                        f"or raise fs.file-max")
         return None
+
+
+class OutOfProcesses(RootlessError):
+    """No process or thread could be started: the user's limit of processes
+    (RLIMIT_NPROC, which counts threads too) or its cgroup's (a systemd unit's
+    TasksMax) is reached. Setting up, the run ends with it; once the run is up, what
+    needed the thread waits for it (the services try again) or does without."""
+
+    def __init__(self, what: str):
+        super().__init__(
+            f"cannot start {what}: the user's limit of processes and threads is reached "
+            f"({_nproc_limit()}), or its cgroup's (TasksMax): raise it (ulimit -u; "
+            f"LimitNPROC= or TasksMax= in a systemd unit), or end some of its processes")
+
+    @classmethod
+    def check(cls, exc: OSError, what: str) -> "OutOfProcesses | None":
+        """The error to report for `exc`, raised by fork or posix_spawn, if the limit was
+        what failed it (EAGAIN: ENOMEM is out of memory); else None."""
+        return cls(what) if exc.errno == errno.EAGAIN else None
+
+
+def _nproc_limit() -> str:
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    return f"ulimit -u: {'unlimited' if soft == resource.RLIM_INFINITY else soft}"

@@ -2,7 +2,7 @@
 import os
 
 from ._paths import which
-from .errors import SubidError
+from .errors import OutOfProcesses, SubidError
 
 
 class Range(tuple):
@@ -147,7 +147,11 @@ def run_getsubids(user: str, group: bool) -> list[Range]:
         raise SubidError("--subid-source=dynamic needs getsubids: install the uidmap package "
                          "(apt-get install uidmap) or use --subid-source=static")
     args = [exe] + (["-g"] if group else []) + [user]
-    proc = subprocess.run(args, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(args, capture_output=True, text=True)
+    except OSError as exc:
+        raise OutOfProcesses.check(exc, exe) or SubidError(
+            f"cannot run {exe}: {exc.strerror}") from None
     if proc.returncode != 0:
         # getsubids exits 1 with "Error fetching ranges" when the user has none.
         if "Error fetching ranges" in proc.stderr:

@@ -82,7 +82,7 @@ FAULTS = (
     "SIGKILL child", "SIGSTOP child",
     "SIGKILL command", "SIGSTOP command",
     "SIGKILL rootless-run",
-    "RLIMIT_NOFILE lowered", "pipe budget used up",
+    "RLIMIT_NOFILE lowered", "RLIMIT_NPROC lowered", "pipe budget used up",
     "state dir's fs full", "state dir removed", "stderr closed",
     "SIGKILL pasta", "SIGSTOP pasta",
 )
@@ -118,6 +118,7 @@ COMMAND_KILLED = ENDS("exited: signal: killed", 128 + signal.SIGKILL)
 CHILD_KILLED = ENDS("the child was killed by signal 9")
 SLIRP_KILLED = ENDS("slirp4netns was killed by signal 9")
 OUT_OF_FDS = ENDS("Too many open files")  # set-up cannot go on: refused, in one line
+OUT_OF_PROCESSES = ENDS("limit of processes")  # the same, for a process or thread
 
 
 def _running(expect: Expect) -> dict:
@@ -151,6 +152,13 @@ EXPECTED: dict[str, dict[str, Expect]] = {
     "SIGKILL rootless-run": {phase: KILLED for phase in PHASES},
     "RLIMIT_NOFILE lowered": {BEFORE_MAPS: OUT_OF_FDS, AFTER_MAPS: OUT_OF_FDS,
                               **_running(SERVES), SHUTTING_DOWN: STOPS},
+    # The user's limit of processes (which counts threads) on the run's own processes:
+    # during the set-up, the next process it starts (slirp4netns, the command) cannot
+    # be. Once the command runs, the first client's thread (the ports' loop, held
+    # back until now) waits for the limit to lift, and a bulk stream's worker does
+    # without.
+    "RLIMIT_NPROC lowered": {BEFORE_MAPS: OUT_OF_PROCESSES, AFTER_MAPS: OUT_OF_PROCESSES,
+                             **_running(SERVES), SHUTTING_DOWN: STOPS},
     "pipe budget used up": {**{phase: SERVES for phase in PHASES},
                             SHUTTING_DOWN: STOPS},
     # Full during the set-up: the next file the run writes fails (resolv.conf,
@@ -688,6 +696,11 @@ class Cell:
                 if name in self.pids:
                     self.lower_nofile(self.pids[name])
             return True
+        if fault == "RLIMIT_NPROC lowered":
+            for name in ("rootless-run", "child"):
+                if name in self.pids:
+                    self.lower_nproc(self.pids[name])
+            return True
         if fault == "pipe budget used up":
             self.hog = self.user.popen(["python3", "-c", HOG_ALL_PY],
                                        env={TAG: self.tag + "-hog"})
@@ -718,6 +731,9 @@ class Cell:
         elif fault == "RLIMIT_NOFILE lowered":
             for pid, (soft, hard) in self.lowered.items():
                 self.user.run(["prlimit", f"--pid={pid}", f"--nofile={soft}:{hard}"])
+        elif fault == "RLIMIT_NPROC lowered":
+            for pid, (soft, _) in self.lowered.items():
+                self.user.run(["prlimit", f"--pid={pid}", f"--nproc={soft}:"])
         elif fault == "pipe budget used up":
             self.hog.kill()
             self.hog.wait()
@@ -732,6 +748,16 @@ class Cell:
         if r.returncode != 0:
             raise CellError(f"prlimit on {pid}: {r.stderr}")
         self.lowered[pid] = (soft, hard)
+
+    def lower_nproc(self, pid: int) -> None:
+        """No process or thread can be started (the user has more than one): the soft
+        limit of processes to 1, as the user."""
+        with open(f"/proc/{pid}/limits") as f:
+            soft = next(line.split()[2] for line in f if line.startswith("Max processes"))
+        r = self.user.run(["prlimit", f"--pid={pid}", "--nproc=1:"])
+        if r.returncode != 0:
+            raise CellError(f"prlimit on {pid}: {r.stderr}")
+        self.lowered[pid] = (soft, None)
 
     def fill(self) -> None:
         fd = os.open(os.path.join(self.mount, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)

@@ -72,12 +72,19 @@ class Server(Watcher):
         self.queued = 0                # requests given to the worker and not answered
         self._paused = None
         self._sweeping = None
-        self._worker = _threads.Thread(self._work)
+        self._worker = _threads.Thread(self._work, what="the API's worker thread")
 
     def start(self) -> None:
-        self.listener.setblocking(False)
-        self.loop.watch(self.listener.fileno(), IN, self)
-        self._worker.start()
+        """Start the worker and watch the listener. Raises (errors.OutOfProcesses: no
+        thread now; OSError: epoll) with nothing left running or open: tried again."""
+        try:
+            self._worker.start()
+            self.listener.setblocking(False)
+            self.loop.watch(self.listener.fileno(), IN, self)
+        except BaseException:
+            self._jobs.put(None)  # a worker that started ends
+            self._spare.close()
+            raise
 
     def close(self) -> None:
         """On the loop's thread, once it has stopped: every connection closed."""

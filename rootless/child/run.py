@@ -11,7 +11,7 @@ import _signal as signal  # the C module: see _process.py
 from .. import _log
 from .._paths import which
 from .._process import (END_OF_SET_UP, KILL_TREE, close_fds_except, command_environment, exit_code,
-                       forward_signals, readable, restore_default_signals, signal_name,
+                       fork, forward_signals, readable, restore_default_signals, signal_name,
                        wait_for, wait_for_status)
 from ..config import Config
 from ..drivers import network
@@ -231,7 +231,7 @@ def _configure_in(netns: str, configure, info) -> None:
 def _in_subprocess(function, *args) -> None:
     """Run function(*args) in a forked process; its RootlessError or OSError is ours."""
     rfd, wfd = os.pipe()
-    pid = os.fork()
+    pid = fork("a process of the child")
     if pid == 0:
         os.close(rfd)
         code = 0
@@ -321,7 +321,7 @@ def _split_pid_namespace(mask: set) -> int:
     pid 1 of a pid namespace drops signals it has no handler for: it holds them
     blocked (as we do since the fork) until the command runs and it forwards them."""
     rfd, wfd = os.pipe()
-    init = os.fork()
+    init = fork("the pid namespace's first process")
     if init:
         os.write(wfd, str(init).encode())
         close_fds_except()  # the channel, the activation fds: pid 1's, not the shim's
@@ -341,7 +341,7 @@ def _start_command(config: Config, env: dict[str, str], mask: set, activation: i
     argv = list(config.command)
     rfd, wfd = os.pipe()
     me = os.getpid()
-    pid = os.fork()
+    pid = fork("the command")
     if pid == 0:
         try:
             os.close(rfd)

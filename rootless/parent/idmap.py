@@ -5,7 +5,7 @@ import os
 from .. import _log
 from .._paths import which
 from .._process import PYTHON_IGNORED_SIGNALS
-from ..errors import IdmapError
+from ..errors import IdmapError, OutOfProcesses
 from ..subid import Range, Subids, add_command
 
 
@@ -46,7 +46,8 @@ def _spawn(helper: str, pid: int, args: list[str]) -> tuple[int, int]:
                                file_actions=[(os.POSIX_SPAWN_DUP2, wfd, 2)])
     except OSError as exc:
         os.close(rfd)
-        raise IdmapError(f"cannot run {exe}: {exc.strerror}") from None
+        raise OutOfProcesses.check(exc, exe) or IdmapError(
+            f"cannot run {exe}: {exc.strerror}") from None
     finally:
         os.close(wfd)
     return child, rfd

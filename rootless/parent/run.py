@@ -11,8 +11,8 @@ import _signal as signal  # the C module: see _process.py
 
 from .. import _log
 from ..state import instances
-from .._process import (END_OF_SET_UP, FORWARDED_SIGNALS, KILL_TREE, exit_code, forward_signals,
-                       kill_user_namespace, readable, wait_for_status)
+from .._process import (END_OF_SET_UP, FORWARDED_SIGNALS, KILL_TREE, exit_code, fork,
+                       forward_signals, kill_user_namespace, readable, wait_for_status)
 from ..drivers._component import Component
 from .supervise import supervise
 from ..config import Config
@@ -70,7 +70,13 @@ class Child:
         # holds it (blocked from its first instant) until the command runs. We forward
         # to the child from the moment it exists.
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
-        pid = os.fork()
+        try:
+            pid = fork("the child process")
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            for fd in (to_child_r, to_child_w, to_parent_r, to_parent_w):
+                os.close(fd)
+            raise
         if pid == 0:
             from ..child import run as child
             os.close(to_child_w)

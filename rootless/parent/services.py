@@ -35,7 +35,7 @@ from .. import __version__, _log, _threads
 from .._listen import grow_fd_table, raise_fd_limit
 from .._process import FORWARDED_SIGNALS
 from ..drivers._component import Component
-from ..errors import CAPACITY_ERRNOS
+from ..errors import CAPACITY_ERRNOS, OutOfProcesses
 from ..api import API_VERSION
 
 _GRACE = 0.02  # seconds before the services load: see the module's docstring
@@ -62,7 +62,7 @@ class Services:
         # Set once the port driver and the API listen (or the services gave up):
         # what --notify=ready waits for before READY=1.
         self.started = _threads.Event()
-        self._thread = _threads.Thread(self._run)
+        self._thread = _threads.Thread(self._run, what="the thread of the ports and the API")
         # trio's services, once something needs them: their thread; set once trio runs
         # (its token known, so stop() can cancel it, serve() still starting), and once
         # the port driver serves (add() may run), or either will not happen.
@@ -138,7 +138,8 @@ class Services:
             return
         wake = self._early
         if wake is None:
-            self._start_trio()  # it sets `started` once the driver serves
+            if not self._load(self._start_trio)[0]:  # it sets `started` once the driver serves
+                return
             wake = []
         else:
             _log.debug(f"API on {self.state.file('api.sock')}; the services load at its "
@@ -154,8 +155,8 @@ class Services:
             wake = self._serve_early(ready)
             if wake is None:
                 return
-        if self.ports.needs_trio:
-            self._start_trio()
+        if self.ports.needs_trio and not self._load(self._start_trio)[0]:
+            return
         loaded, api_loop = self._load(lambda: self._load_api(wake))
         if loaded:
             api_loop()
@@ -168,8 +169,7 @@ class Services:
         if not loaded:
             return None
         if wake is None:  # the driver serves under trio, every -p port from now on
-            self._start_trio()
-            return []
+            return [] if self._load(self._start_trio)[0] else None
         return wake
 
     def _load_api(self, wake: list[int]):
@@ -209,24 +209,29 @@ class Services:
 
     def _load(self, load) -> tuple[bool, object]:
         """(True, what `load()` returns): `load` imports (each import opens its files)
-        and starts what needs fds. Out of them (the limit of open files lowered under
-        us, or every fd in use), it is tried again every _RETRY s, with one line, rather
-        than ending the run: the clients wait in the sockets' backlogs meanwhile.
-        (False, None) if stop() came first."""
+        and starts what needs fds and threads. Out of them (the limit of open files
+        lowered under us, or every fd in use; the user's limit of processes, which
+        counts threads, reached), it is tried again every _RETRY s, with one line,
+        rather than ending the run: the clients wait in the sockets' backlogs
+        meanwhile. (False, None) if stop() came first."""
         while True:
             raise_fd_limit()
             try:
                 return True, load()
+            except OutOfProcesses as exc:
+                if not self._wait_for_room("services-threads", str(exc)):
+                    return False, None
             except OSError as exc:
                 if exc.errno not in CAPACITY_ERRNOS:
                     raise
-                if not self._out_of_fds(exc):
+                if not self._wait_for_room("services-fds", exc.strerror):
                     return False, None
 
-    def _out_of_fds(self, exc: OSError) -> bool:
-        """Say it (once in a while) and wait _RETRY s; False if stop() came meanwhile."""
-        _log.limited("services-fds", f"the port and API services cannot load for now "
-                                     f"({exc.strerror}): trying again; their clients wait")
+    def _wait_for_room(self, key: str, why: str) -> bool:
+        """Say why the services cannot load (once in a while) and wait _RETRY s; False
+        if stop() came meanwhile."""
+        _log.limited(key, f"the port and API services cannot load for now ({why}): "
+                          f"trying again; their clients wait")
         return not self._woken(_RETRY)
 
     def _woken(self, timeout: float) -> bool:
@@ -249,7 +254,11 @@ class Services:
         which starts if it has not; ports.PortsUnavailable if it cannot run."""
         from ..ports import PortsUnavailable
 
-        self._start_trio()
+        try:
+            self._start_trio()
+        except OutOfProcesses as exc:
+            raise PortsUnavailable(f"the port services cannot start now ({exc}): try "
+                                   f"again later") from None
         if not self._await_trio():
             raise PortsUnavailable("the port services are still loading (out of file "
                                    "descriptors?): try again later")
@@ -267,15 +276,20 @@ class Services:
         return self._trio_ready.wait(_TRIO_WAIT)
 
     def _start_trio(self) -> None:
-        """trio's services, in a thread of their own (once; not once stopping)."""
+        """trio's services, in a thread of their own (once; not once stopping).
+        OutOfProcesses if the thread cannot start now (it may be tried again)."""
         with self._lock:
             if self._trio is not None or self._stopping:
                 if self._trio is None:  # nobody waits for what will not come
                     self._trio_running.set()
                     self._trio_ready.set()
                 return
-            self._trio = _threads.Thread(self._run_trio)
-        self._trio.start()
+            self._trio = thread = _threads.Thread(self._run_trio, what="trio's thread")
+            try:
+                thread.start()
+            except OutOfProcesses:
+                self._trio = None
+                raise
 
     def _run_trio(self) -> None:
         _threads.name("rootless trio")
@@ -290,7 +304,7 @@ class Services:
                 except OSError as exc:  # trio's own fds (epoll, its wake-up socket pair)
                     if self._trio_running.is_set() or exc.errno not in CAPACITY_ERRNOS:
                         raise
-                    if not self._out_of_fds(exc):
+                    if not self._wait_for_room("services-fds", exc.strerror):
                         return
         except BaseException as exc:  # noqa: B902 - reported, then the run ends
             self._fail(_describe(exc))

@@ -259,7 +259,10 @@ class StateDir:
             return False
         from ..linux import CLONE_NEWUSER, setns
 
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:  # the user's limit of processes: the caller's error stands
+            return False
         if pid == 0:
             code = 1
             try:

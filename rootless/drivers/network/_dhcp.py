@@ -35,7 +35,7 @@ says why it ended, for the run's one error line.
 import os
 import _signal as signal  # the C module: see _process.py
 
-from ..._process import close_fds_except, readable, restore_default_signals
+from ..._process import close_fds_except, fork, readable, restore_default_signals
 from ...errors import DriverError
 from ._helper import Helper, helper_failed
 
@@ -61,7 +61,12 @@ class Client:
         control_r, control_w = os.pipe()
         reports_r, reports_w = os.pipe()
         parent = os.getpid()
-        pid = os.fork()
+        try:
+            pid = fork("the DHCP client's process")
+        except BaseException:
+            for fd in (control_r, control_w, reports_r, reports_w):
+                os.close(fd)
+            raise
         if pid == 0:
             try:
                 _child(control_r, reports_w, parent, (ifname, mtu, bridge, debug))

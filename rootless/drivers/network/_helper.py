@@ -5,8 +5,8 @@ import select
 import _signal as signal  # the C module: see _process.py
 
 from ..._paths import which
-from ..._process import PYTHON_IGNORED_SIGNALS, close_fds_except
-from ...errors import DriverError, UsageError
+from ..._process import PYTHON_IGNORED_SIGNALS, close_fds_except, fork
+from ...errors import DriverError, OutOfProcesses, UsageError
 from ...state.statedir import removed_at_exit
 
 
@@ -129,9 +129,11 @@ class Helper:
                 _log_named(self.log))
 
 
-def spawn(argv: list[str], log: str, keep_fds: tuple[int, ...] = ()) -> int:
+def spawn(argv: list[str], log: str, keep_fds: tuple[int, ...] = (),
+          helper: str | None = None) -> int:
     """Start a helper in its own process group (a Ctrl-C on the terminal is for the
-    command, which may need the network while it shuts down), output to `log`."""
+    command, which may need the network while it shuts down), output to `log`.
+    `helper`: its name in an error, when argv[0] only starts it (setpriv)."""
     try:
         logfd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW |
                         os.O_CLOEXEC, 0o600)
@@ -147,7 +149,8 @@ def spawn(argv: list[str], log: str, keep_fds: tuple[int, ...] = ()) -> int:
             (os.POSIX_SPAWN_DUP2, logfd, 2),
         ])
     except OSError as exc:
-        raise DriverError(f"cannot start {argv[0]}: {exc.strerror}") from None
+        raise OutOfProcesses.check(exc, helper or argv[0]) or DriverError(
+            f"cannot start {argv[0]}: {exc.strerror}") from None
     finally:
         os.close(logfd)
         for fd in keep_fds:
@@ -163,7 +166,12 @@ class Watchdog:
 
     def __init__(self, pidfd: int):
         read_end, self._write_end = os.pipe()
-        self.pid = os.fork()
+        try:
+            self.pid = fork("the helper's watchdog process")
+        except BaseException:
+            os.close(read_end)
+            os.close(self._write_end)
+            raise
         if self.pid == 0:  # the watchdog: no Python clean-up, no inherited handlers
             try:
                 close_fds_except(read_end, pidfd)

@@ -19,7 +19,7 @@ import _signal as signal  # the C module: see _process.py
 
 from ... import _log
 from ..._process import PYTHON_IGNORED_SIGNALS, readable
-from ...errors import DriverError, UsageError
+from ...errors import DriverError, OutOfProcesses, UsageError
 from ._helper import ended, find_binary
 from .base import NetworkDriver
 
@@ -141,7 +141,8 @@ def run(argv: list[str], timeout: float) -> tuple[int, str]:
                                            (os.POSIX_SPAWN_DUP2, wfd, 2)])
     except OSError as exc:
         os.close(rfd)
-        raise DriverError(f"cannot run {argv[0]}: {exc.strerror}") from None
+        raise OutOfProcesses.check(exc, argv[0]) or DriverError(
+            f"cannot run {argv[0]}: {exc.strerror}") from None
     finally:
         os.close(wfd)
     chunks, deadline = [], time.monotonic() + timeout

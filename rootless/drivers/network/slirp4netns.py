@@ -86,7 +86,7 @@ class Slirp4netnsDriver(HelperDriver):
             argv.append(str(child_pid))
         argv.append(self.config.ifname)
         try:
-            pid = spawn(argv, log, keep_fds=tuple(keep))
+            pid = spawn(argv, log, keep_fds=tuple(keep), helper=self.binary)
         finally:
             for fd in keep:
                 os.close(fd)

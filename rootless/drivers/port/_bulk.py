@@ -17,6 +17,7 @@ import os
 import select
 
 from ... import _threads
+from ...errors import OutOfProcesses
 
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _IDLE_MS = 50
@@ -77,7 +78,7 @@ def start(copy: Copy, done) -> bool:
         worker.job = (copy, done)
         try:
             _threads.Thread(worker.run).start()
-        except RuntimeError:  # "can't start new thread"
+        except OutOfProcesses:
             with _lock:
                 _ending.discard(copy)
             os.close(copy.wake)

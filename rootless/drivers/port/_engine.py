@@ -20,13 +20,21 @@ class Engine:
         self._on_failure = on_failure  # a message: the run cannot go on
         self._ports: set = set()  # TcpPort and _udp.UdpPort
         self._stopping = False
-        self._thread = _threads.Thread(self._run)
+        self._thread = _threads.Thread(self._run, what="the ports' thread")
 
     def start(self) -> None:
+        """Start the loop's thread. Its failure (errors.OutOfProcesses: no thread now;
+        OSError: epoll) leaves nothing behind, the loop closed and nothing asked of the
+        socket factory, whose link stays open: the start is tried again whole."""
+        try:
+            self.factory.watch()  # before the thread runs: nothing else touches the loop yet
+            self.loop.call_soon_threadsafe(self.factory.hello)  # the loop's first call
+            self._thread.start()
+        except BaseException:
+            self.loop.close()
+            raise
         _relay.pipes.loop = self.loop
-        self.factory.start()  # before the thread runs: nothing else touches the loop yet
-        self._thread.start()
-        _log.debug("ports: the TCP ports' loop started")
+        _log.debug("ports: the ports' loop started")
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True

@@ -52,8 +52,7 @@ def start(conn: socket.socket, netns: str | None, transparent: bool) -> None:
     A thread, not a process of its own: a third Python process cost 1.3 MiB of PSS
     and 12 MiB of RSS (docs/memory.md). Its death closes `conn`, which hangs the
     parent's end up, as the child's does."""
-    import _thread
-
+    from ... import _threads
     from ..._listen import grow_fd_table
 
     grow_fd_table(conn.fileno())  # now, while the child has one thread (see there)
@@ -62,7 +61,7 @@ def start(conn: socket.socket, netns: str | None, transparent: bool) -> None:
     # of the command's tree); taken here, one would wait until the main thread wakes.
     mask = _signal.pthread_sigmask(_signal.SIG_BLOCK, _signal.valid_signals())
     try:
-        _thread.start_new_thread(_run, (conn, netns, transparent))
+        _threads.start(_run, (conn, netns, transparent), "the socket factory's thread")
     finally:
         _signal.pthread_sigmask(_signal.SIG_SETMASK, mask)
 
@@ -222,10 +221,14 @@ class Factory:
         self.transparent = False
         self.gone = False
 
-    def start(self) -> None:
-        """Say hello (the factory then sets up the routing for clients' addresses)."""
+    def watch(self) -> None:
+        """Watch for the factory's answers (OSError if epoll cannot take the socket)."""
         self._sock.setblocking(False)
         self._loop.watch(self._sock.fileno(), _IN, self)
+
+    def hello(self) -> None:
+        """On the loop: say hello (the factory then sets up the routing for clients'
+        addresses), the first request of all."""
         self._request(_Request(_REQUEST.pack(b"h", b"4", 0, 0), self._hello))
 
     def after_hello(self, function) -> None:
