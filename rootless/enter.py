@@ -21,7 +21,7 @@ from . import _log
 from ._paths import which
 from ._process import (FORWARDED_SIGNALS, PYTHON_IGNORED_SIGNALS, command_environment,
                        forward_signals, wait_for)
-from .errors import EnterError, StateDirError, StateDirLocked, UsageError
+from .errors import EnterError, OutOfProcesses, StateDirError, StateDirLocked, UsageError
 from .state.statedir import (NAMESPACE_KINDS, NAMESPACES, StateDirMissing, lock_held, open_existing,
                        parse_namespaces, read_small)
 
@@ -191,6 +191,9 @@ def _run(command: list[str], env: dict[str, str]) -> int:
                              setsigdef=FORWARDED_SIGNALS + PYTHON_IGNORED_SIGNALS)
     except OSError as exc:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        limit = OutOfProcesses.check(exc, repr(command[0]))
+        if limit:  # nsenter's status for a command it cannot run
+            raise EnterError(str(limit), exit_code=126) from None
         missing = exc.errno == errno.ENOENT
         raise EnterError(f"cannot run {command[0]!r}: "
                          f"{'command not found' if missing else os.strerror(exc.errno)}",

@@ -193,3 +193,23 @@ def test_a_run_at_the_process_limit_starts_or_says_why_in_one_line(user, rootles
         until("nothing of the run left", lambda: not user.processes(), 5)
     said = [text for text in outcomes.values() if text != "ran"]
     assert said and "ran" in outcomes.values(), outcomes
+
+
+@pytest.mark.parametrize("how", ["rootless-ctl enter", "rootless-run --reuse"])
+def test_joining_an_instance_at_the_process_limit_says_why(user, rootless_run, state_dir,
+                                                           spawned, how):
+    """`rootless-ctl enter` (and `--reuse`) at the limit: the command cannot start in
+    the instance; one line naming the limit, nsenter's status 126, and the instance
+    goes on. Once, the line said only "Resource temporarily unavailable"."""
+    proc = user.popen([rootless_run, f"--state-dir={state_dir}", "--", "sleep", "600"])
+    spawned.append(proc)
+    until("the instance", lambda: os.path.exists(os.path.join(state_dir, "namespaces")), 20)
+    ctl = os.path.join(os.path.dirname(rootless_run), "rootless-ctl")
+    join = [ctl, "enter", "--state-dir", state_dir, "--"] if how.startswith("rootless-ctl") \
+        else [rootless_run, "--reuse", f"--state-dir={state_dir}", "--"]
+    r = user.run(["prlimit", "--nproc=1:", *join, "true"])
+    assert r.returncode == 126, (r.returncode, r.stderr)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and LIMIT_WORDS in lines[0] and "'true'" in lines[0], r.stderr
+    assert user.run([*join, "true"]).returncode == 0
+    assert proc.poll() is None
