@@ -18,8 +18,8 @@ import select
 
 from ... import _threads
 from ...errors import OutOfProcesses
-from ._relay import SPLICE_FLAGS
 
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _IDLE_MS = 50
 
 # How a thread's copy ended (what the loop does next is `_relay`'s business).

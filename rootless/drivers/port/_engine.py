@@ -126,11 +126,12 @@ class Engine:
         """On the loop's thread, at its end: every port and connection closed (the
         worker threads told to stop, and waited for), the factory's client and the
         idle pipes too."""
+        from . import _bulk
+
         for port in self._ports:
             port.close(lambda: None)
         self._ports.clear()
-        if _relay._bulk is not None:  # loaded: some connection went bulk
-            _relay._bulk.join_all()
+        _bulk.join_all()
         self.loop.run_pending()  # the workers' hand-backs: their sockets close now
         self.factory.close()
         _relay.pipes.close()

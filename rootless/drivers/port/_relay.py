@@ -35,12 +35,10 @@ import time
 import _socket
 
 from ... import _log
+from . import _bulk
 from ..._loop import IN as _IN, OUT as _OUT
 
-SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
-# The worker threads' module, loaded at the first bulk burst (_bulk_available): a port
-# whose connections are all short never needs it (about 0.05 MiB of PSS in the benchmark).
-_bulk = None
+_SPLICE = _bulk.SPLICE_FLAGS
 _PIPE_MAX = 1 << 20     # the size a new pipe asks for at most
 _MIN_PIPE = 64 << 10    # smaller (a user over quota gets 8 KiB): copy through a buffer
 _ROOM_PER_PIPE = 16     # a new pipe takes at most this fraction of our share's room
@@ -52,19 +50,6 @@ _BUFFER = 64 << 10      # the buffer of a direction that has no pipe
 _BULK = 4 << 20         # bytes in a burst that make a direction a bulk transfer
 _QUIET = 0.01           # s: a source quiet this long ends a burst
 _LINGER_RESET = b"\1\0\0\0\0\0\0\0"  # struct linger {on, 0 s}: close() sends a reset
-
-
-def _bulk_available() -> bool:
-    """A worker thread may take a direction now (`_bulk`, loaded at the first bulk
-    burst: out of fds, its file cannot be read, and the direction stays on the loop)."""
-    global _bulk
-    if _bulk is None:
-        try:
-            from . import _bulk as module
-        except OSError:
-            return False
-        _bulk = module
-    return _bulk.available()
 
 
 class _Pipe:
@@ -331,7 +316,7 @@ class _Direction:
             return
         if not self._write_out():
             return
-        if self.burst >= _BULK and _bulk_available() and self._to_thread():
+        if self.burst >= _BULK and _bulk.available() and self._to_thread():
             return
         self._wait_readable(drained=False)
 
@@ -342,7 +327,7 @@ class _Direction:
             pipe = self.pipe = pipes.get()
             if pipe is None:
                 return self._buffered_chunk()
-        n = self._read(os.splice, self.src, pipe.w, pipe.size, None, None, SPLICE_FLAGS)
+        n = self._read(os.splice, self.src, pipe.w, pipe.size, None, None, _SPLICE)
         if not n:
             return False
         self.queued = n
@@ -352,7 +337,7 @@ class _Direction:
         if n < pipe.size:  # the source is most likely drained: wait rather than EAGAIN
             self._wait_readable()
             return False
-        if self.burst >= _BULK and _bulk_available() and self._to_thread():
+        if self.burst >= _BULK and _bulk.available() and self._to_thread():
             return False
         return True
 
@@ -379,7 +364,7 @@ class _Direction:
         waits for it) or failed (the direction has ended)."""
         while self.queued:
             try:
-                self.queued -= os.splice(self.pipe.r, self.dst, self.queued, flags=SPLICE_FLAGS)
+                self.queued -= os.splice(self.pipe.r, self.dst, self.queued, flags=_SPLICE)
             except BlockingIOError:
                 self.state = _WRITING
                 return False
