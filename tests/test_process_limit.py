@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import free_port, thread_names, write_user_files
-from test_ports import connect, recv_exactly, until
+from conftest import free_port, thread_names, wait_for_api, write_user_files
+from test_ports import api, connect, recv_exactly, until
 from test_ports_hardening import ECHO, SERVER_PY, UECHO
 
 LIMIT_WORDS = "limit of processes"
@@ -212,4 +212,27 @@ def test_joining_an_instance_at_the_process_limit_says_why(user, rootless_run, s
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and LIMIT_WORDS in lines[0] and "'true'" in lines[0], r.stderr
     assert user.run([*join, "true"]).returncode == 0
+    assert proc.poll() is None
+
+
+def test_an_api_port_add_at_the_process_limit_is_refused_for_now(user, rootless_run,
+                                                                  state_dir, spawned):
+    """The API adds the first port of a run without -p while the parent cannot start a
+    thread (the ports' loop starts with it): 503, "try again later", not the 400 of a
+    bad request; the same add works once the limit lifts, and the run went on."""
+    proc = user.popen([rootless_run, "--net=slirp4netns", "--port-driver=builtin",
+                       f"--state-dir={state_dir}", "--", "sleep", "600"])
+    spawned.append(proc)
+    sock = wait_for_api(proc, state_dir)
+    assert api(user, sock, "GET", "/v1/info")[0] == 200  # the API and its worker run
+    soft = soft_nproc(proc.pid)
+    body = {"proto": "tcp", "parentIP": "127.0.0.1", "parentPort": free_port(),
+            "childPort": 80}
+    set_soft_nproc(user, proc.pid, "1")
+    status, answer = api(user, sock, "POST", "/v1/ports", body)
+    assert status == 503 and LIMIT_WORDS in answer and "try again" in answer, answer
+    assert proc.poll() is None
+    set_soft_nproc(user, proc.pid, soft)
+    status, answer = api(user, sock, "POST", "/v1/ports", body)
+    assert status == 201, answer
     assert proc.poll() is None

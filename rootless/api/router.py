@@ -12,7 +12,7 @@ remove_now, which block: the server calls the router from a worker thread); its
 errors (rootless.ports) are mapped here to HTTP statuses."""
 import msgspec
 
-from ..errors import CAPACITY_ERRNOS, RootlessError
+from ..errors import CAPACITY_ERRNOS, OutOfProcesses, RootlessError
 from ..ports import (PortConflict, PortError, PortHelperFailed, PortNotFound, PortRequestInvalid,
                      PortSpec, PortsUnavailable)
 from .models import ErrorBody, PortSpecBody, encode_hook, port_spec
@@ -120,6 +120,8 @@ class Router:
             return error(exc.status, str(exc))
         except PortError as exc:
             return error(port_error_status(exc), str(exc))
+        except OutOfProcesses as exc:  # a thread the request needed (a port's loop)
+            return error(503, f"{exc}; try again later")
         except RootlessError as exc:  # bad input found by the shared parsers/validators
             return error(400, str(exc))
         except OSError as exc:

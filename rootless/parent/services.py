@@ -254,11 +254,7 @@ class Services:
         which starts if it has not; ports.PortsUnavailable if it cannot run."""
         from ..ports import PortsUnavailable
 
-        try:
-            self._start_trio()
-        except OutOfProcesses as exc:
-            raise PortsUnavailable(f"the port services cannot start now ({exc}): try "
-                                   f"again later") from None
+        self._start_trio()  # errors.OutOfProcesses: the API answers 503
         if not self._await_trio():
             raise PortsUnavailable("the port services are still loading (out of file "
                                    "descriptors?): try again later")

@@ -149,13 +149,7 @@ class BuiltinPortDriver(PortDriver):
 
     def add_now(self, spec):
         """The API's: the port goes to the engine from this thread."""
-        from ...errors import OutOfProcesses
-        from ...ports import PortsUnavailable
-
-        try:
-            self._publish_initial()  # first: a -p port is known as such (its id, conflicts)
-        except OutOfProcesses as exc:
-            raise PortsUnavailable(f"{exc}; try again later") from None
+        self._publish_initial()  # first: a -p port is known as such (its id, conflicts)
         return self._register(*self._publish(self._validated(spec)))
 
     def remove_now(self, ident: int) -> None:
