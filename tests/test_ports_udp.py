@@ -283,10 +283,15 @@ def test_ports_load_at_their_first_client(user, rootless_run, state_dir, spawned
     # Nor is the routing for clients' addresses set up yet (made as the command
     # started, it stalled the command's own first transfers).
     assert "fwmark" not in child_rules(child_pid)
+    # The first client is seen as itself: the socket factory's hello (whether the child
+    # sees clients' addresses), asked ahead while the loop's modules load, is answered
+    # before its connection or flow is made, and read without the first batch of
+    # sockets that comes right after it.
     if udp:
-        assert udp_ask(port, b"first", timeout=5).startswith(b"first from 127.0.0.1 ")
+        assert udp_ask(port, b"first", source="127.0.0.7",
+                       timeout=5).startswith(b"first from 127.0.0.7 ")
     else:
-        assert tcp_peer(port)[0] == "127.0.0.1"
+        assert tcp_peer(port, source="127.0.0.7")[0] == "127.0.0.7"
     loaded = rss_kib(proc.pid)
     assert "rootless ports" in thread_names(proc.pid)
     assert "rootless trio" not in thread_names(proc.pid)
