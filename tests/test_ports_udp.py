@@ -284,9 +284,7 @@ def test_ports_load_at_their_first_client(user, rootless_run, state_dir, spawned
     # started, it stalled the command's own first transfers).
     assert "fwmark" not in child_rules(child_pid)
     # The first client is seen as itself: the socket factory's hello (whether the child
-    # sees clients' addresses), asked ahead while the loop's modules load, is answered
-    # before its connection or flow is made, and read without the first batch of
-    # sockets that comes right after it.
+    # sees clients' addresses) is answered before its connection or flow is made.
     if udp:
         assert udp_ask(port, b"first", source="127.0.0.7",
                        timeout=5).startswith(b"first from 127.0.0.7 ")
